@@ -235,7 +235,7 @@ def _load_diffusers_folder(where: str, *, local: bool) -> SDComponents:
         vae = AutoencoderKL.from_pretrained(where, subfolder="vae")
         unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet")
         scheduler_config = DDPMScheduler.load_config(where, subfolder="scheduler")
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         raise ModelLoadError(_load_advice(where, local, error)) from None
     noise_scheduler = DDPMScheduler.from_config(scheduler_config, clip_sample=False)
     scheduler = _inference_scheduler_from_config(scheduler_config)
