@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from trained_fixtures import CLASS_PROMPT, INSTANCE_PROMPT, make_full_output, make_lora_output
 
 from dreambooth_helpers.cli import main
 from dreambooth_helpers.errors import ConfigError, DreamBoothError, ModelLoadError
@@ -18,6 +17,7 @@ from dreambooth_helpers.inference import (
     save_images,
     subject_from_prompts,
 )
+from tests.trained_fixtures import CLASS_PROMPT, INSTANCE_PROMPT, make_full_output, make_lora_output
 
 torch.set_num_threads(1)
 STEPS = 3
