@@ -178,11 +178,6 @@ class TrainConfig:
                             ("--text-encoder-learning-rate", self.text_encoder_learning_rate)):
             if value is not None:
                 _float_range(name, value, 1e-9, 1e-1)
-        if self.learning_rate is not None and not self.lora and self.learning_rate > 1e-4:
-            raise ConfigError(
-                f"--learning-rate {self.learning_rate:g} is far too high for a full fine-tune: the model forgets "
-                "everything within a few steps. Use 1e-6..5e-6 (default 2e-6), or add --lora (which uses ~1e-4)."
-            )
         _int_range("--lr-warmup-steps", self.lr_warmup_steps, 0, 1_000_000)
         _int_range("--train-batch-size", self.train_batch_size, 1, 64)
         _int_range("--gradient-accumulation-steps", self.gradient_accumulation_steps, 1, 256)

@@ -1,0 +1,220 @@
+"""The training engine on the tiny model: what trains, that it optimises, prior preservation, outputs, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth_helpers import Concept, ConfigError, TrainConfig, load_components
+from dreambooth_helpers.data import images_to_tensor, load_instance_images
+from dreambooth_helpers.training import _assemble, dreambooth_loss, resolve_runtime, train
+
+
+def _weights(folder, sub):
+    return load_file(next((folder / sub).glob("*.safetensors")))
+
+
+def _base():
+    return load_components("tiny")
+
+
+def _max_change(before: dict, after: dict) -> float:
+    return max((after[k].float() - before[k].float()).abs().max().item() for k in before)
+
+
+def test_full_training_changes_unet_and_text_encoder_only_when_asked(make_config, tmp_path):
+    base = _base()
+    frozen_text = make_config(train_text_encoder=False, output_dir=str(tmp_path / "a"), learning_rate=1e-4)
+    train(frozen_text, progress=False)
+    out = tmp_path / "a"
+    assert _max_change(base.unet.state_dict(), _weights(out, "unet")) > 0
+    assert _max_change(base.text_encoder.state_dict(), _weights(out, "text_encoder")) == 0
+    assert _max_change(base.vae.state_dict(), _weights(out, "vae")) == 0
+
+    with_text = make_config(train_text_encoder=True, output_dir=str(tmp_path / "b"), learning_rate=1e-4)
+    train(with_text, progress=False)
+    assert _max_change(base.text_encoder.state_dict(), _weights(tmp_path / "b", "text_encoder")) > 0
+
+
+def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(make_config, tmp_path):
+    from diffusers import StableDiffusionPipeline  # noqa: F401  (load_lora_weights lives on it)
+
+    from dreambooth_helpers.models import make_pipeline
+
+    config = make_config(lora=True, lora_rank=4, learning_rate=1e-2, train_text_encoder=True)
+    result = train(config, progress=False)
+    lora_file = result.output_dir / "pytorch_lora_weights.safetensors"
+    assert lora_file.is_file()
+    assert not (result.output_dir / "model_index.json").exists()
+    saved = load_file(lora_file)
+    assert saved and all("lora" in k for k in saved)
+    assert any(k.startswith("unet.") for k in saved) and any(k.startswith("text_encoder.") for k in saved)
+
+    base_pipe = make_pipeline(_base())
+    prompt_kwargs = dict(prompt="a photo of sks dog", num_inference_steps=2, height=32, width=32, output_type="np")
+    before = base_pipe(**prompt_kwargs, generator=torch.Generator().manual_seed(0)).images
+    tuned = make_pipeline(_base())
+    tuned.load_lora_weights(str(result.output_dir))
+    after = tuned(**prompt_kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert abs(after - before).max() > 1e-4  # the adapters change what the model draws
+    # Base weights untouched: the LoRA run leaves the UNet's own parameters as they were.
+    fresh = _base().unet.state_dict()
+    tuned_unet = {k.replace(".base_layer", ""): v for k, v in tuned.unet.state_dict().items() if "lora" not in k}
+    assert max((fresh[k] - tuned_unet[k]).abs().max().item() for k in fresh) == 0
+
+
+def _held_out_loss(components, instance_dir, prompt="a photo of sks dog") -> float:
+    """Denoising error on fixed noise and timesteps that training never drew."""
+    images, _ = load_instance_images(instance_dir, 32)
+    generator = torch.Generator().manual_seed(12345)
+    with torch.no_grad():
+        latents = components.vae.encode(images_to_tensor(images)).latent_dist.mean
+        latents = latents * components.vae.config.scaling_factor
+        ids = components.tokenizer([prompt] * len(images), padding="max_length", max_length=77,
+                                   return_tensors="pt").input_ids
+        hidden = components.text_encoder(ids)[0]
+        total = 0.0
+        for _ in range(4):
+            noise = torch.randn(latents.shape, generator=generator)
+            t = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+            noisy = components.noise_scheduler.add_noise(latents, noise, t)
+            total += torch.nn.functional.mse_loss(components.unet(noisy, t, hidden).sample, noise).item()
+    return total / 4
+
+
+def test_training_optimises_the_held_out_instance_loss(make_config, instance_dir):
+    config = make_config(max_train_steps=30, learning_rate=1e-3, with_prior_preservation=False)
+    before = _held_out_loss(_base(), instance_dir)
+    result = train(config, progress=False)
+    after = _held_out_loss(load_components(str(result.output_dir)), instance_dir)
+    assert after <= 0.7 * before, (before, after)
+
+
+def test_prior_preservation_batches_hold_class_images_and_loss_uses_the_weight(make_config):
+    config = make_config(prior_loss_weight=0.3, max_train_steps=3)
+    logs = []
+    result = train(config, progress=False, on_step=lambda step, entry: logs.append(entry))
+    assert len(logs) == 3
+    for entry in logs:
+        assert entry["prior_loss"] is not None
+        assert entry["loss"] == pytest.approx(entry["instance_loss"] + 0.3 * entry["prior_loss"], rel=1e-5)
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["num_class_images"] == 2
+    class_dir = config.concepts[0].class_dir
+    assert len(list(__import__("pathlib").Path(class_dir).glob("class-*.png"))) == 2
+
+    # A batch: instance examples first (instance prompt), then as many class examples (class prompt).
+    tokenizer = _base().tokenizer
+    from dreambooth_helpers.training import Example
+
+    ids = {p: tokenizer(p, padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+           for p in ("a photo of sks dog", "a photo of dog")}
+    instances = [Example(None, torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2), ids["a photo of sks dog"])] * 3
+    classes = [Example(None, torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2), ids["a photo of dog"])] * 5
+    batch = _assemble(instances, classes, 7, config.replace(train_batch_size=2), torch.Generator())
+    assert batch["num_instance"] == 2
+    assert torch.equal(batch["input_ids"][:2], ids["a photo of sks dog"].expand(2, -1))
+    assert torch.equal(batch["input_ids"][2:], ids["a photo of dog"].expand(2, -1))
+
+
+def test_loss_weighting_is_exact():
+    prediction = torch.tensor([[1.0], [3.0]])
+    target = torch.zeros(2, 1)
+    total, instance, prior = dreambooth_loss(prediction, target, num_instance=1, prior_weight=0.5)
+    assert instance.item() == 1.0 and prior.item() == 9.0 and total.item() == 5.5
+    total, instance, prior = dreambooth_loss(prediction[:1], target[:1], num_instance=1, prior_weight=0.5)
+    assert prior is None and total.item() == 1.0
+
+
+def test_saved_folder_loads_in_plain_diffusers_and_generates(make_config):
+    from diffusers import StableDiffusionPipeline
+
+    result = train(make_config(max_train_steps=2, sample_every=1), progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(str(result.output_dir))
+    image = pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["steps"] == 2 and len(summary["history"]) == 2 and summary["versions"]["torch"]
+    assert {"loss", "lr", "time"} <= set(summary["history"][0])
+    assert len(result.sample_images) == 2 and all(p.is_file() for p in result.sample_images)
+    assert not (result.output_dir / ".saving-model").exists()
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(make_config, tmp_path):
+    straight = make_config(max_train_steps=6, checkpoint_every=3, output_dir=str(tmp_path / "straight"),
+                           learning_rate=1e-3, lr_scheduler="linear")
+    train(straight, progress=False)
+    # A second run that only has the step-3 checkpoint, as after a disconnect, and resumes it.
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight/checkpoints/checkpoint-000003", resumed_dir / "checkpoints/checkpoint-000003")
+    shutil.copytree(tmp_path / "straight/class_images", resumed_dir / "class_images")
+    result = train(straight.replace(output_dir=str(resumed_dir), resume="latest"), progress=False)
+    assert json.loads(result.summary_path.read_text())["resumed_from_step"] == 3
+    for sub in ("unet", "text_encoder"):
+        a, b = _weights(tmp_path / "straight", sub), _weights(resumed_dir, sub)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, sub
+
+
+def test_text_encoder_stops_training_after_n_steps(make_config, tmp_path):
+    config = make_config(max_train_steps=4, stop_text_encoder_training_at=2, checkpoint_every=2,
+                         learning_rate=1e-3)
+    logs = []
+    result = train(config, progress=False, on_step=lambda s, e: logs.append(e["text_encoder_training"]))
+    assert logs == [True, True, False, False]
+    at_two = _weights(result.output_dir / "checkpoints/checkpoint-000002", "text_encoder")
+    final = _weights(result.output_dir, "text_encoder")
+    assert max((at_two[k] - final[k]).abs().max().item() for k in at_two) == 0
+
+
+def test_several_concepts_train_together(make_config, tmp_path, instance_dir):
+    second = tmp_path / "second"
+    shutil.copytree(instance_dir, second)
+    config = make_config(concepts=[Concept(str(instance_dir), "a photo of sks dog", "a photo of dog"),
+                                   Concept(str(second), "a photo of zwx cat", "a photo of cat")], max_train_steps=2)
+    result = train(config, progress=False)
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["instance_prompts"] == ["a photo of sks dog", "a photo of zwx cat"]
+    assert summary["num_class_images"] == 4  # two per concept
+
+
+def test_v_prediction_models_train(make_config, tmp_path):
+    from dreambooth_helpers.models import build_tiny_components, make_pipeline
+
+    folder = tmp_path / "vpred"
+    make_pipeline(build_tiny_components(prediction_type="v_prediction")).save_pretrained(folder)
+    result = train(make_config(model=str(folder), max_train_steps=2, with_prior_preservation=False), progress=False)
+    scheduler = json.loads((result.output_dir / "scheduler/scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_runtime_falls_back_without_a_gpu_and_says_so(make_config):
+    runtime = resolve_runtime(make_config(mixed_precision="fp16", use_8bit_adam=True), cuda_available=False)
+    assert runtime.device == "cpu" and runtime.mixed_precision == "no" and not runtime.use_8bit_adam
+    assert any("8-bit AdamW" in n for n in runtime.notices) and any("fp32" in n for n in runtime.notices)
+
+
+def test_bad_resolution_is_refused_before_training(make_config):
+    with pytest.raises(ConfigError, match="--resolution must be a multiple of 8"):
+        train(make_config(resolution=36), progress=False)
+
+
+def test_missing_instance_folder_fails_before_loading_the_model(make_config, tmp_path):
+    config = make_config(concepts=[Concept(str(tmp_path / "nope"), "a sks dog", "a dog")])
+    with pytest.raises(Exception, match="does not exist"):
+        train(config, progress=False)
+
+
+def test_presets_are_valid_and_distinct():
+    from dreambooth_helpers import PRESETS
+
+    made = {name: TrainConfig.from_preset(name, concepts=[Concept("x", "a sks dog", "a dog")]).validate()
+            for name in PRESETS}
+    assert made["t4"].lora is False and made["t4"].train_text_encoder and made["t4"].gradient_checkpointing
+    assert made["t4"].mixed_precision == "fp16" and made["t4"].use_8bit_adam and made["t4"].with_prior_preservation
+    assert made["t4-lora"].lora and made["large-gpu"].gradient_checkpointing is False
