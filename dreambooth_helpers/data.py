@@ -3,8 +3,8 @@
 `read_images(source)` accepts a folder, a list of paths, or uploaded bytes (ipywidgets'
 `FileUpload.value`, or `(name, bytes)` pairs) and returns a `DatasetReport`: the usable images
 (orientation fixed, converted to RGB, with a note of each conversion) and the skipped files with
-the reason. `check_images` adds the warnings DreamBooth practice suggests; `prepare_image` crops or
-pads and resizes to the training resolution.
+the reason. `check_images` adds the dataset doctor's warnings (the checks live in doctor.py);
+`prepare_image` crops or pads and resizes to the training resolution.
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ from PIL import Image, ImageOps
 from .errors import ImageDataError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
-RECOMMENDED_MIN_IMAGES, RECOMMENDED_MAX_IMAGES = 3, 30
-BLUR_THRESHOLD = 60.0  # variance of the Laplacian on a 512 px grey copy; sharp photos score in the hundreds
-DUPLICATE_HAMMING = 4  # of 64 bits of a difference hash: photos this close are near-copies
 
 
 @dataclass
@@ -188,58 +185,15 @@ def read_images(source: Any) -> DatasetReport:
 # ---------------------------------------------------------------------------- checking
 
 
-def laplacian_variance(image: Image.Image) -> float:
-    """Sharpness: variance of the Laplacian of a grey copy at most 512 px wide. Low means blurry."""
-    grey = image.convert("L")
-    grey.thumbnail((512, 512))
-    a = np.asarray(grey, dtype=np.float64)
-    if min(a.shape) < 3:
-        return 0.0
-    lap = a[1:-1, :-2] + a[1:-1, 2:] + a[:-2, 1:-1] + a[2:, 1:-1] - 4 * a[1:-1, 1:-1]
-    return float(lap.var())
+def check_images(source: Any, resolution: int = 512, kind: str = "object") -> DatasetReport:
+    """Read `source` and add the dataset doctor's advice as warnings (one line each).
 
+    The checks live in `doctor.py`; `doctor.diagnose` returns them as structured findings.
+    """
+    from .doctor import diagnose
 
-def difference_hash(image: Image.Image) -> int:
-    """A 64-bit perceptual hash: each bit says whether a pixel is brighter than its right neighbour."""
-    small = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
-    bits = (small[:, 1:] > small[:, :-1]).flatten()
-    return int("".join("1" if b else "0" for b in bits), 2)
-
-
-def near_duplicates(records: Sequence[ImageRecord]) -> list[tuple[str, str]]:
-    hashes = [(r.name, difference_hash(r.image)) for r in records]
-    pairs = []
-    for i, (name_a, hash_a) in enumerate(hashes):
-        for name_b, hash_b in hashes[i + 1:]:
-            if bin(hash_a ^ hash_b).count("1") <= DUPLICATE_HAMMING:
-                pairs.append((name_a, name_b))
-    return pairs
-
-
-def check_images(source: Any, resolution: int = 512) -> DatasetReport:
-    """Read `source` and add the warnings DreamBooth practice suggests."""
     report = source if isinstance(source, DatasetReport) else read_images(source)
-    count = len(report.images)
-    if 0 < count < RECOMMENDED_MIN_IMAGES:
-        report.warnings.append(f"Only {count} image(s): use 3-20 photos from different angles and backgrounds, "
-                               "or the model learns one view and copies it.")
-    if count > RECOMMENDED_MAX_IMAGES:
-        report.warnings.append(f"{count} images: more than {RECOMMENDED_MAX_IMAGES} rarely helps DreamBooth; pick "
-                               "the sharpest, most varied 10-20.")
-    for record in report.images:
-        if min(record.original_size) < resolution:
-            w, h = record.original_size
-            report.warnings.append(f"{record.name} is {w}x{h}: smaller than {resolution} px, so it is upscaled and "
-                                   "the model learns its blur. Use a larger original.")
-        if any("transparent" in note for note in record.notes):
-            report.warnings.append(f"{record.name} has transparency: it was placed on white, and the model may learn "
-                                   "the white background. Prefer a photo with a real background.")
-        sharpness = laplacian_variance(record.image)
-        if sharpness < BLUR_THRESHOLD:
-            report.warnings.append(f"{record.name} looks blurry (sharpness {sharpness:.0f}, want >= {BLUR_THRESHOLD:.0f}): "
-                                   "blur is learned too. Replace it with a sharp photo.")
-    for a, b in near_duplicates(report.images):
-        report.warnings.append(f"{a} and {b} are near-duplicates: keep one, the copy only adds overfitting.")
+    report.warnings.extend(f.format() for f in diagnose(report, kind=kind, resolution=resolution).findings)
     return report
 
 
