@@ -134,20 +134,180 @@ def _add_check_images(subparsers) -> None:
                               "or skipped and what to improve. Exit 0 when the set is usable.")
     p.add_argument("folder", help="Folder with your subject's photos.")
     p.add_argument("--resolution", type=int, default=512, help="Training size the photos are checked against.")
+    p.add_argument("--kind", default="object", choices=("object", "person", "style"),
+                   help="What the photos teach: a thing or pet, a person's face, or a style (changes the advice).")
     p.add_argument("--json", action="store_true", help="Print the report as JSON.")
     p.set_defaults(run=_run_check_images)
 
 
 def _run_check_images(args: argparse.Namespace) -> int:
-    from .data import check_images, require_usable
+    from .data import require_usable
+    from .doctor import diagnose
 
-    report = check_images(args.folder, resolution=args.resolution)
+    report = diagnose(args.folder, kind=args.kind, resolution=args.resolution)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
-    require_usable(report)
+    require_usable(report.dataset)
     return 0
 
 
-COMMANDS = (_add_train, _add_check_images)
+def _add_generate(subparsers) -> None:
+    from .inference import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
+
+    p = subparsers.add_parser("generate", help="Make images with a trained model.",
+                              description="Generate images from a trained output folder, a Hub id, or a base model "
+                              "plus LoRA weights, and save them as PNGs with the prompt and seed in their metadata.")
+    p.add_argument("--model", required=True, help='Trained output folder, Hub id, local diffusers folder, or "tiny".')
+    p.add_argument("--lora", help="Folder with pytorch_lora_weights.safetensors to apply on top of --model.")
+    p.add_argument("--prompt", required=True, help='What to draw, with your token: "a photo of sks dog on the beach".')
+    p.add_argument("--negative-prompt", default="", help='What to avoid: "blurry, low quality".')
+    p.add_argument("--num-images", type=int, default=1, help="How many images (default 1).")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Denoising steps (default {DEFAULT_STEPS}).")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"How closely to follow the prompt (default {DEFAULT_GUIDANCE}; 5-9 is usual).")
+    p.add_argument("--seed", type=int, help="Same seed, same image; image i uses SEED+i (default: random).")
+    p.add_argument("--width", type=int, help="Width in pixels (default: the model's training resolution).")
+    p.add_argument("--height", type=int, help="Height in pixels (default: the model's training resolution).")
+    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=SCHEDULERS,
+                   help=f"Sampler (default {DEFAULT_SCHEDULER}: DPM-Solver++, good in ~25 steps).")
+    p.add_argument("--attention-slicing", action="store_true", help="Less GPU memory, a little slower.")
+    p.add_argument("--vae-tiling", action="store_true", help="Decode large images in tiles: less GPU memory.")
+    p.add_argument("--grid", action="store_true", help="Also save all images as one grid.png.")
+    p.add_argument("--out", required=True, help="Folder for the PNGs.")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .inference import image_grid, load_generator, save_images
+
+    generator = load_generator(args.model, args.lora, scheduler=args.scheduler,
+                               attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
+                               progress_bar=True)
+    results = generator.generate(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
+                                 steps=args.steps, guidance_scale=args.guidance, seed=args.seed, width=args.width,
+                                 height=args.height)
+    for path, result in zip(save_images(results, args.out), results, strict=True):
+        print(f"{path}  (seed {result.seed})")
+    if args.grid:
+        grid_path = Path(args.out, "grid.png")
+        image_grid([r.image for r in results]).save(grid_path)
+        print(grid_path)
+    return 0
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="Try a model in a web page (Gradio) with a REST API.",
+                              description="Serve a Gradio page and a REST endpoint (POST /api/generate) for a model. "
+                              "Runs until Ctrl+C.")
+    p.add_argument("--model", required=True, help='Trained output folder, Hub id, local diffusers folder, or "tiny".')
+    p.add_argument("--lora", help="Folder with pytorch_lora_weights.safetensors to apply on top of --model.")
+    p.add_argument("--share", action="store_true", help="Also open a public gradio.live link (lasts up to a week).")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 to let your network in).")
+    p.add_argument("--port", type=int, default=7860, help="Port (default 7860; 0 picks a free one).")
+    p.add_argument("--auth", help="USER:PASS required to open the page and call the API.")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import launch_demo, parse_auth
+
+    demo = launch_demo(args.model, lora=args.lora, share=args.share, host=args.host, port=args.port,
+                       auth=parse_auth(args.auth) if args.auth else None, block=True)
+    demo.close()
+    return 0
+
+
+def _add_push(subparsers) -> None:
+    p = subparsers.add_parser("push", help="Publish a trained model to the Hugging Face Hub with a model card.",
+                              description="Create a Hub repository and upload the model (or LoRA weights), a model "
+                              "card and a grid of samples. Log in first with `hf auth login`.")
+    p.add_argument("--model", required=True, help="The trained output folder.")
+    p.add_argument("--repo-id", required=True, help="USER/NAME (or ORG/NAME) of the repository to create or update.")
+    p.add_argument("--private", action="store_true", help="Create the repository as private.")
+    p.add_argument("--token-from-env", action="store_true",
+                   help="Use the token in the HF_TOKEN environment variable instead of the saved login.")
+    p.set_defaults(run=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub, token_from_env
+
+    token = token_from_env() if args.token_from_env else None
+    url = push_to_hub(args.model, args.repo_id, private=args.private, token=token)
+    print(f"Published: {url}")
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser("export-single-file", help="Save a model as one .safetensors for AUTOMATIC1111/ComfyUI.",
+                              description="Write a trained model (a LoRA run is merged into its base model first) as "
+                              "one checkpoint in the original Stable Diffusion layout.")
+    p.add_argument("--model", required=True, help='Trained output folder, local diffusers folder, or "tiny".')
+    p.add_argument("--out", required=True, help="The .safetensors file to write.")
+    p.add_argument("--half", action="store_true", help="Store fp16 weights (half the size, ~2 GB for SD 1.x).")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_single_file
+
+    path = export_single_file(args.model, args.out, half_precision=args.half)
+    print(f"Wrote {path}")
+    return 0
+
+
+def _add_evaluate(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="Score a trained model with the DreamBooth paper's metrics.",
+                              description="Generate the paper's 25 prompts (N images each, fixed seeds) and measure "
+                              "DINO and CLIP-I (likeness to your photos) and CLIP-T (prompt following). Writes "
+                              "evaluation.json, evaluation.md and evaluation_grid.png. With --checkpoints, scores "
+                              "every saved checkpoint of the run instead and recommends one.")
+    p.add_argument("--model", required=True, help='Trained output folder (or Hub id, or "tiny").')
+    p.add_argument("--lora", help="Folder with pytorch_lora_weights.safetensors to apply on top of --model.")
+    p.add_argument("--instance-dir", help="Your subject's photos (default: the folder the run trained on).")
+    p.add_argument("--class-noun", required=True, help="The class of your subject: dog, backpack, man.")
+    p.add_argument("--identifier", help="The rare token (default: read from the run's prompts, else sks).")
+    p.add_argument("--kind", default="object", choices=("object", "live"),
+                   help="The paper's prompt list: object (things) or live (pets and people: adds outfits).")
+    p.add_argument("--prompts-per-image", "--images-per-prompt", dest="images_per_prompt", type=int, default=None,
+                   help="Images generated per prompt (the paper uses 4; default 4, or 2 with --checkpoints).")
+    p.add_argument("--num-prompts", type=int, help="Use only the first N of the 25 prompts (a quicker look).")
+    p.add_argument("--seed", type=int, default=0, help="First seed; image j of prompt i uses SEED + i*N + j.")
+    p.add_argument("--steps", type=int, default=25, help="Denoising steps (default 25, DPM-Solver++).")
+    p.add_argument("--guidance", type=float, default=7.5, help="Guidance scale (default 7.5).")
+    p.add_argument("--encoders", default="paper", choices=("paper", "tiny"),
+                   help="paper: DINO ViT-S/16 + CLIP from the Hub (needs a network once); tiny: random offline "
+                   "encoders that test the pipeline and give meaningless numbers.")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="Score each checkpoint in MODEL/checkpoints and the final model, plot, recommend one.")
+    p.add_argument("--out", help="Folder for the report (default: MODEL/evaluation).")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_checkpoints, evaluate_model
+
+    out = args.out
+    if out is None and Path(args.model).is_dir():
+        out = str(Path(args.model, "evaluation"))
+    common = dict(instance_dir=args.instance_dir, kind=args.kind, identifier=args.identifier,
+                  num_prompts=args.num_prompts, seed=args.seed, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, encoders=args.encoders)
+    if args.checkpoints:
+        comparison = evaluate_checkpoints(args.model, args.class_noun, images_per_prompt=args.images_per_prompt or 2,
+                                          output_dir=out, **common)
+        print(comparison.to_markdown())
+        print(f"Plot: {comparison.plot_path}\nReport: {comparison.json_path}")
+        return 0
+    if out is None:
+        raise ConfigError("--out is needed when --model is not a local folder: where to write the report.")
+    report = evaluate_model(args.model, args.class_noun, lora=args.lora,
+                            images_per_prompt=args.images_per_prompt or 4, output_dir=out, **common)
+    print(report.to_markdown())
+    print(f"Report: {report.markdown_path}\nJSON: {report.json_path}\nGrid: {report.grid_path}")
+    return 0
+
+
+COMMANDS = (_add_train, _add_check_images, _add_generate, _add_demo, _add_push, _add_export, _add_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
