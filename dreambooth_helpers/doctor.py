@@ -6,7 +6,8 @@
 - count (3-20 photos for a subject, 10-30 for a style), resolution (below the training size means the
   model learns upscaling blur), transparency (the fill colour becomes part of the subject);
 - blur: variance of the Laplacian of a grey copy (sharp photos score in the hundreds);
-- exposure: too dark, too bright, or large areas clipped to black or white;
+- exposure of the subject (the salient region, else the whole photo): too dark, too bright, or large
+  areas clipped to black or white;
 - near-duplicates: a DCT perceptual hash (pHash), robust to resizing and small edits;
 - subject too small, off-centre, or cut by the centre crop: a saliency map from colour contrast with
   the photo's border (the border is usually background);
@@ -109,9 +110,18 @@ def laplacian_variance(image: Image.Image) -> float:
     return float(lap.var())
 
 
-def exposure(image: Image.Image) -> dict[str, float]:
-    """Mean luminance (0-255) and the share of pixels clipped to black (<=3) or white (>=252)."""
+def exposure(image: Image.Image, box: tuple[float, float, float, float] | None = None) -> dict[str, float]:
+    """Mean luminance (0-255) and the share of pixels clipped to black (<=3) or white (>=252).
+
+    With `box` (left, top, right, bottom in 0..1), only that region counts: the subject's exposure is what
+    matters, and a plain white or black backdrop is not a badly exposed photo.
+    """
     a = _grey(image, 256)
+    if box is not None:
+        h, w = a.shape
+        region = a[int(box[1] * h):max(int(box[3] * h), int(box[1] * h) + 1),
+                   int(box[0] * w):max(int(box[2] * w), int(box[0] * w) + 1)]
+        a = region if region.size else a
     return {"brightness": float(a.mean()), "black_clipped": float((a <= 3).mean()),
             "white_clipped": float((a >= 252).mean())}
 
@@ -253,7 +263,8 @@ def _check_image(report: DoctorReport, record: ImageRecord) -> None:
     if sharpness < BLUR_THRESHOLD:
         add(Finding("warning", "blur", f"Looks blurry (sharpness {sharpness:.0f}, sharp photos score over "
                     f"{BLUR_THRESHOLD:.0f}).", "Blur is learned too: replace it with a sharp, in-focus photo.", name))
-    light = exposure(record.image)
+    subject = find_subject(record.image)
+    light = exposure(record.image, subject.box if subject else None)
     if light["brightness"] < DARK_MEAN:
         add(Finding("warning", "exposure", f"Too dark (mean brightness {light['brightness']:.0f}/255).",
                     "Retake it in better light or brighten it; dark photos teach a dark, noisy subject.", name))
@@ -264,9 +275,8 @@ def _check_image(report: DoctorReport, record: ImageRecord) -> None:
     clipped = max(light["black_clipped"], light["white_clipped"])
     if clipped > CLIPPED_FRACTION:
         tone = "pure black" if light["black_clipped"] >= light["white_clipped"] else "pure white"
-        add(Finding("info", "exposure", f"{clipped:.0%} of the pixels are {tone}: detail is lost there.",
-                    "Fine for a studio backdrop; if it is the subject, use a better-exposed photo.", name))
-    subject = find_subject(record.image)
+        add(Finding("info", "exposure", f"{clipped:.0%} of the subject's pixels are {tone}: detail is lost there.",
+                    "Use a better-exposed photo if that part matters.", name))
     report.measurements[name] = {"sharpness": round(sharpness, 1), **{k: round(v, 3) for k, v in light.items()},
                                  "subject": asdict(subject) if subject else None}
     if subject is None or report.kind == "style":

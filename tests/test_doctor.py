@@ -64,7 +64,9 @@ def test_each_defect_is_found_with_advice(tmp_path):
     images = {f"good{i}.png": photo(i) for i in range(3)}
     images["blurry.png"] = photo(10).filter(ImageFilter.GaussianBlur(6))
     images["dark.png"] = photo(11, brightness=0.25)
-    images["bright.png"] = photo(12, background=(250, 250, 250), brightness=1.3)
+    washed_out = 255 - (255 - np.asarray(photo(12), float)) * 0.2  # overexposed: everything pushed to white
+    images["bright.png"] = Image.fromarray(washed_out.astype(np.uint8))
+    images["white_backdrop.png"] = photo(16, background=(252, 252, 252))  # a studio shot is not overexposed
     images["tiny_subject.png"] = photo(13, box=(0.46, 0.46, 0.54, 0.54))
     images["wide.png"] = photo(14, size=(1200, 600), box=(0.02, 0.3, 0.25, 0.7))
     images["small.png"] = photo(15, size=(200, 200))
@@ -75,7 +77,7 @@ def test_each_defect_is_found_with_advice(tmp_path):
     assert "subject-size" in checks_for(report, "tiny_subject.png")
     assert {"subject-crop", "subject-position"} <= checks_for(report, "wide.png")
     assert "resolution" in checks_for(report, "small.png")
-    for name in ("good0.png", "good1.png", "good2.png"):
+    for name in ("good0.png", "good1.png", "good2.png", "white_backdrop.png"):
         assert checks_for(report, name) == set()  # sharp, well lit, centred: nothing to say
     for finding in report.findings:
         assert finding.severity in ("error", "warning", "info") and finding.message and finding.advice
