@@ -162,6 +162,31 @@ def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance
 
 def train(config: TrainConfig, *, progress: bool = True, on_step=None) -> TrainResult:
     """Fine-tune `config.model` on `config.concepts`. `on_step(step, logs)` is called after each step."""
+    with quiet_library_logs():
+        return _train(config, progress=progress, on_step=on_step)
+
+
+@contextlib.contextmanager
+def quiet_library_logs():
+    """Hide diffusers/transformers chatter (dtype notes, shard bars) so our progress and notices stand out."""
+    import diffusers
+    import transformers
+
+    levels = (diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity())
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers.utils.logging.set_verbosity(levels[0])
+        transformers.utils.logging.set_verbosity(levels[1])
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()
+
+
+def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
