@@ -327,7 +327,7 @@ def load_generator(
     pipeline = make_pipeline(components)
     pipeline.scheduler = make_scheduler(scheduler, components.scheduler.config)
     if lora_path:
-        _load_lora(pipeline, lora_path)
+        apply_lora(pipeline, lora_path)
     # Loaded weights are fp32 already; only a change of precision needs a cast.
     if half_precision:
         pipeline.to(device=device, dtype=torch.float16)
@@ -343,7 +343,8 @@ def load_generator(
                      scheduler_name=scheduler, device=device, summary=summary)
 
 
-def _load_lora(pipeline, lora_path: str) -> None:
+def apply_lora(pipeline, lora_path: str) -> None:
+    """Load LoRA weights (a folder or a .safetensors file) into `pipeline` and merge them into its weights."""
     path = Path(lora_path)
     where, weight_name = (str(path.parent), path.name) if path.is_file() else (str(path), LORA_WEIGHTS_FILE)
     try:

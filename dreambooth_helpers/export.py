@@ -1,0 +1,199 @@
+"""Export a model to one `.safetensors` file in the original Stable Diffusion (CompVis/LDM) layout.
+
+AUTOMATIC1111, ComfyUI and most other UIs load single checkpoints whose keys follow the original
+code base: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
+`cond_stage_model.transformer.*` (CLIP text encoder). Diffusers names the same tensors differently;
+this module renames them. The rules follow the structure of the two code bases:
+
+UNet (`ldm.modules.diffusionmodules.openaimodel.UNetModel`): down blocks are flattened into
+`input_blocks`, each entry a list [resnet, attention] or [downsampler]; block 0 is `conv_in`. With
+L resnets per down block, down block i's resnet j is `input_blocks.{(L+1)i + j + 1}.0` and its
+downsampler `input_blocks.{(L+1)(i+1)}.0.op`. Up blocks have L+1 resnets; up block i's resnet j is
+`output_blocks.{(L+1)i + j}.0`, its upsampler the entry after the last layer of that block's last
+`output_blocks` item. Resnets rename norm1/conv1/time_emb_proj/norm2/conv2/conv_shortcut to
+in_layers.0/in_layers.2/emb_layers.1/out_layers.0/out_layers.3/skip_connection. Attention
+(transformer) blocks keep their names.
+
+VAE (`ldm.modules.diffusionmodules.model.Encoder/Decoder`): `down_blocks.i.resnets.j` ->
+`down.i.block.j`, decoder up blocks are numbered from the bottom (`up_blocks.i` -> `up.{n-1-i}`),
+the mid block is `mid.block_1`, `mid.attn_1`, `mid.block_2`, `conv_shortcut` -> `nin_shortcut`,
+`conv_norm_out` -> `norm_out`, and the mid attention's linear q/k/v/out become 1x1 convolutions
+`q`/`k`/`v`/`proj_out` with `norm` for `group_norm`.
+
+A LoRA run is merged into its base model first, so the file is a complete model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, ModelLoadError
+from .inference import apply_lora, resolve_model
+from .models import load_components, make_pipeline
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+
+RESNET_RENAMES = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+                  ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+VAE_ATTENTION_RENAMES = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+                         ("to_out.0", "proj_out"))
+
+
+# ---------------------------------------------------------------------------- UNet
+
+
+def unet_key_map(unet_config) -> dict[str, str]:
+    """Diffusers UNet module prefix -> original module prefix, for every block of this configuration."""
+    per_block = unet_config.layers_per_block
+    if not isinstance(per_block, int):
+        raise ConfigError("Single-file export needs the same number of layers in every UNet block "
+                          f"(layers_per_block={per_block!r}).")
+    num_blocks = len(unet_config.block_out_channels)
+    mapping = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+        "mid_block.resnets.0": "middle_block.0",
+        "mid_block.attentions.0": "middle_block.1",
+        "mid_block.resnets.1": "middle_block.2",
+    }
+    for i in range(num_blocks):
+        for j in range(per_block):
+            entry = (per_block + 1) * i + j + 1
+            mapping[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{entry}.0"
+            mapping[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{entry}.1"
+        if i < num_blocks - 1:
+            mapping[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(per_block + 1) * (i + 1)}.0.op"
+        for j in range(per_block + 1):
+            entry = (per_block + 1) * i + j
+            mapping[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{entry}.0"
+            mapping[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{entry}.1"
+        if i < num_blocks - 1:
+            # The upsampler joins the block's last entry, after its resnet (and attention, if any).
+            has_attention = unet_config.up_block_types[i].startswith("CrossAttn")
+            last = (per_block + 1) * i + per_block
+            mapping[f"up_blocks.{i}.upsamplers.0"] = f"output_blocks.{last}.{2 if has_attention else 1}"
+    return mapping
+
+
+def _rename_by_prefix(key: str, mapping: dict[str, str], what: str) -> tuple[str, str]:
+    """(original prefix, rest of the key) for the longest diffusers prefix of `key` in `mapping`."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in mapping:
+            return mapping[prefix], ".".join(parts[cut:])
+    raise ConfigError(f"The {what} has a weight this exporter cannot place ({key!r}); it only knows Stable "
+                      "Diffusion 1.x architectures.")
+
+
+def convert_unet(state_dict: dict[str, torch.Tensor], unet_config) -> dict[str, torch.Tensor]:
+    mapping = unet_key_map(unet_config)
+    converted = {}
+    for key, tensor in state_dict.items():
+        target, rest = _rename_by_prefix(key, mapping, "UNet")
+        if ".resnets." in key:
+            for old, new in RESNET_RENAMES:
+                if rest.startswith(old + "."):
+                    rest = new + rest[len(old):]
+                    break
+        converted[f"{target}.{rest}"] = tensor
+    return converted
+
+
+# ---------------------------------------------------------------------------- VAE
+
+
+def vae_key_map(vae_config) -> dict[str, str]:
+    num_blocks = len(vae_config.block_out_channels)
+    per_block = vae_config.layers_per_block
+    mapping = {}
+    for side in ("encoder", "decoder"):
+        mapping[f"{side}.conv_in"] = f"{side}.conv_in"
+        mapping[f"{side}.conv_out"] = f"{side}.conv_out"
+        mapping[f"{side}.conv_norm_out"] = f"{side}.norm_out"
+        mapping[f"{side}.mid_block.resnets.0"] = f"{side}.mid.block_1"
+        mapping[f"{side}.mid_block.attentions.0"] = f"{side}.mid.attn_1"
+        mapping[f"{side}.mid_block.resnets.1"] = f"{side}.mid.block_2"
+    for i in range(num_blocks):
+        for j in range(per_block):
+            mapping[f"encoder.down_blocks.{i}.resnets.{j}"] = f"encoder.down.{i}.block.{j}"
+        mapping[f"encoder.down_blocks.{i}.downsamplers.0"] = f"encoder.down.{i}.downsample"
+        level = num_blocks - 1 - i  # the original decoder counts levels from the lowest resolution
+        for j in range(per_block + 1):
+            mapping[f"decoder.up_blocks.{i}.resnets.{j}"] = f"decoder.up.{level}.block.{j}"
+        mapping[f"decoder.up_blocks.{i}.upsamplers.0"] = f"decoder.up.{level}.upsample"
+    mapping["quant_conv"] = "quant_conv"
+    mapping["post_quant_conv"] = "post_quant_conv"
+    return mapping
+
+
+def convert_vae(state_dict: dict[str, torch.Tensor], vae_config) -> dict[str, torch.Tensor]:
+    mapping = vae_key_map(vae_config)
+    converted = {}
+    for key, tensor in state_dict.items():
+        target, rest = _rename_by_prefix(key, mapping, "VAE")
+        if ".resnets." in key and rest.startswith("conv_shortcut."):
+            rest = "nin_shortcut" + rest[len("conv_shortcut"):]
+        if ".attentions." in key:
+            for old, new in VAE_ATTENTION_RENAMES:
+                if rest.startswith(old + "."):
+                    rest = new + rest[len(old):]
+                    break
+            # The original attention uses 1x1 convolutions where diffusers uses linear layers.
+            if rest.endswith(".weight") and tensor.ndim == 2:
+                tensor = tensor[:, :, None, None]
+        converted[f"{target}.{rest}"] = tensor
+    return converted
+
+
+# ---------------------------------------------------------------------------- whole model
+
+
+def convert_to_original_layout(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
+    """One state dict with the original Stable Diffusion key names, from the three diffusers models."""
+    checkpoint = {}
+    checkpoint.update({UNET_PREFIX + k: v for k, v in convert_unet(unet.state_dict(), unet.config).items()})
+    checkpoint.update({VAE_PREFIX + k: v for k, v in convert_vae(vae.state_dict(), vae.config).items()})
+    checkpoint.update({TEXT_ENCODER_PREFIX + k: v for k, v in convert_text_encoder(text_encoder.state_dict()).items()})
+    return checkpoint
+
+
+def convert_text_encoder(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIPTextModel names as the original checkpoints have them: everything under `text_model.`.
+
+    The original code wraps transformers' CLIPTextModel, whose weights lived under `text_model.`;
+    transformers 5 dropped that level from the state dict (and adds it back when loading old files).
+    """
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state_dict.items()}
+
+
+def export_single_file(model: str, out: str | Path, *, half_precision: bool = False) -> Path:
+    """Write `model` (trained folder, LoRA run, diffusers folder, Hub id or "tiny") as one .safetensors file."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out {str(out)!r}: the file name must end in .safetensors.")
+    base, lora_path, _ = resolve_model(model)
+    components = load_components(base)
+    if lora_path:
+        pipeline = make_pipeline(components)
+        apply_lora(pipeline, lora_path)
+        pipeline.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
+    if any("lora_" in key or "base_layer" in key for key in components.unet.state_dict()):
+        raise ModelLoadError("The UNet still carries LoRA adapter layers after merging; export a full model.")
+    checkpoint = convert_to_original_layout(components.unet, components.vae, components.text_encoder)
+    dtype = torch.float16 if half_precision else torch.float32
+    # safetensors needs contiguous tensors that share no memory.
+    checkpoint = {k: v.detach().to(dtype).contiguous().clone() for k, v in checkpoint.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(checkpoint, str(out), metadata={"format": "pt", "source": str(Path(model).name or model),
+                                              "exported_by": "dreambooth-helpers"})
+    return out
