@@ -2,12 +2,50 @@
 
 from .config import PRESETS, Concept, TrainConfig
 from .data import DatasetReport, check_images, load_instance_images, prepare_image, read_images
+from .demo import DemoLimits, RunningDemo, launch_demo
+from .doctor import DoctorReport, Finding, diagnose
 from .errors import ConfigError, DreamBoothError, ImageDataError, ModelLoadError, TrainingError
+from .evaluation import (
+    CheckpointComparison,
+    EvaluationReport,
+    build_tiny_encoders,
+    choose_checkpoint,
+    evaluate_checkpoints,
+    evaluate_model,
+    load_encoders,
+)
+from .export import export_single_file
+from .hub import HubError, build_model_card, push_to_hub, stage_for_upload
+from .inference import GeneratedImage, Generator, generate, image_grid, load_generator, save_images
 from .models import SDComponents, build_sd15_shaped_components, build_tiny_components, load_components
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointComparison",
+    "DoctorReport",
+    "EvaluationReport",
+    "Finding",
+    "build_tiny_encoders",
+    "choose_checkpoint",
+    "diagnose",
+    "evaluate_checkpoints",
+    "evaluate_model",
+    "load_encoders",
+    "DemoLimits",
+    "GeneratedImage",
+    "Generator",
+    "HubError",
+    "RunningDemo",
+    "build_model_card",
+    "export_single_file",
+    "generate",
+    "image_grid",
+    "launch_demo",
+    "load_generator",
+    "push_to_hub",
+    "save_images",
+    "stage_for_upload",
     "PRESETS",
     "Concept",
     "ConfigError",
