@@ -9,11 +9,13 @@ the reason. `check_images` adds the dataset doctor's warnings (the checks live i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
-from collections.abc import Iterable, Sequence
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,29 @@ from PIL import Image, ImageOps
 
 from .errors import ImageDataError
 
+try:  # HEIC/HEIF, the iPhone's default format; Pillow itself reads AVIF, WebP and the rest.
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_SUPPORTED = True
+except ImportError:
+    HEIF_SUPPORTED = False
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+ZIP_EXTENSION = ".zip"
+# Only decoders for photo formats. Pillow can also open EPS (through Ghostscript) and dozens of
+# rare formats; a hostile upload renamed to .jpg must not reach those.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
+# Pillow's own decompression-bomb threshold (~9459x9459), enforced here even if a caller raised
+# or disabled Pillow's global limit: the size is read from the header and checked before decoding.
+MAX_IMAGE_PIXELS = 89_478_485
+MAX_FILE_BYTES = 100 * 2**20  # a 50 MP phone JPEG is ~20 MB; beyond this a file is not a photo
+MIN_IMAGE_SIDE = 8  # below this there is no subject to see (small images above it get a note)
+SMALL_IMAGE_SIDE = 64
+MAX_ASPECT_RATIO = 10.0  # a longer strip keeps under a tenth of itself in a square crop
+WIDE_ASPECT_RATIO = 3.0
+MAX_ZIP_MEMBERS = 1000
+MAX_ZIP_TOTAL_BYTES = 1024 * 2**20  # uncompressed, counted as read: a zip bomb stops here
 
 
 @dataclass
@@ -56,7 +80,8 @@ class DatasetReport:
 
     def format(self) -> str:
         """A plain-text report for the terminal and the notebook."""
-        lines = [f"{len(self.images)} usable image(s), {len(self.skipped)} skipped" + (f" in {self.source}" if self.source else "")]
+        where = f" in {self.source}" if self.source else ""
+        lines = [f"{len(self.images)} usable image(s), {len(self.skipped)} skipped{where}"]
         for record in self.images:
             w, h = record.original_size
             extra = f"  ({'; '.join(record.notes)})" if record.notes else ""
@@ -92,18 +117,23 @@ def _entries(source: Any) -> tuple[list[tuple[str, Any]], str]:
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         return [(p.name, p) for p in files], str(folder)
     if isinstance(source, dict):  # ipywidgets 7 style: {name: {"content": bytes, ...}}
-        return [(name, item.get("content", item)) for name, item in source.items()], "uploaded files"
+        return [(str(name), item.get("content", b"") if isinstance(item, dict) else item)
+                for name, item in source.items()], "uploaded files"
     if isinstance(source, Iterable):
         entries = []
         for item in source:
             if isinstance(item, dict):  # ipywidgets 8 FileUpload.value entries
-                entries.append((str(item.get("name", "upload")), item["content"]))
+                entries.append((str(item.get("name", "upload")), item.get("content", b"")))
             elif isinstance(item, tuple) and len(item) == 2:
                 entries.append((str(item[0]), item[1]))
-            else:
+            elif isinstance(item, (str, Path)):
                 entries.append((Path(item).name, Path(item)))
+            else:
+                raise ImageDataError(f"Cannot read an image from a {type(item).__name__}: give paths, "
+                                     "(name, bytes) pairs or FileUpload values.")
         return entries, "uploaded files" if entries and not isinstance(entries[0][1], Path) else "given paths"
-    raise ImageDataError(f"Cannot read images from a {type(source).__name__}: give a folder, a list of paths or uploads.")
+    raise ImageDataError(f"Cannot read images from a {type(source).__name__}: give a folder, a list of paths "
+                         "or uploads.")
 
 
 def _to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
@@ -115,9 +145,9 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
     image = oriented
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
         peak = 65535.0 if mode != "F" and array.max() > 255 else max(float(array.max()), 1.0)
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(np.clip(np.rint(array / peak * 255.0), 0, 255).astype(np.uint8), "L")
         notes.append("16-bit image reduced to 8 bits")
         mode = "L"
     if mode == "P" and "transparency" in image.info:
@@ -143,40 +173,181 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
     return image, notes
 
 
+def _read_bytes(name: str, data: Path | bytes | bytearray | memoryview) -> bytes:
+    """The file's bytes, refusing empty and oversized files before anything is decoded."""
+    if isinstance(data, Path):
+        try:
+            size = data.stat().st_size
+            if 0 < size <= MAX_FILE_BYTES:
+                data = data.read_bytes()
+        except OSError as error:
+            raise ImageDataError(f"{name}: cannot be read ({error.strerror or error}).") from None
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        size = len(data)
+    else:
+        raise ImageDataError(f"{name}: got a {type(data).__name__} instead of a file path or bytes.")
+    if size == 0:
+        raise ImageDataError(f"{name}: empty file (0 bytes); the copy or upload did not finish, add it again.")
+    if size > MAX_FILE_BYTES:
+        raise ImageDataError(f"{name}: {size / 2**20:.0f} MB is over the {MAX_FILE_BYTES // 2**20} MB limit for one "
+                             "photo; save it as a JPEG of about 2000 px.")
+    return bytes(data)
+
+
+def _is_heif(raw: bytes) -> bool:
+    return raw[4:8] == b"ftyp" and raw[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1")
+
+
 def read_image(name: str, data: Path | bytes | bytearray | memoryview) -> ImageRecord:
-    """Decode one photo to RGB. Raises ImageDataError naming the file when it cannot be used."""
+    """Decode one photo to RGB. Raises ImageDataError naming the file when it cannot be used.
+
+    The size in the header is checked before any pixel is decoded: decompression bombs, slivers and
+    dots are refused without spending memory on them.
+    """
+    raw = _read_bytes(name, data)
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like: the photo still reads
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            raw = io.BytesIO(bytes(data)) if isinstance(data, (bytes, bytearray, memoryview)) else data
-            with Image.open(raw) as opened:
-                if getattr(opened, "n_frames", 1) > 1:
+            with Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS) as opened:
+                _check_size(name, opened.size)
+                frames = getattr(opened, "n_frames", 1)
+                if frames > 1:
                     opened.seek(0)
                 opened.load()
                 original_mode, original_size = opened.mode, opened.size
                 image, notes = _to_rgb(opened)
-                if getattr(opened, "n_frames", 1) > 1:
-                    notes.append("animated: first frame used")
+                if frames > 1 and opened.format != "MPO":  # MPO: a camera JPEG with a preview, not a sequence
+                    kind = "animated" if opened.format in ("GIF", "WEBP", "PNG", "AVIF") else "multi-page"
+                    notes.append(f"{kind} ({frames} frames): first frame used")
+    except ImageDataError:
+        raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise ImageDataError(f"{name}: too large to open safely (over {Image.MAX_IMAGE_PIXELS} pixels); "
-                             "resize it below 8000x8000.") from None
+        raise ImageDataError(f"{name}: too large to open safely (over {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels); "
+                             "resize it to about 2000 px on the long side.") from None
     except Image.UnidentifiedImageError:
-        raise ImageDataError(f"{name}: not an image this library can read (or the file is damaged).") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageDataError(f"{name}: unreadable ({error}); the file may be truncated.") from None
+        if _is_heif(raw) and not HEIF_SUPPORTED:
+            raise ImageDataError(f"{name}: a HEIC photo, and pillow-heif is not installed. Run "
+                                 "`pip install pillow-heif`, or export the photo as JPEG.") from None
+        raise ImageDataError(f"{name}: not a photo format this library reads (JPEG, PNG, WebP, HEIC, AVIF, GIF, "
+                             "BMP, TIFF), or the file is damaged.") from None
+    except (OSError, SyntaxError, EOFError) as error:
+        raise ImageDataError(f"{name}: unreadable ({error}); the file may be truncated or damaged.") from None
+    except Exception as error:  # decoders meet hostile bytes; any failure means "damaged file"
+        raise ImageDataError(f"{name}: damaged or not a real image ({type(error).__name__}: {error}).") from None
+    if max(image.size) > WIDE_ASPECT_RATIO * min(image.size):
+        w, h = image.size
+        notes.append(f"very {'wide' if w > h else 'tall'} ({max(w, h) / min(w, h):.1f}:1): a center crop keeps only "
+                     "the middle; crop around the subject or use --crop pad")
+    if min(image.size) < SMALL_IMAGE_SIDE:
+        notes.append(f"very small ({image.width}x{image.height}): upscaled, so it will look blurry")
     return ImageRecord(name, image, original_size, original_mode, notes)
 
 
+def _check_size(name: str, size: tuple[int, int]) -> None:
+    """Refuse, from the header alone, images too large to decode safely or too thin to hold a subject."""
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageDataError(f"{name}: {width}x{height} is too large to open safely (over "
+                             f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels); resize it to about 2000 px on the long side.")
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ImageDataError(f"{name}: {width}x{height} is too small to show a subject; use photos of 512 px or more.")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageDataError(f"{name}: {width}x{height} is a strip ({max(width, height) / min(width, height):.0f}:1); "
+                             "a square crop would keep almost nothing. Crop it around the subject.")
+
+
+def _is_hidden(name: str) -> bool:
+    """Dot files and macOS metadata (`__MACOSX/`, `._photo.jpg`) that zips and uploads bring along."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return any(part.startswith(".") and part not in (".", "..") or part == "__MACOSX" for part in parts)
+
+
+def _is_zip(name: str, data: Any) -> bool:
+    if isinstance(data, Path):
+        return data.suffix.lower() == ZIP_EXTENSION
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return False
+    return name.lower().endswith(ZIP_EXTENSION) or bytes(data[:4]) in (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _zip_members(name: str, data: Path | bytes, report: DatasetReport) -> Iterator[tuple[str, bytes]]:
+    """The files in a zip, read into memory and never written to disk, so no member name can reach a
+    path outside the zip. Unsafe names, nested zips and anything over the size limits are skipped."""
+    try:
+        archive = zipfile.ZipFile(data if isinstance(data, Path) else io.BytesIO(bytes(data)))
+        members = [info for info in archive.infolist() if not info.is_dir()]
+    except Exception as error:  # zipfile raises many types on hostile bytes
+        report.skipped.append(SkippedImage(name, f"not a readable zip file ({type(error).__name__}: {error})"))
+        return
+    total = 0
+    with archive:
+        for index, info in enumerate(members):
+            member_name = f"{name}/{info.filename}"
+            path = PurePosixPath(info.filename.replace("\\", "/"))
+            if _is_hidden(info.filename):
+                continue
+            if index >= MAX_ZIP_MEMBERS:
+                report.skipped.append(SkippedImage(name, f"more than {MAX_ZIP_MEMBERS} files: the rest was not read"))
+                return
+            if path.is_absolute() or ".." in path.parts or ":" in path.parts[0]:
+                report.skipped.append(SkippedImage(member_name, "unsafe path inside the zip: not read"))
+                continue
+            if path.suffix.lower() == ZIP_EXTENSION:
+                report.skipped.append(SkippedImage(member_name, "a zip inside the zip: unzip it and add the photos"))
+                continue
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                report.skipped.append(SkippedImage(member_name, f"not an image file ({path.suffix or 'no extension'})"))
+                continue
+            if info.flag_bits & 0x1:
+                report.skipped.append(SkippedImage(member_name, "password-protected in the zip: not read"))
+                continue
+            try:
+                with archive.open(info) as member:
+                    content = member.read(MAX_FILE_BYTES + 1)  # the declared size may lie; count what comes out
+            except Exception as error:  # damaged entries raise BadZipFile, zlib.error, EOFError...
+                report.skipped.append(SkippedImage(member_name, f"damaged inside the zip ({type(error).__name__})"))
+                continue
+            total += len(content)
+            if total > MAX_ZIP_TOTAL_BYTES:
+                report.skipped.append(SkippedImage(name, f"unzips to over {MAX_ZIP_TOTAL_BYTES // 2**20} MB: the "
+                                                         "rest was not read"))
+                return
+            yield member_name, content
+
+
+def _expand_zips(entries: list[tuple[str, Any]], report: DatasetReport) -> Iterator[tuple[str, Any]]:
+    for name, data in entries:
+        if _is_hidden(name):
+            continue
+        if _is_zip(name, data):
+            yield from _zip_members(name, data, report)
+        else:
+            yield name, data
+
+
 def read_images(source: Any) -> DatasetReport:
-    """Read every image in `source`; skip unusable files with the reason."""
+    """Read every image in `source` (zips included); skip unusable files with the reason.
+
+    Outcomes: a photo is used (with notes on what was converted), or skipped with the reason. Hidden
+    files and macOS metadata are ignored. A file with exactly the same bytes as an earlier one is
+    used once; the copy is listed as skipped.
+    """
     entries, description = _entries(source)
     report = DatasetReport(source=description)
-    for name, data in entries:
+    first_with_digest: dict[str, str] = {}
+    for name, data in _expand_zips(entries, report):
         if isinstance(data, Path) and data.suffix.lower() not in IMAGE_EXTENSIONS:
             report.skipped.append(SkippedImage(name, f"not an image file ({data.suffix or 'no extension'})"))
             continue
         try:
-            report.images.append(read_image(name, data))
+            raw = _read_bytes(name, data)
+            digest = hashlib.sha256(raw).hexdigest()
+            if digest in first_with_digest:
+                report.skipped.append(SkippedImage(name, f"exact duplicate of {first_with_digest[digest]} (used once)"))
+                continue
+            first_with_digest[digest] = name
+            report.images.append(read_image(name, raw))
         except ImageDataError as error:
             report.skipped.append(SkippedImage(name, str(error).removeprefix(f"{name}: ")))
     return report
