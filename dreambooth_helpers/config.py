@@ -148,9 +148,9 @@ class TrainConfig:
             raise ConfigError("No subject to train: give --instance-dir and --instance-prompt (or --concepts-list).")
         for i, concept in enumerate(self.concepts):
             where = "" if len(self.concepts) == 1 else f" (concept {i + 1})"
-            if not concept.instance_dir:
+            if not isinstance(concept.instance_dir, (str, Path)) or not str(concept.instance_dir).strip():
                 raise ConfigError(f"--instance-dir is empty{where}: give the folder with your subject's photos.")
-            if not concept.instance_prompt or not concept.instance_prompt.strip():
+            if not isinstance(concept.instance_prompt, str) or not concept.instance_prompt.strip():
                 raise ConfigError(
                     f"--instance-prompt is empty{where}: give a prompt with a rare token and the class, "
                     "e.g. \"a photo of sks dog\"."
@@ -160,6 +160,19 @@ class TrainConfig:
                     f"Prior preservation is on but --class-prompt is missing{where}. Give the instance prompt "
                     "without the identifier (e.g. \"a photo of dog\"), or pass --no-prior-preservation."
                 )
+            for name, value in (("--class-prompt", concept.class_prompt), ("--class-dir", concept.class_dir)):
+                if value is not None and not isinstance(value, (str, Path)):
+                    raise ConfigError(f"{name} must be text{where} (got a {type(value).__name__}).")
+        _choice("--preset", self.preset, tuple(PRESETS))
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError(f"--model must name a base model (got {self.model!r}): a Hub id such as stable-"
+                              f"diffusion-v1-5/stable-diffusion-v1-5, a local folder or file, or {TINY_MODEL!r}.")
+        for name, value in (("--random-flip", self.random_flip), ("--prior-preservation", self.with_prior_preservation),
+                            ("--use-8bit-adam", self.use_8bit_adam), ("--train-text-encoder", self.train_text_encoder),
+                            ("--lora", self.lora), ("--gradient-checkpointing", self.gradient_checkpointing),
+                            ("--cache-latents", self.cache_latents)):
+            if not isinstance(value, bool):  # "false" from a JSON file or a form would read as true
+                raise ConfigError(f"{name} must be true or false (got {value!r}).")
         _choice("--mixed-precision", self.mixed_precision, MIXED_PRECISIONS)
         _choice("--attention", self.attention, ATTENTION_BACKENDS)
         _choice("--lr-scheduler", self.lr_scheduler, LR_SCHEDULERS)
@@ -168,7 +181,7 @@ class TrainConfig:
             _int_range("--resolution", self.resolution, 16, 2048)
         if self.resolution is not None and self.resolution % 8:
             raise ConfigError(f"--resolution must be a multiple of 8 (got {self.resolution}); SD 1.x uses 512.")
-        _int_range("--num-class-images", self.num_class_images, 0, 10_000)
+        _int_range("--num-class-images", self.num_class_images, 1 if self.with_prior_preservation else 0, 10_000)
         _int_range("--class-images-batch-size", self.class_images_batch_size, 1, 64)
         _int_range("--class-images-steps", self.class_images_steps, 1, 500)
         _float_range("--prior-loss-weight", self.prior_loss_weight, 0.0, 100.0)
@@ -200,6 +213,10 @@ class TrainConfig:
         if self.sample_every is not None:
             _int_range("--sample-every", self.sample_every, 1, 1_000_000)
         _int_range("--sample-steps", self.sample_steps, 1, 500)
+        _int_range("sample_seed", self.sample_seed, 0, 2**32 - 1)
+        if not isinstance(self.sample_prompts, (list, tuple)) or not all(
+                isinstance(p, str) and p.strip() for p in self.sample_prompts):
+            raise ConfigError(f"--sample-prompt must be a list of non-empty prompts (got {self.sample_prompts!r}).")
         if self.resume is not None and self.resume != "latest" and not Path(self.resume).is_dir():
             raise ConfigError(
                 f"--resume {self.resume!r}: no such checkpoint folder. Use --resume latest to continue from the "

@@ -1,0 +1,129 @@
+"""Every TrainConfig option refuses a bad value with a message that names the option and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from dreambooth_helpers import Concept, ConfigError, TrainConfig
+from dreambooth_helpers.cli import main
+
+# field -> (a bad value, the option name the message must contain, what the message must say is allowed)
+BAD_VALUES = {
+    "output_dir": ("", "--output-dir", "give a folder"),
+    "model": ("", "--model", "Hub id"),
+    "preset": ("huge-gpu", "--preset", "t4, t4-lora, low-memory, large-gpu"),
+    "resolution": (4096, "--resolution", "from 16 to 2048"),
+    "crop": ("stretch", "--crop", "center, pad"),
+    "random_flip": ("false", "--random-flip", "true or false"),
+    "with_prior_preservation": ("yes", "--prior-preservation", "true or false"),
+    "num_class_images": (-5, "--num-class-images", "from 1 to 10000"),
+    "prior_loss_weight": (math.nan, "--prior-loss-weight", "from 0 to 100"),
+    "class_images_batch_size": (0, "--class-images-batch-size", "from 1 to 64"),
+    "class_images_steps": (1000, "--class-images-steps", "from 1 to 500"),
+    "max_train_steps": (0, "--max-train-steps", "from 1 to 1000000"),
+    "learning_rate": (1.0, "--learning-rate", "from 1e-09 to 0.1"),
+    "text_encoder_learning_rate": (-1e-6, "--text-encoder-learning-rate", "from 1e-09 to 0.1"),
+    "lr_scheduler": ("cosine_with_restarts", "--lr-scheduler", "constant, constant_with_warmup, linear, cosine"),
+    "lr_warmup_steps": (-1, "--lr-warmup-steps", "from 0 to 1000000"),
+    "train_batch_size": (0, "--train-batch-size", "from 1 to 64"),
+    "gradient_accumulation_steps": (1.5, "--gradient-accumulation-steps", "whole number from 1 to 256"),
+    "max_grad_norm": (-1.0, "--max-grad-norm", "from 0 to 1e+06"),
+    "adam_weight_decay": (2.0, "--adam-weight-decay", "from 0 to 1"),
+    "use_8bit_adam": (1, "--use-8bit-adam", "true or false"),
+    "seed": (-1, "--seed", "from 0 to 4294967295"),
+    "train_text_encoder": (None, "--train-text-encoder", "true or false"),
+    "stop_text_encoder_training_at": (0, "--stop-text-encoder-training-at", "from 1 to 1000000"),
+    "lora": ("true", "--lora", "true or false"),
+    "lora_rank": (0, "--lora-rank", "from 1 to 1024"),
+    "lora_alpha": (0, "--lora-alpha", "from 1 to 4096"),
+    "mixed_precision": ("fp8", "--mixed-precision", "fp16, bf16, no"),
+    "gradient_checkpointing": ("on", "--gradient-checkpointing", "true or false"),
+    "attention": ("flash", "--attention", "auto, sdpa, xformers"),
+    "cache_latents": (0, "--cache-latents", "true or false"),
+    "checkpoint_every": (0, "--checkpoint-every", "from 1 to 1000000"),
+    "checkpoints_total_limit": (0, "--checkpoints-total-limit", "from 1 to 1000"),
+    "resume": ("/no/such/checkpoint-000100", "--resume", "--resume latest"),
+    "sample_every": (0, "--sample-every", "from 1 to 1000000"),
+    "sample_prompts": (["a photo of sks dog", ""], "--sample-prompt", "non-empty prompts"),
+    "sample_steps": (0, "--sample-steps", "from 1 to 500"),
+    "sample_seed": (2**40, "sample_seed", "from 0 to 4294967295"),
+}
+# Concept fields, checked through a config holding one concept.
+BAD_CONCEPTS = {
+    "instance_dir": ("", "--instance-dir", "folder with your subject's photos"),
+    "instance_prompt": ("   ", "--instance-prompt", "rare token"),
+    "class_prompt": (None, "--class-prompt", "--no-prior-preservation"),
+    "class_dir": (42, "--class-dir", "must be text"),
+}
+
+
+def good_config(**overrides) -> TrainConfig:
+    return TrainConfig.from_preset("t4", concepts=[Concept("photos", "a photo of sks dog", "a photo of dog")],
+                                   output_dir="out", **overrides)
+
+
+def test_the_table_covers_every_option():
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"concepts"}
+    assert set(BAD_VALUES) == fields, "add a bad value for each new TrainConfig field"
+    assert set(BAD_CONCEPTS) == {f.name for f in dataclasses.fields(Concept)}
+
+
+def test_the_good_config_is_valid():
+    good_config().validate()
+
+
+@pytest.mark.parametrize("field", sorted(BAD_VALUES))
+def test_every_option_refuses_a_bad_value_naming_itself_and_the_allowed_range(field):
+    value, option, allowed = BAD_VALUES[field]
+    config = good_config()
+    if field == "stop_text_encoder_training_at":
+        config.train_text_encoder = True
+    setattr(config, field, value)  # as a notebook or a JSON file would set it, past from_preset's defaults
+    with pytest.raises(ConfigError) as caught:
+        config.validate()
+    message = str(caught.value)
+    assert option in message and allowed in message, message
+
+
+@pytest.mark.parametrize("field", sorted(BAD_CONCEPTS))
+def test_every_concept_field_refuses_a_bad_value(field):
+    value, option, allowed = BAD_CONCEPTS[field]
+    config = good_config()
+    setattr(config.concepts[0], field, value)
+    with pytest.raises(ConfigError) as caught:
+        config.validate()
+    assert option in str(caught.value) and allowed in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, True, "1e-6"])
+def test_numbers_refuse_inf_nan_booleans_and_text(value):
+    with pytest.raises(ConfigError, match="--learning-rate must be a number"):
+        good_config(learning_rate=value).validate()
+
+
+def test_combinations_that_cannot_work_are_refused():
+    with pytest.raises(ConfigError, match="--stop-text-encoder-training-at only makes sense with"):
+        good_config(train_text_encoder=False, stop_text_encoder_training_at=10).validate()
+    with pytest.raises(ConfigError, match="--num-class-images must be a whole number from 1"):
+        good_config(num_class_images=0).validate()
+    good_config(num_class_images=0, with_prior_preservation=False).validate()  # no class images needed then
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        good_config(resolution=500).validate()
+    with pytest.raises(ConfigError, match="No subject to train"):
+        TrainConfig().validate()
+    with pytest.raises(ConfigError, match=r"Unknown setting\(s\): learning_rat"):
+        TrainConfig.from_preset("t4", learning_rat=1e-6)
+
+
+def test_the_cli_reports_a_bad_value_in_one_paragraph_and_exit_code_2(tmp_path, capsys):
+    code = main(["train", "--instance-dir", str(tmp_path), "--instance-prompt", "a sks dog", "--class-prompt",
+                 "a dog", "--output-dir", str(tmp_path / "out"), "--learning-rate", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--learning-rate must be a number from 1e-09 to 0.1 (got 5.0)" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--output-dir", str(tmp_path), "--max-train-steps", "many"])
+    assert exited.value.code == 2 and "invalid int value: 'many'" in capsys.readouterr().err
