@@ -37,7 +37,7 @@ def paper_shaped_encoders(device=None):
         projection_dim=512,
     ))
     return Encoders(DinoImageEncoder(dino, name="ViT-S/16-shaped (random)", device=device),
-                    ClipEncoder(clip, tokenizer, name="CLIP ViT-B/32-shaped (random)", device=device), kind="tiny")
+                    ClipEncoder(clip, tokenizer, name="ViT-B/32-shaped (random)", device=device), kind="tiny")
 
 
 def main() -> None:
