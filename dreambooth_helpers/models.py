@@ -20,6 +20,9 @@ import torch
 from .errors import ModelLoadError
 
 TINY_MODEL = "tiny"
+# The toy-world model trained by scripts/train_toy_model.py and shipped in the package: small, but it draws.
+TOY_MODEL = "toy"
+TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
 SD15_RANDOM = "sd15-random"
 TINY_RESOLUTION = 64
 SD_RESOLUTION = 512
@@ -91,16 +94,29 @@ def build_tiny_tokenizer(model_max_length: int = 77):
     for symbol in bytes_ + [b + "</w>" for b in bytes_]:
         vocab.setdefault(symbol, len(vocab))
     merges: list[str] = []
+    rank: dict[tuple[str, str], int] = {}
     for word in TINY_WORDS:
-        # Build each word left to right: "d o" -> "do", "do g</w>" -> "dog</w>".
+        # Replay BPE on the word: apply the best-ranked existing merge, as the tokenizer will; where none
+        # applies, add one. Each word then ends as one token, and later words' merges (ranked after) cannot
+        # split it ("cat" must not become "c" + "at</w>" because "at" came first).
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            merge = f"{current} {piece}"
-            current = current + piece
-            if merge not in merges:
-                merges.append(merge)
-            vocab.setdefault(current, len(vocab))
+        while len(pieces) > 1:
+            pairs = list(zip(pieces, pieces[1:]))
+            known = [pair for pair in pairs if pair in rank]
+            pair = min(known, key=rank.__getitem__) if known else pairs[0]
+            if pair not in rank:
+                rank[pair] = len(merges)
+                merges.append(" ".join(pair))
+                vocab.setdefault("".join(pair), len(vocab))
+            merged, i = [], 0
+            while i < len(pieces):  # every occurrence, left to right, as BPE merges them
+                if tuple(pieces[i:i + 2]) == pair:
+                    merged.append("".join(pair))
+                    i += 2
+                else:
+                    merged.append(pieces[i])
+                    i += 1
+            pieces = merged
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
     # Files, passed by position, work with both the old (file-based) and new tokenizer constructors.
@@ -204,6 +220,13 @@ def load_components(model: str, *, seed: int = 0) -> SDComponents:
     """
     if model == TINY_MODEL:
         return build_tiny_components(seed)
+    if model == TOY_MODEL:
+        if not (TOY_MODEL_DIR / "unet").is_dir():
+            raise ModelLoadError(f"The toy model is missing from {TOY_MODEL_DIR}: reinstall the package, or "
+                                 "rebuild it with `python scripts/train_toy_model.py`.")
+        components = _load_diffusers_folder(str(TOY_MODEL_DIR), local=True)
+        components.source = TOY_MODEL
+        return components
     if model == SD15_RANDOM:
         return build_sd15_shaped_components(seed)
     path = Path(model).expanduser()
