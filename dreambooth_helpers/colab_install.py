@@ -74,17 +74,21 @@ class InstallPlan:
 
 def plan_install(source: str, constraints_file: str, *, extras: Sequence[str] = NOTEBOOK_EXTRAS,
                  xformers: bool = False, python: str = sys.executable) -> InstallPlan:
-    """The commands that install `source` (a folder, or "git+https://..." URL) with `extras`.
+    """The commands that install `source` (an existing folder, or a "git+https://..." URL) with `extras`.
 
     Every command is constrained by `constraints_file`, so torch stays as installed.
     """
-    if not source:
-        raise ValueError("source is empty: give the cloned repository folder or a git+https:// URL.")
-    pip = [python, "-m", "pip", "install", "--quiet", "--constraint", constraints_file]
-    requirement = f"{source}[{','.join(extras)}]" if extras else source
+    wanted = f"[{','.join(extras)}]" if extras else ""
     if source.startswith("git+"):
         # pip's syntax for extras on a URL: "NAME[extras] @ URL"
-        requirement = f"dreambooth-helpers[{','.join(extras)}] @ {source}" if extras else source
+        requirement = f"dreambooth-helpers{wanted} @ {source}" if extras else source
+    elif source and Path(source).is_dir():
+        # Absolute: pip reads a bare "dreambooth-helpers[...]" as a package name on PyPI, not a folder.
+        requirement = f"{Path(source).resolve()}{wanted}"
+    else:
+        raise ValueError(f"--source {source!r} is neither a folder nor a git+https:// URL: give the cloned "
+                         "repository folder (the setup cell clones it) or git+https://github.com/OWNER/REPO.")
+    pip = [python, "-m", "pip", "install", "--quiet", "--constraint", constraints_file]
     plan = InstallPlan(commands=[pip + [requirement]])
     if xformers:
         # Binary wheels only: an sdist would try to compile for an hour. The torch pin makes pip pick

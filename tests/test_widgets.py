@@ -632,10 +632,13 @@ def test_constraints_pin_the_installed_torch():
     assert "torch==2.8.0+cu126\n" in text and "torchvision==0.23.0+cu126\n" in text
 
 
-def test_install_plan_for_a_folder_and_a_url():
+def test_install_plan_for_a_folder_and_a_url(tmp_path, monkeypatch):
+    (tmp_path / "dreambooth-helpers").mkdir()
+    monkeypatch.chdir(tmp_path)
     plan = colab_install.plan_install("dreambooth-helpers", "/tmp/c.txt", python="py")
+    # An absolute path: a bare "dreambooth-helpers[...]" would make pip look on PyPI instead.
     assert plan.commands == [["py", "-m", "pip", "install", "--quiet", "--constraint", "/tmp/c.txt",
-                              "dreambooth-helpers[demo,notebook,gpu]"]]
+                              f"{tmp_path / 'dreambooth-helpers'}[demo,notebook,gpu]"]]
     assert not plan.optional
     url = colab_install.plan_install("git+https://github.com/OWNER/dreambooth-helpers", "c.txt", extras=["demo"],
                                      xformers=True, python="py")
@@ -644,19 +647,20 @@ def test_install_plan_for_a_folder_and_a_url():
     assert all("--constraint" in command for command in url.commands)
     assert not any(part == "torch" for command in url.commands for part in command)
     assert "(optional)" in url.describe() and "SDPA" in url.describe()
-    with pytest.raises(ValueError):
-        colab_install.plan_install("", "c.txt")
+    for wrong in ("", "no-such-folder"):
+        with pytest.raises(ValueError, match="neither a folder nor a git"):
+            colab_install.plan_install(wrong, "c.txt")
 
 
-def test_run_plan_outcomes():
-    plan = colab_install.plan_install("repo", "c.txt", xformers=True, python="py")
+def test_run_plan_outcomes(tmp_path):
+    plan = colab_install.plan_install(str(tmp_path), "c.txt", xformers=True, python="py")
 
     def run_ok_then_fail(command, **kwargs):
         failed = command[-1] == "xformers"
         return subprocess.CompletedProcess(command, 1 if failed else 0, "", "ResolutionImpossible" if failed else "")
 
     assert colab_install.run_plan(plan, run_ok_then_fail) == [
-        "installed: repo[demo,notebook,gpu]",
+        f"installed: {tmp_path}[demo,notebook,gpu]",
         "skipped: xformers (no build for this torch; PyTorch SDPA attention will be used)"]
 
     def run_fail(command, **kwargs):
@@ -668,7 +672,7 @@ def test_run_plan_outcomes():
 
 def test_installer_dry_run(capsys, monkeypatch):
     monkeypatch.delenv(colab_install.SMOKE_VARIABLE, raising=False)
-    assert colab_install.main(["--source", "repo", "--dry-run", "--xformers"]) == 0
+    assert colab_install.main(["--source", str(REPO), "--dry-run", "--xformers"]) == 0
     out = capsys.readouterr().out
     assert "Keeping the installed torch" in out and "Dry run" in out and "xformers" in out
 
@@ -679,6 +683,6 @@ def test_installer_runs_standalone_with_the_standard_library_only():
     imports = {line.split()[1].split(".")[0] for line in source.splitlines()
                if line.startswith(("import ", "from ")) and not line.startswith("from __future__")}
     assert imports <= set(sys.stdlib_module_names), imports
-    result = subprocess.run([sys.executable, colab_install.__file__, "--source", "x", "--dry-run"],
+    result = subprocess.run([sys.executable, colab_install.__file__, "--source", str(REPO), "--dry-run"],
                             capture_output=True, text=True, cwd="/")
     assert result.returncode == 0 and "Dry run" in result.stdout
