@@ -14,7 +14,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ATTENTION_BACKENDS, CROP_MODES, LR_SCHEDULERS, MIXED_PRECISIONS, PRESETS, Concept, TrainConfig
+from .config import (
+    ATTENTION_BACKENDS,
+    CROP_MODES,
+    LR_SCHEDULERS,
+    MEMORY_PLANS,
+    MIXED_PRECISIONS,
+    PRESETS,
+    Concept,
+    TrainConfig,
+)
 from .errors import ConfigError, DreamBoothError
 
 EXIT_USER_ERROR = 2
@@ -79,6 +88,16 @@ def _add_train(subparsers) -> None:
     mem.add_argument("--attention", choices=ATTENTION_BACKENDS, help="auto: xformers if it works, else SDPA.")
     mem.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=None,
                      help="Encode images once and move the VAE off the GPU (default on).")
+    mem.add_argument("--memory-plan", choices=MEMORY_PLANS,
+                     help="auto (default): the fastest settings that fit the GPU's free memory; smallest: least "
+                     "memory; as-set: --gradient-checkpointing/--step-in-backward as given (implied by either).")
+    mem.add_argument("--step-in-backward", action=argparse.BooleanOptionalAction, default=None,
+                     help="Apply the optimizer step per weight during backward: no full copy of the gradients "
+                     "(-3.7 GiB for SD 1.x). Needs bf16 or no mixed precision and --max-grad-norm 0.")
+    mem.add_argument("--cache-text-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                     help="With a frozen text encoder, encode each prompt once and move it off the GPU (default on).")
+    mem.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="Channels-last (NHWC) layout for the UNet (default off).")
     out = p.add_argument_group("checkpoints and samples")
     out.add_argument("--checkpoint-every", type=int, help="Save a resumable checkpoint every N steps.")
     out.add_argument("--checkpoints-total-limit", type=int, help="Keep only the newest K checkpoints (default 2).")
@@ -102,7 +121,10 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "seed", "use_8bit_adam",
         "train_text_encoder", "stop_text_encoder_training_at", "lora", "lora_rank", "mixed_precision",
         "gradient_checkpointing", "attention", "cache_latents", "checkpoint_every", "checkpoints_total_limit",
-        "resume", "sample_every", "sample_prompts")}
+        "resume", "sample_every", "sample_prompts", "memory_plan", "step_in_backward", "cache_text_embeddings",
+        "channels_last")}
+    if overrides["memory_plan"] is None and (args.gradient_checkpointing is not None or args.step_in_backward):
+        overrides["memory_plan"] = "as-set"  # an explicit choice is kept, not re-planned
     return TrainConfig.from_preset(args.preset, concepts=concepts, **overrides).validate()
 
 

@@ -19,6 +19,7 @@ MIXED_PRECISIONS = ("fp16", "bf16", "no")
 ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 CROP_MODES = ("center", "pad")
+MEMORY_PLANS = ("auto", "as-set", "smallest")
 TINY_MODEL = "tiny"
 
 
@@ -83,6 +84,12 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     attention: str = "auto"  # "auto": xformers when installed and working, else PyTorch SDPA
     cache_latents: bool = True  # encode every image once with the VAE, then move the VAE off the GPU
+    # "auto": on a GPU, the memory planner picks the fastest checkpointing/step-in-backward that fits the
+    # free memory; "smallest": the least memory; "as-set": gradient_checkpointing/step_in_backward as given.
+    memory_plan: str = "auto"
+    step_in_backward: bool = False  # optimizer step per parameter during backward: no full gradient copy
+    cache_text_embeddings: bool = True  # a frozen text encoder encodes each prompt once, then leaves the GPU
+    channels_last: bool = False  # UNet convolutions in NHWC layout (tensor-core friendly on some GPUs)
 
     # Checkpoints and samples.
     checkpoint_every: int | None = None
@@ -170,13 +177,16 @@ class TrainConfig:
         for name, value in (("--random-flip", self.random_flip), ("--prior-preservation", self.with_prior_preservation),
                             ("--use-8bit-adam", self.use_8bit_adam), ("--train-text-encoder", self.train_text_encoder),
                             ("--lora", self.lora), ("--gradient-checkpointing", self.gradient_checkpointing),
-                            ("--cache-latents", self.cache_latents)):
+                            ("--cache-latents", self.cache_latents), ("--step-in-backward", self.step_in_backward),
+                            ("--cache-text-embeddings", self.cache_text_embeddings),
+                            ("--channels-last", self.channels_last)):
             if not isinstance(value, bool):  # "false" from a JSON file or a form would read as true
                 raise ConfigError(f"{name} must be true or false (got {value!r}).")
         _choice("--mixed-precision", self.mixed_precision, MIXED_PRECISIONS)
         _choice("--attention", self.attention, ATTENTION_BACKENDS)
         _choice("--lr-scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("--crop", self.crop, CROP_MODES)
+        _choice("--memory-plan", self.memory_plan, MEMORY_PLANS)
         if self.resolution is not None:
             _int_range("--resolution", self.resolution, 16, 2048)
         if self.resolution is not None and self.resolution % 8:
@@ -194,6 +204,13 @@ class TrainConfig:
         _int_range("--lr-warmup-steps", self.lr_warmup_steps, 0, 1_000_000)
         _int_range("--train-batch-size", self.train_batch_size, 1, 64)
         _int_range("--gradient-accumulation-steps", self.gradient_accumulation_steps, 1, 256)
+        if self.step_in_backward:
+            from .memory import step_in_backward_allowed
+
+            why_not = step_in_backward_allowed(self, self.mixed_precision)
+            if why_not:
+                raise ConfigError(f"--step-in-backward cannot be used here: {why_not}. Use --mixed-precision bf16 "
+                                  "(or no), --max-grad-norm 0 and --gradient-accumulation-steps 1, or drop it.")
         _float_range("--max-grad-norm", self.max_grad_norm, 0.0, 1e6)
         _float_range("--adam-weight-decay", self.adam_weight_decay, 0.0, 1.0)
         _int_range("--seed", self.seed, 0, 2**32 - 1)
@@ -249,7 +266,7 @@ def _float_range(name: str, value: Any, low: float, high: float) -> None:
 PRESETS: dict[str, dict[str, Any]] = {
     "t4": {
         "description": "Free Colab T4 (15 GiB): full UNet + text encoder, prior preservation, 8-bit AdamW, "
-        "gradient checkpointing, fp16, 512 px.",
+        "fp16, 512 px; gradient checkpointing only if the free GPU memory needs it.",
         "settings": {},
     },
     "t4-lora": {
@@ -259,7 +276,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "low-memory": {
         "description": "8 GB cards: full UNet + text encoder with every memory saving on.",
         "settings": {"gradient_checkpointing": True, "use_8bit_adam": True, "cache_latents": True,
-                     "class_images_batch_size": 1},
+                     "class_images_batch_size": 1, "memory_plan": "smallest"},
     },
     "large-gpu": {
         "description": "24 GB+ (A100, L4, 3090/4090): no gradient checkpointing, bf16 where supported, batch 2.",

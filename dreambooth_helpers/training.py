@@ -13,6 +13,7 @@ Every random draw of step k (which images, flips, noise, timesteps) comes from a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import platform
 import time
@@ -28,8 +29,10 @@ from . import checkpoints as ckpt
 from .config import TrainConfig
 from .data import images_to_tensor, load_instance_images, prepare_image, read_images
 from .errors import ConfigError, TrainingError
+from .memory import plan_memory, planning_size
 from .models import SDComponents, load_components, make_pipeline
 from .prior import default_class_dir, ensure_class_images
+from .speedups import StepInBackward, TextEmbeddingCache, live_text_embeddings, use_channels_last
 
 LORA_TARGETS_UNET = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_TARGETS_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -57,6 +60,8 @@ class Runtime:
     use_8bit_adam: bool
     use_xformers: bool
     notices: list[str]
+    gradient_checkpointing: bool = True  # chosen by the memory planner on a GPU (memory.plan_memory)
+    step_in_backward: bool = False
 
 
 def resolve_runtime(config: TrainConfig, cuda_available: bool | None = None) -> Runtime:
@@ -89,7 +94,12 @@ def resolve_runtime(config: TrainConfig, cuda_available: bool | None = None) -> 
             xformers = _xformers_works()
             if config.attention == "xformers" and not xformers:
                 notices.append("xformers is not installed or not built for this torch: using PyTorch SDPA attention.")
-    return Runtime("cuda" if cuda else "cpu", precision, adam8, xformers, notices)
+    checkpointing, in_backward = config.gradient_checkpointing, config.step_in_backward
+    if cuda:  # refuse here, before the model loads, when nothing fits
+        plan = plan_memory(config, precision=precision, use_8bit_adam=adam8, size=planning_size(config.model))
+        checkpointing, in_backward = plan.settings.gradient_checkpointing, plan.settings.step_in_backward
+        notices.append(plan.reason)
+    return Runtime("cuda" if cuda else "cpu", precision, adam8, xformers, notices, checkpointing, in_backward)
 
 
 def _xformers_works() -> bool:
@@ -235,7 +245,9 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
     else:
         unet.requires_grad_(True).to(device, torch.float32)
         text_encoder.requires_grad_(train_text).to(device, torch.float32 if train_text else weight_dtype)
-    if config.gradient_checkpointing:
+    if config.channels_last:
+        use_channels_last(unet)
+    if runtime.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_text:
             # transformers 5 renamed the method; keep working with 4.x too.
@@ -270,6 +282,11 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
     if config.with_prior_preservation and not classes:
         raise TrainingError("Prior preservation is on but no class image could be made or read; "
                             "check --class-dir, or pass --no-prior-preservation.")
+    frozen_text = TextEmbeddingCache() if config.cache_text_embeddings else live_text_embeddings
+    if config.cache_text_embeddings and not train_text and runtime.device == "cuda":
+        with accelerator.autocast():  # as in the loop, so cached and live embeddings are the same
+            frozen_text.fill(text_encoder, [e.input_ids for e in instances + classes], device)
+        text_encoder.to("cpu")  # only needed again for samples
     if config.cache_latents and runtime.device == "cuda":
         vae.to("cpu")  # the VAE is only needed again for samples; its memory goes to training
         torch.cuda.empty_cache()
@@ -321,8 +338,8 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                           generator=generator, device=device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                with contextlib.nullcontext() if text_training else torch.no_grad():
-                    hidden = text_encoder(batch["input_ids"].to(device))[0]
+                hidden = text_encoder(batch["input_ids"].to(device))[0] if text_training \
+                    else frozen_text(text_encoder, batch["input_ids"], device)
                 prediction = unet(noisy, timesteps, hidden).sample
                 target = noise if noise_scheduler.config.prediction_type == "epsilon" \
                     else noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -383,11 +400,15 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
 
 
 def _make_optimizer(groups, config: TrainConfig, runtime: Runtime):
+    if runtime.step_in_backward:  # one optimizer per parameter, stepped by its gradient's hook
+        per_parameter = dataclasses.replace(runtime, step_in_backward=False)
+        return StepInBackward(groups, lambda group: _make_optimizer(group, config, per_parameter))
     if runtime.use_8bit_adam:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, weight_decay=config.adam_weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay, foreach=runtime.device == "cuda")
+    # Fused: one kernel for all parameters, no temporary copies; GradScaler hands it the scale to unscale.
+    return torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay, fused=runtime.device == "cuda")
 
 
 def _assemble(instances, classes, position: int, config: TrainConfig, generator) -> dict[str, Any]:
@@ -426,7 +447,9 @@ def _save_samples(components: SDComponents, accelerator, unet, text_encoder, con
     prompts = config.sample_prompts or [c.instance_prompt for c in config.concepts]
     device = accelerator.device
     vae_device = next(components.vae.parameters()).device
+    text_device = next(components.text_encoder.parameters()).device  # on the CPU when its embeddings are cached
     components.vae.to(device)
+    components.text_encoder.to(device)
     pipe = make_pipeline(components, unet=accelerator.unwrap_model(unet),
                          text_encoder=accelerator.unwrap_model(text_encoder))
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(components.scheduler.config)
@@ -443,6 +466,7 @@ def _save_samples(components: SDComponents, accelerator, unet, text_encoder, con
             image.save(path)
             paths.append(path)
     components.vae.to(vae_device)
+    components.text_encoder.to(text_device)
     return paths
 
 

@@ -1,0 +1,313 @@
+"""The memory planner: pick the fastest settings that fit the GPU, or refuse before the model loads.
+
+A DreamBooth step's peak GPU memory is, to a good approximation, a sum of terms we can count:
+
+    static      = trainable weights (fp32) + frozen weights on the GPU (fp16/bf16) + optimizer states
+    peak        = static + max(activations,  gradients + tail)
+
+`activations` is what the forward pass keeps for the backward pass; it is largest when the backward
+pass starts. Gradients appear as the backward pass frees activations, so the two mostly do not
+coexist, except for a `tail`: the full-resolution input blocks of the UNet run last in the backward
+pass and still hold their activations when nearly all gradients exist. Applying the optimizer step
+inside the backward pass (`step_in_backward`) replaces `gradients` by the largest single gradient.
+
+Weights, gradients and optimizer states are exact byte counts from parameter counts. Activations and
+the tail are per-image constants at 512 px, fitted to the anchor runs in ../shared/README.md (the
+diffusers scripts on an SD 1.5-shaped model); they must be re-fitted on `benchmarks/train_memory_speed.py`
+measurements of this project's own loop, which aim to be within 15% of measured peaks. docs/memory.md
+explains each constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .config import TrainConfig
+from .errors import ConfigError
+
+GIB = 2**30
+
+# Activation memory per training image at 512 px (64x64 latents), fp16 autocast, SDPA attention, SD 1.x
+# UNet, keyed by (UNet weights trainable, gradient checkpointing). Frozen UNet (LoRA): the anchors' LoRA
+# peaks minus 2.0 GiB of fp16 weights, over 2 images (4.28 -> 1.14, 3.73 -> 0.865). A trainable UNet also
+# keeps every conv/linear input for its weight gradient; the anchors cannot separate that term (their
+# peak is at the end of the backward pass), so it is set 1.3x the frozen figure until measured.
+ACTIVATION_GIB_PER_IMAGE = {
+    (False, False): 1.14,
+    (False, True): 0.865,
+    (True, False): 1.50,
+    (True, True): 1.12,
+}
+# Activations still held when the last UNet gradient is written, per image at 512 px: the full
+# fine-tune anchors' peak minus weights, 8-bit Adam states and gradients (9.33 -> 0.94 and 8.90 -> 0.51
+# GiB over 2 images), keyed by gradient checkpointing.
+TAIL_GIB_PER_IMAGE = {False: 0.47, True: 0.255}
+# Text encoder activations per image when it trains (77 tokens, 12 layers): small next to the UNet's.
+TEXT_ACTIVATION_GIB_PER_IMAGE = 0.02
+# The caching allocator reserves more than it hands out (fragmentation): the anchors' reserved/allocated
+# ratio is 1.02-1.24, highest without checkpointing.
+RESERVED_PER_ALLOCATED = 1.15
+# Kept free on top of the reserved estimate: cuBLAS/cuDNN workspaces and autotuning, kernels loaded late.
+WORKSPACE_GIB = 0.3
+# Optimizer state bytes per trainable parameter. bitsandbytes keeps two 8-bit moments for tensors of
+# 4096+ elements, 32-bit moments for smaller ones (most LoRA matrices); AdamW keeps two fp32 moments.
+ADAM8_STATE_BYTES, ADAM8_SMALL_TENSOR = 2, 4096
+ADAM_STATE_BYTES = 8
+SD_RESOLUTION = 512
+SD15_BLOCK_CHANNELS = (320, 640, 1280, 1280)
+LORA_TARGETS_UNET = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_TARGETS_TEXT = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What the estimator needs to know about a model: parameter counts and the UNet's width."""
+
+    unet: int
+    text_encoder: int
+    vae: int
+    unet_lora_per_rank: int  # LoRA parameters per unit of rank: sum of in+out features of the target layers
+    text_lora_per_rank: int
+    largest_tensor: int  # elements of the largest trainable tensor (the gradient step_in_backward keeps)
+    activation_scale: float = 1.0  # activations relative to SD 1.x's UNet at the same latent size
+    native_resolution: int = SD_RESOLUTION
+
+
+# Stable Diffusion 1.x (1.4, 1.5 and their fine-tunes share these shapes). Counted from
+# models.build_sd15_shaped_components; tests/test_memory.py checks them against the model on the meta device.
+SD1_SIZE = ModelSize(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, unet_lora_per_rank=199_296,
+                     text_lora_per_rank=73_728, largest_tensor=37_945_344)
+
+
+def model_size(components) -> ModelSize:
+    """Count a loaded (or meta-device) model's parameters, so any SD 1.x-like model can be planned."""
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    def lora_per_rank(module, targets):
+        return sum(m.in_features + m.out_features for name, m in module.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.endswith(targets))
+
+    channels = tuple(components.unet.config.block_out_channels)
+    layers = components.unet.config.layers_per_block
+    # Activations grow with the channels at each level and the layers per level (SD 1.x: 2).
+    scale = sum(channels) / sum(SD15_BLOCK_CHANNELS) * layers / 2
+    largest = max(p.numel() for m in (components.unet, components.text_encoder) for p in m.parameters())
+    return ModelSize(count(components.unet), count(components.text_encoder), count(components.vae),
+                     lora_per_rank(components.unet, LORA_TARGETS_UNET),
+                     lora_per_rank(components.text_encoder, LORA_TARGETS_TEXT), largest, scale,
+                     getattr(components, "native_resolution", SD_RESOLUTION))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak GPU memory of one training step, in bytes, by where it goes."""
+
+    weights: int
+    optimizer_states: int
+    gradients: int
+    activations: int
+    tail: int
+    peak_allocated: int
+    peak_reserved: int  # what the caching allocator will hold: what must fit in the free memory
+
+    def gib(self) -> dict[str, float]:
+        return {name: round(value / GIB, 3) for name, value in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The levers the planner turns, fastest first in `candidate_settings`."""
+
+    gradient_checkpointing: bool
+    step_in_backward: bool
+
+    def describe(self) -> str:
+        checkpointing = "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"
+        return checkpointing + (", optimizer step inside backward" if self.step_in_backward else "")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    settings: MemorySettings
+    estimate: MemoryEstimate
+    free_bytes: int
+    reason: str  # one line for the user: what was chosen and why
+
+
+def estimate_memory(config: TrainConfig, settings: MemorySettings, *, precision: str | None = None,
+                    use_8bit_adam: bool | None = None, size: ModelSize = SD1_SIZE,
+                    resolution: int | None = None) -> MemoryEstimate:
+    """Peak GPU memory of a training step of `config` with `settings` (see the module docstring)."""
+    precision = precision or config.mixed_precision
+    adam8 = config.use_8bit_adam if use_8bit_adam is None else use_8bit_adam
+    resolution = resolution or config.resolution or size.native_resolution
+    half = precision in ("fp16", "bf16")
+    frozen_bytes = 2 if half else 4
+    text_trains = config.train_text_encoder
+
+    if config.lora:
+        unet_trainable = config.lora_rank * size.unet_lora_per_rank
+        text_trainable = config.lora_rank * size.text_lora_per_rank if text_trains else 0
+        largest = config.lora_rank * max(SD15_BLOCK_CHANNELS)
+    else:
+        unet_trainable = size.unet
+        text_trainable = size.text_encoder if text_trains else 0
+        largest = size.largest_tensor
+    trainable = unet_trainable + text_trainable
+    # Frozen weights on the GPU, in half precision: the base UNet under LoRA; the text encoder under text
+    # LoRA, or frozen unless its prompts' embeddings are cached (then it leaves the GPU); the VAE unless the
+    # latents are cached.
+    frozen = size.unet if config.lora else 0
+    if (config.lora and text_trains) or (not text_trains and not config.cache_text_embeddings):
+        frozen += size.text_encoder
+    if not config.cache_latents:
+        frozen += size.vae
+    weights = 4 * trainable + frozen_bytes * frozen
+    # LoRA matrices (rank x 320..1280) are mostly under bitsandbytes' 8-bit size threshold: count 32-bit.
+    eight_bit = adam8 and (not config.lora or config.lora_rank * min(SD15_BLOCK_CHANNELS) >= ADAM8_SMALL_TENSOR)
+    states = (ADAM8_STATE_BYTES if eight_bit else ADAM_STATE_BYTES) * trainable
+    gradients = 4 * (largest if settings.step_in_backward else trainable)
+
+    images = config.train_batch_size * (2 if config.with_prior_preservation else 1)
+    per_image = images * (resolution / SD_RESOLUTION) ** 2 * size.activation_scale * (1 if half else 2) * GIB
+    activations = ACTIVATION_GIB_PER_IMAGE[(not config.lora, settings.gradient_checkpointing)] * per_image
+    if text_trains:
+        activations += TEXT_ACTIVATION_GIB_PER_IMAGE * images * GIB
+    tail = TAIL_GIB_PER_IMAGE[settings.gradient_checkpointing] * per_image
+    peak = weights + states + max(activations, gradients + tail)
+    reserved = peak * RESERVED_PER_ALLOCATED + WORKSPACE_GIB * GIB
+    return MemoryEstimate(int(weights), int(states), int(gradients), int(activations), int(tail), int(peak),
+                          int(reserved))
+
+
+def step_in_backward_allowed(config: TrainConfig, precision: str) -> str | None:
+    """None when the optimizer step may run inside the backward pass; else the reason it may not."""
+    if precision == "fp16":
+        return ("fp16 loss scaling decides to skip a step only once every gradient is known, but by then "
+                "earlier parameters would already be updated")
+    if config.max_grad_norm > 0:
+        return "gradient clipping needs the norm of all gradients before any parameter changes"
+    if config.gradient_accumulation_steps > 1:
+        return "gradient accumulation needs the gradients of several backward passes"
+    return None
+
+
+def candidate_settings(config: TrainConfig, precision: str) -> list[MemorySettings]:
+    """The settings `config.memory_plan` allows, fastest first.
+
+    Checkpointing recomputes the forward pass (~1.8x step time on the anchors), so it comes last;
+    the step inside backward costs about nothing in time, so it is tried before checkpointing.
+    """
+    if config.memory_plan == "as-set":
+        return [MemorySettings(config.gradient_checkpointing, config.step_in_backward)]
+    in_backward = [False, True] if step_in_backward_allowed(config, precision) is None else [False]
+    ordered = [MemorySettings(ckpt, sib) for ckpt in (False, True) for sib in in_backward]
+    return ordered[-1:] if config.memory_plan == "smallest" else ordered
+
+
+def planning_size(model: str) -> ModelSize:
+    """Sizes to plan with before the model loads: the tiny test model's own, else SD 1.x's."""
+    from .models import TINY_MODEL, build_tiny_components
+
+    return model_size(build_tiny_components()) if model == TINY_MODEL else SD1_SIZE
+
+
+def cuda_free_bytes() -> int:
+    free, _total = torch.cuda.mem_get_info()
+    return int(free)
+
+
+def plan_memory(config: TrainConfig, *, precision: str | None = None, use_8bit_adam: bool | None = None,
+                free_bytes: int | None = None, size: ModelSize = SD1_SIZE) -> MemoryPlan:
+    """The fastest candidate settings whose estimated reserved peak fits in `free_bytes` (default: the GPU's).
+
+    Raises ConfigError naming the setting to change when none fits.
+    """
+    precision = precision or config.mixed_precision
+    free = cuda_free_bytes() if free_bytes is None else free_bytes
+    candidates = candidate_settings(config, precision)
+    estimates = [estimate_memory(config, s, precision=precision, use_8bit_adam=use_8bit_adam, size=size)
+                 for s in candidates]
+    for settings, estimate in zip(candidates, estimates):
+        if estimate.peak_reserved <= free:
+            faster = candidates.index(settings) > 0
+            why = (f"the faster {candidates[0].describe()} needs ~{estimates[0].peak_reserved / GIB:.1f} GiB"
+                   if faster else "the fastest setting")
+            reason = (f"Memory plan: {settings.describe()} (~{estimate.peak_allocated / GIB:.1f} GiB peak, "
+                      f"{free / GIB:.1f} GiB free; {why}).")
+            return MemoryPlan(settings, estimate, free, reason)
+    smallest = estimates[-1]
+    raise ConfigError(f"This run needs ~{smallest.peak_reserved / GIB:.1f} GiB of GPU memory even with "
+                      f"{candidates[-1].describe()}, and {free / GIB:.1f} GiB is free. "
+                      + _what_to_change(config, precision, use_8bit_adam, free, size))
+
+
+# Changes that shrink a run, least costly to the result first: (option to name, config changes).
+_MEMORY_SAVINGS = (
+    ("--cache-latents", {"cache_latents": True}),
+    ("--use-8bit-adam", {"use_8bit_adam": True}),
+    ("--no-train-text-encoder", {"train_text_encoder": False, "stop_text_encoder_training_at": None}),
+    ("--lora", {"lora": True}),
+    ("--train-batch-size 1", {"train_batch_size": 1}),
+    ("--resolution 384", {"resolution": 384}),
+    ("--no-prior-preservation", {"with_prior_preservation": False}),
+)
+
+
+def _what_to_change(config: TrainConfig, precision: str, use_8bit_adam: bool | None, budget: int,
+                    size: ModelSize) -> str:
+    """Advice: the first single change (from _MEMORY_SAVINGS) that makes the run fit, else the fewest in order."""
+    def fits(candidate: TrainConfig) -> bool:
+        adam8 = True if candidate.use_8bit_adam and not config.use_8bit_adam else use_8bit_adam
+        smallest = candidate_settings(candidate, precision)[-1]
+        return estimate_memory(candidate, smallest, precision=precision, use_8bit_adam=adam8,
+                               size=size).peak_reserved <= budget
+
+    resolution = config.resolution or size.native_resolution
+    useful = [(option, changes) for option, changes in _MEMORY_SAVINGS
+              if any(getattr(config, k) != v for k, v in changes.items())
+              and not (option.startswith("--resolution") and resolution <= changes["resolution"])]
+    for option, changes in useful:
+        if fits(replace(config, **changes)):
+            return f"Change this setting: {option}; or use a GPU with more memory."
+    def with_all(chosen):
+        return replace(config, **{k: v for option, changes in chosen for k, v in changes.items()})
+
+    for count in range(2, len(useful) + 1):
+        if fits(with_all(useful[:count])):
+            # Keep only the changes still needed: drop each one the others can do without.
+            needed = useful[:count]
+            for item in useful[:count]:
+                if fits(with_all([n for n in needed if n != item])):
+                    needed = [n for n in needed if n != item]
+            return f"Change these settings: {' '.join(o for o, _ in needed)}; or use a GPU with more memory."
+    return "Even every memory saving together does not fit: use a GPU with more memory."
+
+
+def oom_advice(config: TrainConfig, *, settings: MemorySettings | None = None, precision: str | None = None,
+               use_8bit_adam: bool | None = None, total_bytes: int | None = None, size: ModelSize = SD1_SIZE) -> str:
+    """What to tell the user after a CUDA out-of-memory error: the estimate, and the setting to change.
+
+    `settings` are the ones the run used (default: the config's); `total_bytes` is the GPU's memory
+    (default: the device's), since at the moment of the error almost nothing is free.
+    """
+    precision = precision or config.mixed_precision
+    settings = settings or MemorySettings(config.gradient_checkpointing, config.step_in_backward)
+    if total_bytes is None:
+        total_bytes = torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else 0
+    used = estimate_memory(config, settings, precision=precision, use_8bit_adam=use_8bit_adam, size=size)
+    head = (f"The GPU ran out of memory: this run needs ~{used.peak_allocated / GIB:.1f} GiB by our estimate, "
+            f"the GPU has {total_bytes / GIB:.1f} GiB, and other programs on it (another notebook) use some. ")
+    for smaller in candidate_settings(config.replace(memory_plan="auto"), precision):
+        estimate = estimate_memory(config, smaller, precision=precision, use_8bit_adam=use_8bit_adam, size=size)
+        if estimate.peak_allocated < used.peak_allocated and estimate.peak_reserved <= total_bytes:
+            if config.memory_plan == "auto":
+                return head + "Change this setting: --memory-plan smallest."
+            flags = ["--gradient-checkpointing"] * smaller.gradient_checkpointing \
+                + ["--step-in-backward"] * smaller.step_in_backward
+            return head + f"Change this setting: {' '.join(flags)} --memory-plan as-set."
+    return head + _what_to_change(config.replace(memory_plan="smallest"), precision, use_8bit_adam,
+                                  int(total_bytes), size)

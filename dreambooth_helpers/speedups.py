@@ -1,0 +1,116 @@
+"""Training-step optimisations that keep the update the same: each has an equivalence test in tests/test_speedups.py.
+
+- `StepInBackward`: the optimizer steps each parameter as soon as its gradient is complete, inside the
+  backward pass, and frees that gradient; the full set of gradients (3.7 GiB for SD 1.x's UNet and text
+  encoder in fp32) never exists. Not usable with fp16 loss scaling, gradient clipping or accumulation:
+  each needs every gradient before any parameter may change (see memory.step_in_backward_allowed).
+- `TextEmbeddingCache`: a frozen text encoder gives the same output for the same prompt every step, and
+  a run has only a few prompts (instance and class prompt per subject), so each is encoded once.
+- `use_channels_last`: the UNet's convolution weights in NHWC layout, which tensor cores prefer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+class StepInBackward(torch.optim.Optimizer):
+    """An optimizer made of one inner optimizer per parameter, each stepped by that parameter's gradient hook.
+
+    To the training loop, the learning-rate scheduler and checkpoints it looks like one optimizer: the
+    scheduler sets `lr` on `param_groups` here and each inner step reads it; `step()` and `zero_grad()`
+    have nothing left to do, since every gradient was applied and freed during backward.
+    """
+
+    def __init__(self, param_groups: list[dict], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer]):
+        super().__init__(param_groups, defaults={})
+        self._inner: list[tuple[torch.optim.Optimizer, dict]] = []
+        self.nonfinite_in_backward = 0  # parameters left unchanged in the current step: NaN/inf gradient
+        self.last_step_nonfinite = 0  # the same, for the step that step() closed
+        self._hooks = []
+        for group in self.param_groups:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            for param in group["params"]:
+                self._inner.append((make_optimizer([{**settings, "params": [param]}]), group))
+                self._hooks.append(param.register_post_accumulate_grad_hook(self._hook(len(self._inner) - 1)))
+
+    def _hook(self, index: int):
+        inner, group = self._inner[index]
+
+        def step_this_parameter(param: torch.Tensor) -> None:
+            # Without a loss scaler nothing else keeps a NaN/inf gradient out of the weights. The check waits
+            # for the GPU once per parameter; the benchmark measures what that costs.
+            if bool(torch.isfinite(param.grad).all()):
+                inner.param_groups[0]["lr"] = group["lr"]  # follow the scheduler
+                inner.step()
+            else:
+                self.nonfinite_in_backward += 1
+            param.grad = None  # the memory this whole class exists to save
+
+        return step_this_parameter
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Every update happened in backward; close the step's count of skipped parameters."""
+        self.last_step_nonfinite, self.nonfinite_in_backward = self.nonfinite_in_backward, 0
+        return None if closure is None else closure()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:  # gradients left by a backward pass that bypassed the hooks
+            for param in group["params"]:
+                param.grad = None
+
+    def state_dict(self) -> dict:
+        return {"inner": [inner.state_dict() for inner, _ in self._inner],
+                "lr": [group["lr"] for group in self.param_groups]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for (inner, _), saved in zip(self._inner, state_dict["inner"], strict=True):
+            inner.load_state_dict(saved)
+        for group, lr in zip(self.param_groups, state_dict["lr"], strict=True):
+            group["lr"] = lr
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+
+class TextEmbeddingCache:
+    """Hidden states of each distinct prompt from a frozen text encoder, computed on first use.
+
+    Valid only while the text encoder does not change: the loop uses it when the text encoder is not
+    training (never trained, or after --stop-text-encoder-training-at, after which it never trains again).
+    """
+
+    def __init__(self) -> None:
+        self._by_ids: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __call__(self, text_encoder, input_ids: torch.Tensor, device) -> torch.Tensor:
+        distinct = {tuple(ids.tolist()): ids for ids in input_ids}
+        missing = [(key, ids) for key, ids in distinct.items() if key not in self._by_ids]
+        if missing:
+            with torch.no_grad():
+                hidden = text_encoder(torch.stack([ids for _, ids in missing]).to(device))[0]
+            self._by_ids.update({key: row for (key, _), row in zip(missing, hidden)})
+        return torch.stack([self._by_ids[tuple(ids.tolist())] for ids in input_ids])
+
+    def fill(self, text_encoder, all_input_ids: Iterable[torch.Tensor], device) -> None:
+        """Encode every prompt now, so the text encoder can leave the GPU."""
+        self(text_encoder, torch.stack(list(all_input_ids)), device)
+
+    def __len__(self) -> int:
+        return len(self._by_ids)
+
+
+def live_text_embeddings(text_encoder, input_ids: torch.Tensor, device) -> torch.Tensor:
+    """The uncached path: encode the batch's prompts now, without gradients."""
+    with torch.no_grad():
+        return text_encoder(input_ids.to(device))[0]
+
+
+def use_channels_last(unet: torch.nn.Module) -> torch.nn.Module:
+    """Store 4-D weights in NHWC; convolutions then return NHWC activations and pick NHWC kernels."""
+    return unet.to(memory_format=torch.channels_last)

@@ -1,0 +1,130 @@
+"""Each step optimisation gives the same update as the plain step, on the tiny model, within fp tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth_helpers import ConfigError
+from dreambooth_helpers.models import build_tiny_components
+from dreambooth_helpers.speedups import StepInBackward, TextEmbeddingCache, live_text_embeddings, use_channels_last
+from dreambooth_helpers.training import train
+
+
+def _batch(components, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 16, 16, generator=generator)
+    ids = components.tokenizer(["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=77,
+                               return_tensors="pt").input_ids
+    return latents, torch.tensor([10, 500]), ids
+
+
+def _loss(components, latents, timesteps, ids):
+    hidden = components.text_encoder(ids)[0]
+    return components.unet(latents, timesteps, hidden).sample.pow(2).mean()
+
+
+def _trainable(components):
+    return [p for m in (components.unet, components.text_encoder) for p in m.parameters()]
+
+
+def test_step_in_backward_gives_the_plain_adamw_update_and_keeps_no_gradients():
+    plain, fused = build_tiny_components(), build_tiny_components()
+    groups = lambda c: [{"params": list(c.unet.parameters()), "lr": 1e-3},  # noqa: E731
+                        {"params": list(c.text_encoder.parameters()), "lr": 5e-4}]
+    reference = torch.optim.AdamW(groups(plain), weight_decay=1e-2)
+    in_backward = StepInBackward(groups(fused), lambda g: torch.optim.AdamW(g, weight_decay=1e-2))
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0 / (1 + step)) for o in (reference, in_backward)]
+    for step in range(3):
+        batch = _batch(plain, seed=step)
+        _loss(plain, *batch).backward()
+        reference.step()
+        reference.zero_grad(set_to_none=True)
+        _loss(fused, *batch).backward()
+        assert all(p.grad is None for p in _trainable(fused))  # applied and freed during backward
+        in_backward.step()
+        for schedule in schedules:
+            schedule.step()
+    for a, b in zip(_trainable(plain), _trainable(fused), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert max((a - b).abs().max() for a, b in zip(_trainable(plain), _trainable(build_tiny_components()))) > 1e-4
+
+    # Its state round-trips, as a checkpoint needs.
+    restored = StepInBackward(groups(build_tiny_components()), lambda g: torch.optim.AdamW(g, weight_decay=1e-2))
+    restored.load_state_dict(in_backward.state_dict())
+    assert restored.param_groups[0]["lr"] == in_backward.param_groups[0]["lr"]
+    assert torch.equal(restored._inner[0][0].state_dict()["state"][0]["exp_avg"],
+                       in_backward._inner[0][0].state_dict()["state"][0]["exp_avg"])
+
+
+def test_step_in_backward_leaves_a_parameter_with_a_nonfinite_gradient_unchanged():
+    weights = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))]
+    optimizer = StepInBackward([{"params": weights, "lr": 0.1}], lambda g: torch.optim.AdamW(g))
+    (weights[0].sum() + weights[1].sum() * torch.tensor(float("inf"))).backward()
+    optimizer.step()
+    assert torch.equal(weights[1].detach(), torch.ones(3)) and (weights[0] < 1).all()
+    assert optimizer.last_step_nonfinite == 1
+
+
+def test_step_in_backward_is_refused_where_it_would_change_the_update(make_config):
+    with pytest.raises(ConfigError, match="--step-in-backward cannot be used here: fp16 loss scaling"):
+        make_config(step_in_backward=True, mixed_precision="fp16", max_grad_norm=0.0).validate()
+    with pytest.raises(ConfigError, match="gradient clipping"):
+        make_config(step_in_backward=True, mixed_precision="bf16", max_grad_norm=1.0).validate()
+    with pytest.raises(ConfigError, match="accumulation"):
+        make_config(step_in_backward=True, mixed_precision="no", max_grad_norm=0.0,
+                    gradient_accumulation_steps=2).validate()
+
+
+def test_cached_text_embeddings_equal_live_ones():
+    components = build_tiny_components()
+    components.text_encoder.eval()
+    _, _, ids = _batch(components)
+    cache = TextEmbeddingCache()
+    batch = torch.stack([ids[0], ids[1], ids[0]])
+    live = live_text_embeddings(components.text_encoder, batch, "cpu")
+    torch.testing.assert_close(cache(components.text_encoder, batch, "cpu"), live, rtol=1e-5, atol=1e-6)
+    assert len(cache) == 2  # each distinct prompt once
+    torch.testing.assert_close(cache(components.text_encoder, batch[1:], "cpu"), live[1:], rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_unet_gives_the_same_output_and_gradients():
+    plain, nhwc = build_tiny_components(), build_tiny_components()
+    use_channels_last(nhwc.unet)
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in nhwc.unet.parameters())
+    batch = _batch(plain)
+    _loss(plain, *batch).backward()
+    _loss(nhwc, *batch).backward()
+    for a, b in zip(plain.unet.parameters(), nhwc.unet.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_adamw_gives_the_foreach_update():
+    models = [build_tiny_components().unet for _ in range(2)]
+    optimizers = [torch.optim.AdamW(models[0].parameters(), lr=1e-3, weight_decay=1e-2, foreach=True),
+                  torch.optim.AdamW(models[1].parameters(), lr=1e-3, weight_decay=1e-2, fused=True)]
+    for step in range(3):
+        for model, optimizer in zip(models, optimizers):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step + p.numel()))
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_optimised_loop_trains_the_same_weights_as_the_plain_loop(make_config, tmp_path):
+    """train() end to end: step in backward + cached text embeddings against neither."""
+    common = dict(max_train_steps=3, with_prior_preservation=False, train_text_encoder=False, learning_rate=1e-3,
+                  max_grad_norm=0.0, memory_plan="as-set", gradient_checkpointing=False, lr_scheduler="linear")
+    train(make_config(output_dir=str(tmp_path / "plain"), step_in_backward=False, cache_text_embeddings=False,
+                      **common), progress=False)
+    train(make_config(output_dir=str(tmp_path / "fast"), step_in_backward=True, cache_text_embeddings=True,
+                      **common), progress=False)
+    plain = load_file(tmp_path / "plain/unet/diffusion_pytorch_model.safetensors")
+    fast = load_file(tmp_path / "fast/unet/diffusion_pytorch_model.safetensors")
+    base = build_tiny_components().unet.state_dict()
+    assert max((plain[k] - base[k]).abs().max() for k in plain) > 1e-4  # it trained
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-5)
