@@ -342,7 +342,8 @@ class NotebookSettings:
     learning_rate: float | None = None
     train_text_encoder: bool = True
     lora: bool = False
-    num_class_images: int = 100  # 0: no prior preservation
+    # 0: no prior preservation. 50 as in the classic T4 notebooks: ~5 s each to generate on a T4.
+    num_class_images: int = 50
 
     def prompts(self) -> SubjectPrompts:
         return prompts_for(self.token, self.class_noun, self.kind)
@@ -991,6 +992,28 @@ def evaluate(generator, selection: ImageSelection, settings: NotebookSettings, o
 def split_prompts(text: str) -> list[str]:
     """Extra prompts typed into one form field, separated by ";" or new lines."""
     return [part.strip() for part in re.split(r"[;\n]", text or "") if part.strip()]
+
+
+T4_FREE_GIB = 14.5  # what a Colab T4 leaves free for training (15 GiB card, CUDA context and driver)
+
+
+def memory_outlook(config: TrainConfig, cuda_available: bool | None = None) -> str:
+    """What the memory planner expects of this run: on this GPU, or on a T4 when there is none.
+
+    Says what to change when it does not fit, before any model is loaded.
+    """
+    import torch
+
+    from .memory import GIB, plan_memory, planning_size
+
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    free = None if cuda else int(T4_FREE_GIB * GIB)
+    where = "" if cuda else f"On a T4 ({T4_FREE_GIB:g} GiB free; no GPU here): "
+    try:
+        plan = plan_memory(config, free_bytes=free, size=planning_size(config.model))
+    except ConfigError as error:
+        return f"{where}Does not fit: {error}"
+    return where + plan.reason
 
 
 def config_summary(config: TrainConfig) -> str:

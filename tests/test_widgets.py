@@ -231,7 +231,7 @@ def test_settings_to_config_defaults(not_smoke, tmp_path, instance_dir):
         str(instance_dir), "a photo of sks dog", "a photo of dog")
     assert config.model == widgets.SD15_MODEL and config.preset == "t4"
     assert config.max_train_steps == 600 and config.learning_rate == 2e-6
-    assert config.with_prior_preservation and config.num_class_images == 100
+    assert config.with_prior_preservation and config.num_class_images == 50
     assert config.train_text_encoder and not config.lora
     assert config.sample_every == 120 and config.sample_prompts[0] == "a photo of sks dog"
     assert config.checkpoint_every is None and config.resume is None
@@ -290,9 +290,18 @@ def test_describe_settings(tmp_path):
 def test_config_summary_lists_what_matters(not_smoke, tmp_path, instance_dir):
     config = widgets.settings_to_config(widgets.NotebookSettings(), instance_dir, 4, tmp_path / "run")
     summary = widgets.config_summary(config)
-    for expected in ("a photo of sks dog", "a photo of dog x 100 images", "steps:            600",
+    for expected in ("a photo of sks dog", "a photo of dog x 50 images", "steps:            600",
                      "UNet + text encoder", str(tmp_path / "run")):
         assert expected in summary
+
+
+def test_memory_outlook_plans_for_a_t4_without_a_gpu(not_smoke, tmp_path, instance_dir):
+    full = widgets.settings_to_config(widgets.NotebookSettings(), instance_dir, 4, tmp_path / "run")
+    outlook = widgets.memory_outlook(full, cuda_available=False)
+    assert outlook.startswith("On a T4 (14.5 GiB free; no GPU here): Memory plan:"), outlook
+    assert "GiB peak" in outlook
+    huge = full.replace(train_batch_size=16, resolution=1024, use_8bit_adam=False)
+    assert "Does not fit" in widgets.memory_outlook(huge, cuda_available=False)
 
 
 # ---------------------------------------------------------------------------- images
