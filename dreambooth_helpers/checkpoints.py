@@ -60,8 +60,9 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "state.json").is_file():
+        saved = ", ".join(p.name for p in list_checkpoints(output_dir)) or "none saved yet"
         raise TrainingError(f"--resume {resume!r} is not a complete checkpoint (no state.json). Use --resume latest "
-                            f"or one of: {', '.join(p.name for p in list_checkpoints(output_dir)) or 'none saved yet'}.")
+                            f"or one of: {saved}.")
     return path
 
 
@@ -84,7 +85,8 @@ def save_trainable_weights(folder: Path, unet, text_encoder, lora: bool) -> None
         unet_layers = get_peft_model_state_dict(unet)
         text_layers = get_peft_model_state_dict(text_encoder) if text_encoder is not None else None
         # Raw peft tensors for resuming, and the diffusers layout that `load_lora_weights` reads.
-        save_file({k: v.detach().float().contiguous() for k, v in unet_layers.items()}, folder / "lora_unet.safetensors")
+        save_file({k: v.detach().float().contiguous() for k, v in unet_layers.items()},
+                  folder / "lora_unet.safetensors")
         if text_layers:
             save_file({k: v.detach().float().contiguous() for k, v in text_layers.items()},
                       folder / "lora_text_encoder.safetensors")
@@ -98,10 +100,35 @@ def save_trainable_weights(folder: Path, unet, text_encoder, lora: bool) -> None
             text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
 
 
+def require_finite_weights(models, what: str, output_dir: str | Path) -> None:
+    """Refuse to save NaN/inf weights: such a model draws only noise, and saving it as a checkpoint would
+    rotate away the last good one."""
+    for model in models:
+        if model is None:
+            continue
+        for name, parameter in _unwrap(model).named_parameters():
+            if parameter.requires_grad and not bool(torch.isfinite(parameter.detach()).all()):
+                good = list_checkpoints(output_dir)
+                kept = f"The last good checkpoint, {good[-1]}, is kept." if good else "No checkpoint was saved yet."
+                raise TrainingError(f"Not saving {what}: its weights contain NaN/inf ({name}), so training diverged. "
+                                    f"Lower --learning-rate and train again. {kept} Continue from it with "
+                                    "--resume latest.")
+
+
 def _bytes_needed(state: TrainingState) -> int:
-    trainable = [p for m in (state.unet, state.text_encoder) if m is not None for p in m.parameters() if p.requires_grad]
+    models = [m for m in (state.unet, state.text_encoder) if m is not None]
+    trainable = [p for m in models for p in m.parameters() if p.requires_grad]
     weights = sum(p.numel() * 4 for p in trainable)
     return int(weights * 3 + 64 * 2**20)  # weights + up to two fp32 optimizer moments + headroom
+
+
+def run_bytes_needed(state: TrainingState, frozen_models, checkpoints_kept: int) -> int:
+    """Disk a whole run needs: `checkpoints_kept` checkpoints (one more than the limit while the newest is
+    written before the oldest goes) and the final model (every part in fp32, or the LoRA file)."""
+    final = _bytes_needed(state) // 3 if state.lora else sum(
+        p.numel() * 4 for m in (state.unet, state.text_encoder, *frozen_models) if m is not None
+        for p in _unwrap(m).parameters())
+    return checkpoints_kept * _bytes_needed(state) + final
 
 
 def check_free_disk(folder: Path, needed: int) -> None:
@@ -118,9 +145,12 @@ def save_checkpoint(output_dir: str | Path, step: int, state: TrainingState, met
                     keep: int) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
     final = checkpoint_dir(output_dir, step)
+    require_finite_weights((state.unet, state.text_encoder), f"checkpoint {step}", output_dir)
+    # Half-written checkpoints of runs killed mid-save are never resumed from; their space is needed now.
+    for stale in final.parent.glob(".checkpoint-*.partial") if final.parent.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)
     check_free_disk(final.parent, _bytes_needed(state))
     partial = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     save_trainable_weights(partial, state.unet, state.text_encoder, state.lora)
     torch.save(state.optimizer.state_dict(), partial / "optimizer.pt")

@@ -27,6 +27,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import ConfigError, ModelLoadError
+from .failures import generation_out_of_memory, is_out_of_memory
 from .models import load_components, make_pipeline
 
 SUMMARY_FILE = "training_summary.json"
@@ -257,12 +258,17 @@ class Generator:
                 self.pipeline.scheduler = make_scheduler(scheduler_name, self.pipeline.scheduler.config)
                 self.scheduler_name = scheduler_name
             start = time.perf_counter()
-            with torch.inference_mode():
-                output = self.pipeline(
-                    prompt=[prompt] * num_images, negative_prompt=[negative_prompt or ""] * num_images,
-                    num_inference_steps=steps, guidance_scale=float(guidance_scale), generator=generators,
-                    width=width, height=height,
-                )
+            try:
+                with torch.inference_mode():
+                    output = self.pipeline(
+                        prompt=[prompt] * num_images, negative_prompt=[negative_prompt or ""] * num_images,
+                        num_inference_steps=steps, guidance_scale=float(guidance_scale), generator=generators,
+                        width=width, height=height,
+                    )
+            except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
+                if not is_out_of_memory(error):
+                    raise
+                raise generation_out_of_memory(error, num_images, width, height) from None
             seconds = (time.perf_counter() - start) / num_images
         return [
             GeneratedImage(image=image, prompt=prompt, negative_prompt=negative_prompt or "", seed=s, steps=steps,

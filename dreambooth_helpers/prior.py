@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS
+from .failures import class_images_out_of_memory, is_out_of_memory
 
 CLASS_IMAGE_PATTERN = re.compile(r"^class-(\d{5})\.png$")
 
@@ -81,9 +82,15 @@ def ensure_class_images(
     for start in range(0, len(indices), batch_size):
         batch = indices[start:start + batch_size]
         generators = [torch.Generator(device.type).manual_seed(seed + i) for i in batch]
-        with torch.no_grad(), autocast:
-            images = pipeline([class_prompt] * len(batch), height=resolution, width=resolution,
-                              num_inference_steps=steps, generator=generators).images
+        try:
+            with torch.no_grad(), autocast:
+                images = pipeline([class_prompt] * len(batch), height=resolution, width=resolution,
+                                  num_inference_steps=steps, generator=generators).images
+        except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(error):
+                raise
+            bar.close()
+            raise class_images_out_of_memory(error, batch_size, len(have) + start, num_images) from None
         for index, image in zip(batch, images):
             _save_atomically(image, folder / f"class-{index:05d}.png")
         bar.update(len(batch))

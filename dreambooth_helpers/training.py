@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from . import checkpoints as ckpt
 from .config import TrainConfig
 from .data import images_to_tensor, load_instance_images, prepare_image, read_images
 from .errors import ConfigError, TrainingError
+from .failures import is_out_of_memory, training_out_of_memory
 from .memory import plan_memory, planning_size
 from .models import SDComponents, load_components, make_pipeline
 from .prior import default_class_dir, ensure_class_images
@@ -36,6 +36,8 @@ from .speedups import StepInBackward, TextEmbeddingCache, live_text_embeddings, 
 
 LORA_TARGETS_UNET = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_TARGETS_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
+NONFINITE_PATIENCE = 3  # steps in a row with a NaN/inf loss (never applied) before training stops
+OVERFLOW_PATIENCE = 25  # fp16 steps in a row the loss scaler skips (scale / 2**25) before it counts as divergence
 
 
 @dataclass
@@ -173,7 +175,12 @@ def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance
 def train(config: TrainConfig, *, progress: bool = True, on_step=None) -> TrainResult:
     """Fine-tune `config.model` on `config.concepts`. `on_step(step, logs)` is called after each step."""
     with quiet_library_logs():
-        return _train(config, progress=progress, on_step=on_step)
+        try:
+            return _train(config, progress=progress, on_step=on_step)
+        except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError, as are some kernels' OOMs
+            if not is_out_of_memory(error):
+                raise
+            raise training_out_of_memory(error, config) from None
 
 
 @contextlib.contextmanager
@@ -307,6 +314,9 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     state = ckpt.TrainingState(unet, text_encoder if train_text else None, optimizer, lr_scheduler,
                                accelerator.scaler, config.lora)
+    # Now, not after an hour of training: the checkpoints and the final model must fit on the disk.
+    kept = config.checkpoints_total_limit + 1 if config.checkpoint_every else 0
+    ckpt.check_free_disk(output_dir, ckpt.run_bytes_needed(state, (vae, None if train_text else text_encoder), kept))
     start_step = 0
     resume_from = ckpt.resolve_resume(config.resume, output_dir)
     if resume_from is not None:
@@ -321,12 +331,13 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
     metadata = {"base_model": config.model, "train_text_encoder": train_text, "config": config.to_dict()}
     bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="Training",
                disable=not (progress and accelerator.is_main_process))
-    bad_steps = 0
+    bad_steps = overflow_streak = 0
     for step in bar:
         text_training = train_text and (config.stop_text_encoder_training_at is None
                                         or step < config.stop_text_encoder_training_at)
         unet.train()
         text_encoder.train(text_training)
+        skipped = None  # why this step's update was not applied, if it was not
         for micro in range(config.gradient_accumulation_steps):
             position = (step * config.gradient_accumulation_steps + micro) * accelerator.num_processes \
                 + accelerator.process_index
@@ -345,29 +356,51 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
                     else noise_scheduler.get_velocity(latents, noise, timesteps)
                 loss, instance_loss, prior_loss = dreambooth_loss(prediction, target, batch["num_instance"],
                                                                   config.prior_loss_weight)
+                # A NaN/inf forward loss is never applied (no backward, no step), so the weights stay those
+                # of the last good step. The fp16 loss scaler cannot catch this: it only inspects gradients.
+                if not torch.isfinite(loss.detach()):
+                    skipped = "the loss was NaN/inf"
+                    optimizer.zero_grad(set_to_none=True)
+                    lr_scheduler.step()
+                    continue
                 accelerator.backward(loss)
+                grad_norm = None
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                config.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                            config.max_grad_norm)
+                if accelerator.scaler is None and grad_norm is not None and not torch.isfinite(
+                        torch.as_tensor(grad_norm)):
+                    # Without a loss scaler (fp32, bf16) nothing else keeps inf gradients out of the weights.
+                    skipped = "the gradients were NaN/inf"
+                    optimizer.zero_grad(set_to_none=True)
+                    lr_scheduler.step()
+                    continue
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         loss_value = float(loss.detach())
-        bad_steps = bad_steps + 1 if not math.isfinite(loss_value) else 0
-        if bad_steps >= 3:
-            raise TrainingError(f"The loss became NaN/inf at step {step + 1}: the learning rate "
-                                f"({config.effective_learning_rate:g}) is too high or training diverged. Lower "
-                                "--learning-rate, and resume from the last checkpoint (--resume latest).")
+        bad_steps = bad_steps + 1 if skipped else 0
+        if bad_steps >= NONFINITE_PATIENCE:
+            raise TrainingError(_diverged_message(step + 1, skipped, config, output_dir))
+        # fp16 gradients that overflow are normal: the scaler skips that update and halves its scale. Only a
+        # long run of them (the scale collapsing) means training itself went wrong.
+        overflowed = skipped is None and bool(getattr(optimizer, "step_was_skipped", False))
+        overflow_streak = overflow_streak + 1 if overflowed else 0
+        if overflow_streak >= OVERFLOW_PATIENCE:
+            raise TrainingError(_diverged_message(step + 1, "fp16 gradients overflowed", config, output_dir,
+                                                  OVERFLOW_PATIENCE))
         logs = {"step": step + 1, "loss": loss_value, "instance_loss": float(instance_loss.detach()),
                 "prior_loss": None if prior_loss is None else float(prior_loss.detach()),
                 "lr": lr_scheduler.get_last_lr()[0], "text_encoder_training": text_training,
-                "time": round(time.time() - started, 3)}
+                "time": round(time.time() - started, 3),
+                "skipped": skipped or ("fp16 overflow: loss scale lowered" if overflowed else None)}
         history.append(logs)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}")
         if on_step is not None:
             on_step(step + 1, logs)
         done = step + 1
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < max_steps:
+        # Not while updates are being skipped: the checkpoint before the trouble is the one to keep.
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < max_steps and not bad_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 ckpt.save_checkpoint(output_dir, done, state, metadata, config.checkpoints_total_limit)
@@ -397,6 +430,19 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
         ckpt.write_json_atomically(result.summary_path, summary)
     result.sample_images = samples
     return result
+
+
+def _diverged_message(step: int, reason: str, config: TrainConfig, output_dir: Path,
+                      patience: int = NONFINITE_PATIENCE) -> str:
+    """Why training stopped on NaN/inf, what to change, and which checkpoint is still good."""
+    good = ckpt.list_checkpoints(output_dir)
+    lr = config.effective_learning_rate
+    kept = (f"The last good checkpoint, {good[-1]}, is kept: after the change, continue with --resume latest."
+            if good else "No checkpoint was saved yet; --checkpoint-every N keeps progress for a resume.")
+    precision = " or --mixed-precision bf16 (no fp16 overflow)" if config.mixed_precision == "fp16" else ""
+    return (f"Training stopped at step {step}: {reason} on {patience} steps in a row, so training diverged. "
+            f"Those updates were not applied and no NaN weights were saved. Lower --learning-rate (now {lr:g}, "
+            f"try {lr / 4:g}){precision}. {kept}")
 
 
 def _make_optimizer(groups, config: TrainConfig, runtime: Runtime):
@@ -474,6 +520,7 @@ def _save_final_model(components: SDComponents, accelerator, unet, text_encoder,
     """The trained model, written atomically: a diffusers folder, or LoRA weights."""
     unet = accelerator.unwrap_model(unet)
     text_encoder = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None
+    ckpt.require_finite_weights((unet, text_encoder), "the final model", output_dir)
     staging = output_dir / ".saving-model"
     import shutil
 
