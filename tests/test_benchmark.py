@@ -1,0 +1,46 @@
+"""The memory/speed benchmark's CPU path: it runs the project's training on the tiny model and reports."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "train_memory_speed.py"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("train_memory_speed", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_reports_every_column_on_the_tiny_model(tmp_path):
+    benchmark = _load_benchmark()
+    result = benchmark.main(["--model", "tiny", "--steps", "3", "--warmup", "1", "--rows", "full-unet+text",
+                             "--presets", "t4", "--class-image-steps", "1", "--generation-images", "4",
+                             "--generation-resolution", "32", "--ours-steps", "2", "--pndm-steps", "2",
+                             "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    (row,) = saved["rows"]
+    assert row["row"] == "full-unet+text" and row["preset"] == "t4" and row["train_text_encoder"]
+    assert row["flops_per_step"] > 0 and row["s_per_step"] > 0 and row["steps_timed"] == 1
+    assert row["estimate_peak_allocated_gib"] > 0
+    assert row["peak_allocated_gib"] is None and row["estimate_error_pct"] is None  # no GPU: nothing measured
+    generation = saved["generation"]
+    assert set(generation["class_images_per_s"]) == {"ours_dpmpp_2_steps", "pipeline_pndm_2_steps"}
+    assert generation["class_images_speedup"] > 0 and generation["demo_s_per_image"] > 0
+
+    table = (tmp_path / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| row |"))
+    for column in ("peak alloc GiB", "peak reserved GiB", "planner GiB", "planner error", "s/step", "TFLOP/step"):
+        assert column in header
+    assert "| full-unet+text | t4 |" in table and "class-image speed-up" in table
+
+
+def test_the_benchmark_rows_cover_the_issue_matrix():
+    benchmark = _load_benchmark()
+    assert set(benchmark.ROWS) == {"full-unet", "full-unet+text", "lora-r4", "lora-r4+text"}
+    assert benchmark.PRESETS == ("t4", "low-memory")
