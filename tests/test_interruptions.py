@@ -1,0 +1,207 @@
+"""Interruptions: a training process killed at a random moment resumes to the same weights; class images
+resume; a save that dies midway leaves the previous checkpoint valid; rotation; the free-disk check."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth_helpers import checkpoints as ckpt
+from dreambooth_helpers import prior
+from dreambooth_helpers.cli import main
+from dreambooth_helpers.errors import TrainingError
+from dreambooth_helpers.models import load_components, make_pipeline
+from dreambooth_helpers.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def weights(folder: Path, sub: str) -> dict[str, torch.Tensor]:
+    return load_file(next((folder / sub).glob("*.safetensors")))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def cli_args(instance_dir: Path, output_dir: Path) -> list[str]:
+    return ["train", "--instance-dir", str(instance_dir), "--instance-prompt", "a photo of sks dog",
+            "--class-prompt", "a photo of dog", "--output-dir", str(output_dir), "--model", "tiny",
+            "--resolution", "32", "--num-class-images", "2", "--max-train-steps", "12", "--checkpoint-every", "2",
+            "--mixed-precision", "no", "--learning-rate", "1e-3", "--lr-scheduler", "linear", "--seed", "3"]
+
+
+def test_training_killed_at_a_random_moment_resumes_to_the_same_weights(instance_dir, make_config, tmp_path):
+    seed = random.randrange(1_000_000)
+    delay = random.Random(seed).uniform(0.0, 1.5)
+    killed_dir = tmp_path / "killed"
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen([sys.executable, "-m", "dreambooth_helpers", *cli_args(instance_dir, killed_dir)],
+                               cwd=tmp_path, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not ckpt.list_checkpoints(killed_dir):
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
+            time.sleep(0.05)
+        time.sleep(delay)  # a random moment after the first checkpoint: mid-step, mid-save, anywhere
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+    saved = ckpt.list_checkpoints(killed_dir)
+    assert saved, f"seed {seed}"
+    assert not (killed_dir / "model_index.json").exists(), f"finished before the kill (seed {seed}, {delay:.2f} s)"
+
+    assert main([*cli_args(instance_dir, killed_dir), "--resume", "latest"]) == 0
+    summary = json.loads((killed_dir / ckpt.SUMMARY_FILE).read_text())
+    assert summary["resumed_from_step"] == int(saved[-1].name.removeprefix("checkpoint-")), f"seed {seed}"
+
+    straight_dir = tmp_path / "straight"
+    assert main(cli_args(instance_dir, straight_dir)) == 0
+    for sub in ("unet", "text_encoder"):
+        assert max_difference(weights(straight_dir, sub), weights(killed_dir, sub)) < 1e-5, (sub, seed, delay)
+    assert not list((killed_dir / "checkpoints").glob(".*.partial"))
+
+
+def tiny_pipeline():
+    pipeline = make_pipeline(load_components("tiny"))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_class_image_generation_resumes_making_only_the_missing_images(tmp_path, monkeypatch):
+    options = dict(resolution=32, seed=7, batch_size=1, steps=2, progress=False)
+    pipeline = tiny_pipeline()
+    straight = prior.ensure_class_images(pipeline, "a photo of dog", tmp_path / "straight", 4, **options)
+    assert [p.name for p in straight] == [f"class-{i:05d}.png" for i in range(4)]
+
+    # A run interrupted while making image 2: images 0 and 1 are on disk.
+    real_call = type(pipeline).__call__
+    calls = {"n": 0}
+
+    def interrupted_at_the_third_image(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # what a Colab "interrupt" raises
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "__call__", interrupted_at_the_third_image)
+    with pytest.raises(KeyboardInterrupt):
+        prior.ensure_class_images(pipeline, "a photo of dog", tmp_path / "resumed", 4, **options)
+    resumed_dir = tmp_path / "resumed"
+    assert sorted(p.name for p in resumed_dir.iterdir()) == ["class-00000.png", "class-00001.png"]
+    # What a hard kill mid-write would leave: the half-written temporary file, and (had the file been copied
+    # by hand) a truncated PNG under a final name.
+    (resumed_dir / ".class-00002.png.partial").write_bytes(b"\x89PNG")
+    (resumed_dir / "class-00001.png").write_bytes((tmp_path / "straight/class-00001.png").read_bytes()[:200])
+
+    generated = []
+
+    def counting(self, prompts, *args, **kwargs):
+        generated.extend(g.initial_seed() for g in kwargs["generator"])
+        return real_call(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "__call__", counting)
+    resumed = prior.ensure_class_images(pipeline, "a photo of dog", resumed_dir, 4, **options)
+    assert sorted(generated) == [8, 9, 10]  # image 0 is kept; the truncated 1 and the missing 2, 3 are made
+    assert [p.name for p in resumed] == [p.name for p in straight]
+    for a, b in zip(straight, resumed, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name  # the same images as an uninterrupted generation
+
+
+State = namedtuple("State", "state components")
+
+
+@pytest.fixture
+def training_state():
+    components = load_components("tiny")
+    unet, text_encoder = components.unet, components.text_encoder
+    optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return State(ckpt.TrainingState(unet, text_encoder, optimizer, scheduler, None, lora=False), components)
+
+
+def nudge(state: ckpt.TrainingState, amount: float) -> None:
+    with torch.no_grad():
+        for parameter in state.unet.parameters():
+            parameter.add_(amount)
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_valid(training_state, tmp_path, monkeypatch):
+    state = training_state.state
+    first = ckpt.save_checkpoint(tmp_path, 2, state, {"base_model": "tiny"}, keep=2)
+    saved_unet = weights(first, "unet")
+    nudge(state, 0.5)
+
+    def dies_after_the_weights(obj, path, *args, **kwargs):
+        raise KeyboardInterrupt  # the process is stopped right after the weights of step 4 are written
+
+    monkeypatch.setattr(ckpt.torch, "save", dies_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 4, state, {"base_model": "tiny"}, keep=1)
+    partial = tmp_path / "checkpoints" / ".checkpoint-000004.partial"
+    assert (partial / "unet").is_dir() and not (partial / "state.json").exists()
+    assert ckpt.list_checkpoints(tmp_path) == [first]
+    assert ckpt.resolve_resume("latest", tmp_path) == first
+    monkeypatch.undo()
+
+    fresh = load_components("tiny")
+    optimizer = torch.optim.AdamW([*fresh.unet.parameters(), *fresh.text_encoder.parameters()], lr=1e-3)
+    restored = ckpt.TrainingState(fresh.unet, fresh.text_encoder, optimizer,
+                                  torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), None, lora=False)
+    assert ckpt.load_checkpoint(first, restored) == 2
+    assert max_difference(saved_unet, fresh.unet.state_dict()) == 0
+
+    # The next save clears the half-written folder, so it does not eat Colab's disk.
+    ckpt.save_checkpoint(tmp_path, 6, state, {"base_model": "tiny"}, keep=2)
+    assert not partial.exists()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-000002", "checkpoint-000006"]
+
+
+def test_rotation_keeps_the_newest_k_checkpoints(training_state, tmp_path):
+    state = training_state.state
+    for step in (1, 2, 3, 4, 5):
+        nudge(state, 0.01)
+        ckpt.save_checkpoint(tmp_path, step, state, {"base_model": "tiny"}, keep=2)
+        assert len(ckpt.list_checkpoints(tmp_path)) == min(step, 2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-000004", "checkpoint-000005"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-000004", "checkpoint-000005"]
+    latest = weights(tmp_path / "checkpoints/checkpoint-000005", "unet")
+    assert max_difference(latest, {k: v for k, v in state.unet.state_dict().items()}) == 0
+
+
+DiskUsage = namedtuple("DiskUsage", "total used free")
+
+
+def test_a_full_disk_is_refused_with_a_clear_message_before_anything_is_written(training_state, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(100 * 2**30, 100 * 2**30 - 2**20, 2**20))
+    with pytest.raises(TrainingError) as caught:
+        ckpt.save_checkpoint(tmp_path, 2, training_state.state, {}, keep=2)
+    message = str(caught.value)
+    assert message.startswith(f"Not enough disk space in {tmp_path / 'checkpoints'} to save")
+    assert "GiB needed, 0.0 GiB free" in message and "--checkpoints-total-limit" in message
+    assert ckpt.list_checkpoints(tmp_path) == [] and not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_training_checks_the_disk_before_the_first_step(make_config, monkeypatch, tmp_path):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(100 * 2**30, 100 * 2**30 - 2**20, 2**20))
+    steps = []
+    with pytest.raises(TrainingError, match="Not enough disk space"):
+        train(make_config(with_prior_preservation=False, checkpoint_every=2), progress=False,
+              on_step=lambda step, logs: steps.append(step))
+    assert steps == []  # refused before training, not after it
