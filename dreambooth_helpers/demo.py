@@ -21,6 +21,7 @@ function's annotations, which must be real classes, not strings.
 import base64
 import contextlib
 import io
+import json
 import logging
 import os
 import secrets
@@ -59,6 +60,7 @@ class DemoLimits:
     max_guidance: float = 20.0
     max_resolution: int | None = None  # None: 1.5x the model's resolution (768 for SD 1.x)
     max_queue: int = 32  # requests waiting beyond this are turned away ("busy, try again")
+    max_request_bytes: int = 64 * 1024  # a request carries a prompt, not a file
 
 
 def parse_auth(text: str) -> tuple[str, str]:
@@ -362,6 +364,41 @@ def add_rest_api(app, service: DemoService, auth: tuple[str, str] | None = None)
     app.router.routes[:] = ours + [route for route in app.router.routes if route not in ours]
 
 
+class RequestLimits:
+    """ASGI middleware in front of the whole app (page, Gradio's API, the REST API).
+
+    It refuses file uploads (the page has no upload field, but Gradio's upload route would store anything
+    sent to it) and request bodies over `max_bytes`, so a public link cannot be used to fill the disk or
+    the memory. Bodies without a declared length are refused too, as their size is unknown up front.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        status, message = refusal
+        body = json.dumps({"detail": message}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _refusal(self, scope) -> tuple[int, str] | None:
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return None
+        if scope["path"].rstrip("/").endswith("/upload"):
+            return 403, "This demo takes no file uploads."
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is None:
+            return 411, "Send a Content-Length header; bodies of unknown size are not accepted."
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return 413, f"The request is over {self.max_bytes // 1024} KB; this demo takes a prompt, not files."
+        return None
+
+
 def _png_base64(result: GeneratedImage) -> str:
     buffer = io.BytesIO()
     result.image.save(buffer, format="PNG", pnginfo=result.png_info())
@@ -447,6 +484,7 @@ def launch_demo(
     (scheduler, attention_slicing, vae_tiling, ...).
     """
     import gradio as gr  # noqa: F401  (fail here, clearly, when the demo extra is not installed)
+    from starlette.middleware import Middleware
 
     if auth is not None and (len(auth) != 2 or not all(auth)):
         raise ConfigError("auth must be a (user, password) pair, both non-empty.")
@@ -460,7 +498,8 @@ def launch_demo(
             _, local_url, share_url = ui.launch(
                 share=share, server_name=host, server_port=port, auth=auth, prevent_thread_lock=True,
                 allowed_paths=[str(service.output_dir)], show_error=True, quiet=True, ssr_mode=False,
-                inbrowser=False,
+                inbrowser=False, max_file_size=service.limits.max_request_bytes,
+                app_kwargs={"middleware": [Middleware(RequestLimits, max_bytes=service.limits.max_request_bytes)]},
             )
         except OSError as error:
             service.cleanup()
