@@ -294,7 +294,8 @@ def _load_single_file(path: Path) -> SDComponents:
 
 def _load_advice(where: str, local: bool, error: Exception) -> str:
     if local:
-        return f"Could not read the model in {where!r}: {error}. The folder may be incomplete; re-download or re-save it."
+        return (f"Could not read the model in {where!r}: {error}. The folder may be incomplete; "
+                "re-download or re-save it.")
     return (
         f"Could not load {where!r} from the Hugging Face Hub ({type(error).__name__}). Check the spelling "
         "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), your network, and for gated models that you are "

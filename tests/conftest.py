@@ -47,7 +47,8 @@ def make_config(tmp_path: Path, instance_dir: Path):
             output_dir=str(tmp_path / "out"), model="tiny", resolution=32, num_class_images=2,
             class_images_steps=2, max_train_steps=4, mixed_precision="no", sample_steps=2,
         )
+        preset = overrides.pop("preset", "t4")
         settings.update(overrides)
-        return TrainConfig.from_preset(overrides.pop("preset", "t4"), **settings)
+        return TrainConfig.from_preset(preset, **settings)
 
     return make

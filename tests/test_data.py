@@ -86,7 +86,7 @@ def test_uploaded_bytes_in_ipywidgets_8_shape_and_pairs(tmp_path):
     assert [r.name for r in report.images] == ["a.png"] and report.source == "uploaded files"
     report = read_images([("b.png", _png_bytes(image)), ("bad.png", b"nope")])
     assert [r.name for r in report.images] == ["b.png"]
-    assert report.skipped[0].name == "bad.png" and "not an image" in report.skipped[0].reason
+    assert report.skipped[0].name == "bad.png" and "not a photo format" in report.skipped[0].reason
 
 
 def test_unreadable_files_are_skipped_by_name_and_truncated_ones_explained(tmp_path):
