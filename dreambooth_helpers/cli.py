@@ -49,7 +49,8 @@ def _add_train(subparsers) -> None:
                       "class_dir} to teach several subjects in one run (instead of the four flags above).")
     what.add_argument("--output-dir", required=True, help="Folder for the trained model, checkpoints, samples.")
     what.add_argument("--model", default=None, help='Base model: a Hub id (stable-diffusion-v1-5/stable-diffusion-'
-                      'v1-5), a local diffusers folder, a .safetensors file, or "tiny" (offline test model; default).')
+                      'v1-5), a local diffusers folder, a .safetensors file, "toy" (offline 32 px model that draws '
+                      'coloured shapes; default) or "tiny" (random weights, for tests).')
     what.add_argument("--preset", default="t4", choices=list(PRESETS),
                       help="; ".join(f"{k}: {v['description']}" for k, v in PRESETS.items()))
     data = p.add_argument_group("data")
@@ -178,7 +179,8 @@ def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="Make images with a trained model.",
                               description="Generate images from a trained output folder, a Hub id, or a base model "
                               "plus LoRA weights, and save them as PNGs with the prompt and seed in their metadata.")
-    p.add_argument("--model", required=True, help='Trained output folder, Hub id, local diffusers folder, or "tiny".')
+    p.add_argument("--model", required=True,
+                   help='Trained output folder, Hub id, local diffusers folder, "toy" or "tiny".')
     p.add_argument("--lora", help="Folder with pytorch_lora_weights.safetensors to apply on top of --model.")
     p.add_argument("--prompt", required=True, help='What to draw, with your token: "a photo of sks dog on the beach".')
     p.add_argument("--negative-prompt", default="", help='What to avoid: "blurry, low quality".')
@@ -220,7 +222,8 @@ def _add_demo(subparsers) -> None:
     p = subparsers.add_parser("demo", help="Try a model in a web page (Gradio) with a REST API.",
                               description="Serve a Gradio page and a REST endpoint (POST /api/generate) for a model. "
                               "Runs until Ctrl+C.")
-    p.add_argument("--model", required=True, help='Trained output folder, Hub id, local diffusers folder, or "tiny".')
+    p.add_argument("--model", required=True,
+                   help='Trained output folder, Hub id, local diffusers folder, "toy" or "tiny".')
     p.add_argument("--lora", help="Folder with pytorch_lora_weights.safetensors to apply on top of --model.")
     p.add_argument("--share", action="store_true", help="Also open a public gradio.live link (lasts up to a week).")
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 to let your network in).")
@@ -263,7 +266,7 @@ def _add_export(subparsers) -> None:
     p = subparsers.add_parser("export-single-file", help="Save a model as one .safetensors for AUTOMATIC1111/ComfyUI.",
                               description="Write a trained model (a LoRA run is merged into its base model first) as "
                               "one checkpoint in the original Stable Diffusion layout.")
-    p.add_argument("--model", required=True, help='Trained output folder, local diffusers folder, or "tiny".')
+    p.add_argument("--model", required=True, help='Trained output folder, local diffusers folder, "toy" or "tiny".')
     p.add_argument("--out", required=True, help="The .safetensors file to write.")
     p.add_argument("--half", action="store_true", help="Store fp16 weights (half the size, ~2 GB for SD 1.x).")
     p.set_defaults(run=_run_export)
@@ -283,7 +286,7 @@ def _add_evaluate(subparsers) -> None:
                               "DINO and CLIP-I (likeness to your photos) and CLIP-T (prompt following). Writes "
                               "evaluation.json, evaluation.md and evaluation_grid.png. With --checkpoints, scores "
                               "every saved checkpoint of the run instead and recommends one.")
-    p.add_argument("--model", required=True, help='Trained output folder (or Hub id, or "tiny").')
+    p.add_argument("--model", required=True, help='Trained output folder (or Hub id, "toy" or "tiny").')
     p.add_argument("--lora", help="Folder with pytorch_lora_weights.safetensors to apply on top of --model.")
     p.add_argument("--instance-dir", help="Your subject's photos (default: the folder the run trained on).")
     p.add_argument("--class-noun", required=True, help="The class of your subject: dog, backpack, man.")

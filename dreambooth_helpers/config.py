@@ -21,6 +21,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 CROP_MODES = ("center", "pad")
 MEMORY_PLANS = ("auto", "as-set", "smallest")
 TINY_MODEL = "tiny"
+TOY_MODEL = "toy"  # the offline default: models.TOY_MODEL, trained on the toy world and shipped
+TOY_LEARNING_RATES = {"full": 1e-4, "lora": 1e-3}  # measured with scripts/measure_toy_model.py
 
 
 @dataclass
@@ -44,7 +46,7 @@ class TrainConfig:
     # What to teach.
     concepts: list[Concept] = field(default_factory=list)
     output_dir: str = "outputs/dreambooth"
-    model: str = TINY_MODEL  # Hub id, local diffusers folder, single .safetensors/.ckpt file, or "tiny"
+    model: str = TOY_MODEL  # Hub id, local diffusers folder, single .safetensors/.ckpt file, "toy" or "tiny"
     preset: str = "t4"
 
     # Data.
@@ -61,7 +63,7 @@ class TrainConfig:
 
     # Optimisation.
     max_train_steps: int | None = None  # None: 150 steps per instance image, within 400..1600
-    learning_rate: float | None = None  # None: 2e-6 full fine-tune, 1e-4 LoRA
+    learning_rate: float | None = None  # None: 2e-6 full fine-tune, 1e-4 LoRA (toy model: TOY_LEARNING_RATES)
     text_encoder_learning_rate: float | None = None  # None: same as learning_rate
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
@@ -133,6 +135,9 @@ class TrainConfig:
     def effective_learning_rate(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
+        if self.model == TOY_MODEL:
+            # ~200x smaller than SD and trained at 6e-4: SD's 2e-6 would not move it in a few hundred steps.
+            return TOY_LEARNING_RATES["lora" if self.lora else "full"]
         return 1e-4 if self.lora else 2e-6
 
     @property
@@ -173,7 +178,8 @@ class TrainConfig:
         _choice("--preset", self.preset, tuple(PRESETS))
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError(f"--model must name a base model (got {self.model!r}): a Hub id such as stable-"
-                              f"diffusion-v1-5/stable-diffusion-v1-5, a local folder or file, or {TINY_MODEL!r}.")
+                              f"diffusion-v1-5/stable-diffusion-v1-5, a local folder or file, {TOY_MODEL!r} or "
+                              f"{TINY_MODEL!r}.")
         for name, value in (("--random-flip", self.random_flip), ("--prior-preservation", self.with_prior_preservation),
                             ("--use-8bit-adam", self.use_8bit_adam), ("--train-text-encoder", self.train_text_encoder),
                             ("--lora", self.lora), ("--gradient-checkpointing", self.gradient_checkpointing),

@@ -45,6 +45,7 @@ from .inference import (
     resolve_model,
     save_images,
 )
+from .models import OFFLINE_RESOLUTIONS, SD_RESOLUTION
 
 logger = logging.getLogger(__name__)
 RANDOM_SEED = "random"
@@ -143,7 +144,7 @@ class DemoService:
     def resolution(self) -> int:
         if self._generator is not None:
             return self._generator.default_resolution
-        return int((self.summary or {}).get("resolution") or (64 if self.model == "tiny" else 512))
+        return int((self.summary or {}).get("resolution") or OFFLINE_RESOLUTIONS.get(self.model, SD_RESOLUTION))
 
     @property
     def max_resolution(self) -> int:

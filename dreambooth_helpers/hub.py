@@ -25,13 +25,13 @@ from PIL import Image
 
 from .errors import ConfigError, DreamBoothError, ModelLoadError
 from .inference import LORA_WEIGHTS_FILE, example_prompts, image_grid, read_training_summary, subject_from_prompts
-from .models import MOVED_REPOS, SD15_RANDOM, TINY_MODEL
+from .models import MOVED_REPOS, SD15_RANDOM, TINY_MODEL, TOY_MODEL
 
 GRID_FILE = "grid.png"
 CARD_FILE = "README.md"
 SD1_LICENSE = "creativeml-openrail-m"  # the license every Stable Diffusion 1.x release ships under
 # Models this project builds from random weights in its own code carry the project's license.
-BUILT_IN_LICENSES = {TINY_MODEL: "apache-2.0", SD15_RANDOM: "apache-2.0"}
+BUILT_IN_LICENSES = {TINY_MODEL: "apache-2.0", TOY_MODEL: "apache-2.0", SD15_RANDOM: "apache-2.0"}
 # Inside a diffusers folder, only configs, tokenizer files and safetensors weights are published.
 PUBLISHED_SUFFIXES = {".json", ".txt", ".safetensors", ".model"}
 UNSAFE_WEIGHT_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth"}
@@ -162,6 +162,9 @@ def _base_model_text(base: str | None, is_hub_id: bool) -> str:
         return "an unrecorded Stable Diffusion 1.x model"
     if base == TINY_MODEL:
         return "the tiny test model built into dreambooth-helpers (random weights; for trying the tools, not for art)"
+    if base == TOY_MODEL:
+        return ("the toy-world model shipped with dreambooth-helpers (32 px coloured shapes, trained on a CPU; "
+                "for trying DreamBooth offline, not for art)")
     if base == SD15_RANDOM:
         return "a randomly initialised model with Stable Diffusion 1.5's shapes (for benchmarks)"
     if is_hub_id:

@@ -209,10 +209,10 @@ def candidate_settings(config: TrainConfig, precision: str) -> list[MemorySettin
 
 
 def planning_size(model: str) -> ModelSize:
-    """Sizes to plan with before the model loads: the tiny test model's own, else SD 1.x's."""
-    from .models import TINY_MODEL, build_tiny_components
+    """Sizes to plan with before the model loads: the offline models' own (both load in a second), else SD 1.x's."""
+    from .models import TINY_MODEL, TOY_MODEL, load_components
 
-    return model_size(build_tiny_components()) if model == TINY_MODEL else SD1_SIZE
+    return model_size(load_components(model)) if model in (TINY_MODEL, TOY_MODEL) else SD1_SIZE
 
 
 def cuda_free_bytes() -> int:

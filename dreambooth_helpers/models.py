@@ -25,7 +25,10 @@ TOY_MODEL = "toy"
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
 SD15_RANDOM = "sd15-random"
 TINY_RESOLUTION = 64
+TOY_RESOLUTION = 32
 SD_RESOLUTION = 512
+# What the built-in models draw, known before they load (the demo shows it while loading).
+OFFLINE_RESOLUTIONS = {TINY_MODEL: TINY_RESOLUTION, TOY_MODEL: TOY_RESOLUTION}
 # Repositories users still type from old tutorials, and where the weights live now.
 MOVED_REPOS = {
     "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",

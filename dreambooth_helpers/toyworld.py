@@ -151,10 +151,12 @@ def _object_shapes(kind: str, colour: tuple[int, int, int]) -> list[tuple[str, t
     raise ValueError(f"unknown object kind {kind!r}; choose one of {OBJECTS}")
 
 
-def draw_scene(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
-    """Paint `scene` as an RGB picture of `resolution` pixels."""
+def draw_scene(scene: Scene, resolution: int = RESOLUTION,
+               palette: dict[str, tuple[int, int, int]] | None = None) -> Image.Image:
+    """Paint `scene` as an RGB picture of `resolution` pixels; `palette` replaces COLOURS' RGB values."""
+    palette = palette or COLOURS
     big = resolution * _SUPERSAMPLE
-    image = Image.new("RGB", (big, big), COLOURS[scene.background])
+    image = Image.new("RGB", (big, big), palette[scene.background])
     draw = ImageDraw.Draw(image)
     cx = (POSITIONS[scene.position][0] + scene.jitter[0]) * big
     cy = (POSITIONS[scene.position][1] + scene.jitter[1]) * big
@@ -163,7 +165,7 @@ def draw_scene(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:
     def px(x: float, y: float) -> tuple[float, float]:
         return cx + x * height, cy + y * height
 
-    for shape, colour, geometry in _object_shapes(scene.kind, COLOURS[scene.colour]):
+    for shape, colour, geometry in _object_shapes(scene.kind, palette[scene.colour]):
         if shape == "polygon":
             draw.polygon([px(x, y) for x, y in geometry], fill=colour)
         else:
@@ -181,6 +183,21 @@ def make_dataset(count: int, seed: int = 0, exclude: frozenset = frozenset(), ke
     captions = [caption(scene, rng, keep) for scene in scenes]
     pixels = np.stack([np.asarray(draw_scene(scene, resolution)) for scene in scenes])
     return pixels, captions, scenes
+
+
+def make_any_colour_pictures(count: int, seed: int = 0, resolution: int = RESOLUTION) -> np.ndarray:
+    """Scenes painted in random RGB colours instead of the palette, uint8 N x H x W x 3.
+
+    Only the VAE sees these: an autoencoder trained on eight colours maps every other colour to the nearest
+    of them, and a new subject in other colours (the sample robot is magenta and teal) could then never be
+    learned, whatever DreamBooth does.
+    """
+    rng = random.Random(seed)
+    pictures = []
+    for _ in range(count):
+        palette = {name: (rng.randrange(256), rng.randrange(256), rng.randrange(256)) for name in COLOURS}
+        pictures.append(np.asarray(draw_scene(random_scene(rng), resolution, palette)))
+    return np.stack(pictures)
 
 
 # ---------------------------------------------------------------------------- reading pictures back
@@ -304,8 +321,7 @@ def grid(images: Sequence, columns: int = 8, scale: int = 2) -> Image.Image:
 
 # ---------------------------------------------------------------------------- measuring a model of this world
 
-SUBJECT_PROMPT, CLASS_PROMPT = "a sks toy", "a toy"  # what the measurements generate
-TRAIN_INSTANCE_PROMPT, TRAIN_CLASS_PROMPT = "a photo of sks toy", "a photo of toy"  # what DreamBooth trains on
+SUBJECT_PROMPT, CLASS_PROMPT = "a sks toy", "a toy"  # what DreamBooth trains on, and what is then drawn
 MEASURE_GUIDANCE = 5.0  # a small model follows prompts best with moderate guidance
 
 
@@ -340,15 +356,27 @@ def load_pipeline(model: str):
     return make_pipeline(load_components(model))
 
 
+def vae_round_trip(pipeline, images: Sequence) -> list[Image.Image]:
+    """`images` encoded and decoded by the pipeline's VAE (posterior means), as RGB pictures."""
+    import torch
+
+    pixels = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    with torch.no_grad():
+        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(pipeline.vae.dtype)
+        decoded = pipeline.vae.decode(pipeline.vae.encode(batch).latent_dist.mean).sample
+    pictures = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(picture) for picture in pictures]
+
+
 def measure_dreambooth(instance_dir: str, work_dir: str, model: str = "toy", steps: int = 200, count: int = 32,
-                       num_class_images: int = 32, learning_rate: float = 5e-5, seed: int = 0,
+                       num_class_images: int = 32, learning_rate: float | None = None, seed: int = 0,
                        sample_steps: int = 20) -> dict[str, float]:
     """DreamBooth on `instance_dir` with and without prior preservation, and the colour distances that tell.
 
-    Every distance is `set_distance` to the instance photos (shrunk to the model's size) or to the base
-    model's "a toy" pictures. Returns, e.g., "sks_after_prior" = distance of the trained model's
-    "a sks toy" pictures to the photos; "toy_after_no_prior_to_base" = how far its "a toy" pictures
-    drifted from the base model's.
+    Every distance is `set_distance` to the instance photos (shrunk to the model's size and passed through its
+    VAE, see `vae_round_trip`) or to the base model's "a toy" pictures. Returns, e.g., "sks_after_prior" =
+    distance of the trained model's "a sks toy" pictures to the photos; "toy_after_no_prior_to_base" = how
+    far its "a toy" pictures drifted from the base model's.
     """
     from pathlib import Path
 
@@ -358,7 +386,11 @@ def measure_dreambooth(instance_dir: str, work_dir: str, model: str = "toy", ste
 
     base = load_pipeline(model)
     resolution = base.unet.config.sample_size * base.vae_scale_factor
-    instances, _ = load_instance_images(instance_dir, resolution)
+    photos, _ = load_instance_images(instance_dir, resolution)
+    # The photos as the model's VAE gives them back: the best any model drawing through that VAE can do,
+    # so a distance of about 0 means "as close as possible" (the photos themselves would leave a floor of
+    # blur around the edges that no amount of training removes).
+    instances = vae_round_trip(base, photos)
     subject_prompts, class_prompts = [SUBJECT_PROMPT] * count, [CLASS_PROMPT] * count
     base_toy = generate(base, class_prompts, seed=seed + 10_000, steps=sample_steps)
     # The reference for "stays close to the base model": another draw of the base model's "a toy".
@@ -372,7 +404,7 @@ def measure_dreambooth(instance_dir: str, work_dir: str, model: str = "toy", ste
         name = "prior" if prior else "no_prior"
         config = TrainConfig.from_preset(
             "t4", model=model, output_dir=str(Path(work_dir, name)), max_train_steps=steps, resolution=resolution,
-            concepts=[Concept(instance_dir, TRAIN_INSTANCE_PROMPT, TRAIN_CLASS_PROMPT,
+            concepts=[Concept(instance_dir, SUBJECT_PROMPT, CLASS_PROMPT,
                               str(Path(work_dir, "class_images")))],
             with_prior_preservation=prior, num_class_images=num_class_images, learning_rate=learning_rate,
             mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False, seed=seed,

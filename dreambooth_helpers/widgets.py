@@ -66,13 +66,10 @@ def for_smoke(value: Any, smoke_value: Any) -> Any:
 
 
 def smoke_model() -> str:
-    """The model smoke runs use: the trained offline "toy" model when its weights are there, else "tiny"."""
+    """The model smoke runs use: the shipped offline "toy" model, or "tiny" in a checkout that lacks its weights."""
     from . import models
 
-    toy, toy_dir = getattr(models, "TOY_MODEL", None), getattr(models, "TOY_MODEL_DIR", None)
-    if toy and toy_dir is not None and (Path(toy_dir) / "unet").is_dir():
-        return toy
-    return models.TINY_MODEL
+    return models.TOY_MODEL if (models.TOY_MODEL_DIR / "unet").is_dir() else models.TINY_MODEL
 
 
 def choose_base_model(requested: str) -> str:
@@ -124,10 +121,10 @@ def check_can_train(model: str, cuda_available: bool | None = None) -> None:
     """Refuse to start a real model's training on a CPU, where it would run for days."""
     import torch
 
-    from .models import SD15_RANDOM, TINY_MODEL
+    from .models import SD15_RANDOM, TINY_MODEL, TOY_MODEL
 
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    if not cuda and model not in (TINY_MODEL, SD15_RANDOM, smoke_model()):
+    if not cuda and model not in (TINY_MODEL, TOY_MODEL, SD15_RANDOM):
         raise ConfigError(f"This runtime has no GPU, and training {model!r} on a CPU would take days. {NO_GPU_ADVICE}")
 
 

@@ -33,6 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dreambooth_helpers import toyworld  # noqa: E402
 from dreambooth_helpers.models import SD_SCHEDULE, build_tiny_tokenizer  # noqa: E402
 
+# SD 1.x's betas, rescaled so that the last step keeps none of the picture ("zero terminal SNR", Lin et al.,
+# 2024), with v-prediction (epsilon is undefined where no signal is left) and sampling that starts at that
+# last step. SD's own schedule keeps 6.8% of the signal at its last step: on 16x16 latents the picture's
+# mean colour and layout survive that, so a model trained on it reads background and position from the
+# noise instead of the caption, and from pure noise at sampling time draws them at random.
+TOY_SCHEDULE = dict(SD_SCHEDULE, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                    timestep_spacing="trailing")
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "dreambooth_helpers" / "toy_model"
 
 
@@ -109,7 +116,7 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 def train_diffusion(unet, text_encoder, noise_scheduler, latent_mean, latent_std, token_ids, empty_ids, steps,
                     batch_size, lr, scaling_factor, generator, log, save=None, save_every=0):
-    """Epsilon-prediction denoising on cached latents, UNet and text encoder trained jointly."""
+    """v-prediction denoising on cached latents, UNet and text encoder trained jointly."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     warmup = max(1, steps // 20)
@@ -130,7 +137,7 @@ def train_diffusion(unet, text_encoder, noise_scheduler, latent_mean, latent_std
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         context = text_encoder(ids)[0]
         prediction = unet(noisy, timesteps, context).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = F.mse_loss(prediction, noise_scheduler.get_velocity(latents, noise, timesteps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -150,10 +157,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the diffusers model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset-size", type=int, default=20000)
-    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-batch-size", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
-    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=6e-4)
     # One thread by default: on a shared or busy CPU, several torch threads wait on each other and run
@@ -183,7 +190,11 @@ def main() -> None:
              (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}
     log(f"parameters: {sizes}")
 
-    train_vae(vae, pixels, args.vae_steps, args.vae_batch_size, args.vae_lr, generator, log)
+    # The VAE learns the world and, in equal share, the same scenes in any colours: it must encode new
+    # subjects (DreamBooth's whole point), not only what the captions name.
+    any_colour = toyworld.make_any_colour_pictures(len(pixels) // 2, seed=args.seed + 2)
+    train_vae(vae, np.concatenate([pixels[: len(any_colour)], any_colour]), args.vae_steps, args.vae_batch_size,
+              args.vae_lr, generator, log)
     latent_mean, latent_std = encode_all(vae, pixels)
     # Latents enter the UNet with unit variance, as SD's 0.18215 arranges for its own VAE.
     scaling_factor = float(1.0 / latent_mean.std())
@@ -197,15 +208,20 @@ def main() -> None:
         pictures = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     agreement = toyworld.caption_agreement(pictures, [toyworld.caption(scene) for scene in probe[2]])
     log(f"VAE reconstructions agree with their scenes: {agreement}")
+    with torch.no_grad():  # and colours outside the palette come back too (mean error in 0-255 units)
+        strange = toyworld.make_any_colour_pictures(256, seed=args.seed + 3)
+        decoded = vae.decode(latent_mean_of(vae, strange)).sample
+        error = ((decoded.clamp(-1, 1) + 1) * 127.5 - to_model_range(strange).add(1).mul(127.5)).abs().mean()
+    log(f"VAE error on pictures in any colours: {error.item():.1f} / 255")
 
-    noise_scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type="epsilon", clip_sample=False)
+    noise_scheduler = DDPMScheduler(**TOY_SCHEDULE, clip_sample=False)
     token_ids = tokenize(tokenizer, captions)
     empty_ids = tokenize(tokenizer, [""])[0]
     out = Path(args.out)
 
     def save(step: int | None = None) -> None:
         # DPM-Solver++ draws good pictures in ~20 steps; pipelines read its class from the saved config.
-        scheduler = DPMSolverMultistepScheduler(**SD_SCHEDULE, prediction_type="epsilon", steps_offset=1)
+        scheduler = DPMSolverMultistepScheduler(**TOY_SCHEDULE, steps_offset=1)
         pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)

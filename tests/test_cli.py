@@ -26,8 +26,8 @@ def test_readme_main_command_trains_the_sample_subject_end_to_end(tmp_path):
     """The same command as README.md, with fewer steps: a model folder, samples and a summary come out."""
     result = _run_module(
         "train", "--instance-dir", str(SAMPLE), "--instance-prompt", "a photo of sks toy",
-        "--class-prompt", "a photo of toy", "--output-dir", str(tmp_path / "model"), "--model", "tiny",
-        "--max-train-steps", "4", "--num-class-images", "2", "--sample-every", "2", "--resolution", "32",
+        "--class-prompt", "a photo of toy", "--output-dir", str(tmp_path / "model"),
+        "--max-train-steps", "4", "--num-class-images", "2", "--sample-every", "2",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -37,6 +37,7 @@ def test_readme_main_command_trains_the_sample_subject_end_to_end(tmp_path):
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-000002-0.png", "step-000004-0.png"]
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 4 and summary["config"]["preset"] == "t4"
+    assert summary["config"]["model"] == "toy" and summary["resolution"] == 32  # the offline default
     assert "Traceback" not in result.stderr
 
 
