@@ -53,6 +53,25 @@ def synthetic_photos(folder: Path, count: int, size: int) -> Path:
     return folder
 
 
+def flop_counter():
+    """FlopCounterMode that also counts PyTorch's CPU flash attention, with the formulas torch uses for CUDA's.
+
+    torch registers FLOP formulas for the CUDA attention kernels only; on a CPU, attention would count as 0.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
+
+
 class StepMeter:
     """`on_step` for train(): synchronised step times, peak memory from step `warmup` on, FLOPs of the last step."""
 
@@ -74,9 +93,7 @@ class StepMeter:
         if step == self.warmup and self.cuda:
             torch.cuda.reset_peak_memory_stats()  # steady state: optimizer states exist from here on
         if step == self.total - 1:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            self.flops = FlopCounterMode(display=False)
+            self.flops = flop_counter()
             self.flops.__enter__()
         self.last = time.perf_counter()
 

@@ -233,34 +233,7 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
     train_text = config.train_text_encoder
 
     # --- which weights train: fp32 for everything trained (fp16 masters break loss scaling)
-    vae.requires_grad_(False).to(device, weight_dtype)
-    if config.lora:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False).to(device, weight_dtype)
-        text_encoder.requires_grad_(False).to(device, weight_dtype)
-        alpha = config.lora_alpha or config.lora_rank
-        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS_UNET))
-        if train_text:
-            text_encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                                target_modules=LORA_TARGETS_TEXT))
-        for model in (unet, text_encoder):
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-    else:
-        unet.requires_grad_(True).to(device, torch.float32)
-        text_encoder.requires_grad_(train_text).to(device, torch.float32 if train_text else weight_dtype)
-    if config.channels_last:
-        use_channels_last(unet)
-    if runtime.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if train_text:
-            # transformers 5 renamed the method; keep working with 4.x too.
-            getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
-    if runtime.use_xformers:
-        unet.enable_xformers_memory_efficient_attention()
+    set_up_trainable(unet, text_encoder, vae, config, runtime, device, weight_dtype)
 
     # --- data: the subject's photos, and class images for prior preservation
     instance_sets, class_sets = [], []
@@ -430,6 +403,43 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
         ckpt.write_json_atomically(result.summary_path, summary)
     result.sample_images = samples
     return result
+
+
+def set_up_trainable(unet, text_encoder, vae, config: TrainConfig, runtime: Runtime, device, weight_dtype) -> None:
+    """Freeze, add LoRA adapters, cast and move the models as `config` trains them (in place).
+
+    Trained weights are fp32 (fp16 master weights break loss scaling); frozen ones are in `weight_dtype`.
+    Also switches on gradient checkpointing, channels-last and xformers as `runtime` chose.
+    """
+    train_text = config.train_text_encoder
+    vae.requires_grad_(False).to(device, weight_dtype)
+    if config.lora:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False).to(device, weight_dtype)
+        text_encoder.requires_grad_(False).to(device, weight_dtype)
+        alpha = config.lora_alpha or config.lora_rank
+        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS_UNET))
+        if train_text:
+            text_encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                                target_modules=LORA_TARGETS_TEXT))
+        for model in (unet, text_encoder):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+    else:
+        unet.requires_grad_(True).to(device, torch.float32)
+        text_encoder.requires_grad_(train_text).to(device, torch.float32 if train_text else weight_dtype)
+    if config.channels_last:
+        use_channels_last(unet)
+    if runtime.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_text:
+            # transformers 5 renamed the method; keep working with 4.x too.
+            getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
+    if runtime.use_xformers:
+        unet.enable_xformers_memory_efficient_attention()
 
 
 def _diverged_message(step: int, reason: str, config: TrainConfig, output_dir: Path,

@@ -44,3 +44,40 @@ def test_the_benchmark_rows_cover_the_issue_matrix():
     benchmark = _load_benchmark()
     assert set(benchmark.ROWS) == {"full-unet", "full-unet+text", "lora-r4", "lora-r4+text"}
     assert benchmark.PRESETS == ("t4", "low-memory")
+
+
+def _load_step_flops():
+    spec = importlib.util.spec_from_file_location("step_flops", BENCHMARK.with_name("step_flops.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_meta_flop_count_is_the_real_training_loops_count(tmp_path):
+    """step_flops.py's step must be exactly the step train() runs (counted on the CPU, the same kernels)."""
+    benchmark, step_flops = _load_benchmark(), _load_step_flops()
+    from dreambooth_helpers import Concept, TrainConfig
+    from dreambooth_helpers.training import resolve_runtime
+
+    photos = benchmark.synthetic_photos(tmp_path / "photos", 2, 64)
+    for row in ("full-unet+text", "lora-r4"):
+        result = benchmark.main(["--model", "tiny", "--steps", "2", "--warmup", "0", "--rows", row, "--presets", "t4",
+                                 "--class-image-steps", "1", "--generation-images", "0", "--out", str(tmp_path / row)])
+        measured = result["rows"][0]["flops_per_step"]
+        config = TrainConfig.from_preset("t4", model="tiny", mixed_precision="no", concepts=[
+            Concept(str(photos), benchmark.PROMPT, benchmark.CLASS_PROMPT)], **benchmark.ROWS[row])
+        checkpointing = resolve_runtime(config, cuda_available=False).gradient_checkpointing
+        assert result["rows"][0]["gradient_checkpointing"] == checkpointing
+        assert step_flops.count_step_flops(config, checkpointing, anchor=False, device="cpu") == measured
+        # The anchor's step adds the VAE encoder (and here the text encoder's forward for the frozen one).
+        assert step_flops.count_step_flops(config, checkpointing, anchor=True, device="cpu") > measured
+
+
+def test_our_step_needs_at_most_085x_the_anchors_flops_on_the_tiny_model(tmp_path):
+    step_flops = _load_step_flops()
+    results = step_flops.main(["--model", "tiny", "--out", str(tmp_path)])
+    assert {r["row"] for r in results} == set(step_flops.ROWS)
+    for r in results:
+        assert r["ours_tflop"] < r["anchor_tflop"] and r["ours_ckpt_tflop"] > r["ours_tflop"]  # recompute counted
+        assert 0 < r["ratio_no_ckpt"] <= 0.85
+    assert "| full-unet+text |" in (tmp_path / "results.md").read_text()
