@@ -205,6 +205,7 @@ def quiet_library_logs():
 
 def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
 
     config = config.validate()
@@ -213,6 +214,9 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
     # Read the photos before loading a multi-GB model, so a wrong folder fails in a second.
     for concept in config.concepts:
         load_instance_images(concept.instance_dir, 8)
+    # accelerate remembers the first run's mixed precision for the whole process and refuses another; a notebook
+    # may train twice (fp16, then bf16 or fp32). Forget it; the distributed state (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=runtime.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               cpu=runtime.device == "cpu")
@@ -237,7 +241,7 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
 
     # --- data: the subject's photos, and class images for prior preservation
     instance_sets, class_sets = [], []
-    vae_dtype = weight_dtype if runtime.device == "cuda" else torch.float32
+    vae_dtype = weight_dtype  # the dtype the VAE was moved to above
     for concept in config.concepts:
         images, report = load_instance_images(concept.instance_dir, resolution, config.crop)
         if report.skipped:
@@ -316,19 +320,20 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
                 + accelerator.process_index
             generator = torch.Generator(device.type).manual_seed(config.seed * 1_000_003 + position)
             batch = _assemble(instances, classes, position, config, generator)
-            with accelerator.accumulate(unet), accelerator.autocast():
-                latents = _latents(batch, vae, config, device, vae_dtype, generator)
-                noise = torch.randn(latents.shape, generator=generator, device=device)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          generator=generator, device=device)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                hidden = text_encoder(batch["input_ids"].to(device))[0] if text_training \
-                    else frozen_text(text_encoder, batch["input_ids"], device)
-                prediction = unet(noisy, timesteps, hidden).sample
-                target = noise if noise_scheduler.config.prediction_type == "epsilon" \
-                    else noise_scheduler.get_velocity(latents, noise, timesteps)
-                loss, instance_loss, prior_loss = dreambooth_loss(prediction, target, batch["num_instance"],
-                                                                  config.prior_loss_weight)
+            with accelerator.accumulate(unet):
+                with accelerator.autocast():  # the forward pass only, see the backward below
+                    latents = _latents(batch, vae, config, device, vae_dtype, generator)
+                    noise = torch.randn(latents.shape, generator=generator, device=device)
+                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                              generator=generator, device=device)
+                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                    hidden = text_encoder(batch["input_ids"].to(device))[0] if text_training \
+                        else frozen_text(text_encoder, batch["input_ids"], device)
+                    prediction = unet(noisy, timesteps, hidden).sample
+                    target = noise if noise_scheduler.config.prediction_type == "epsilon" \
+                        else noise_scheduler.get_velocity(latents, noise, timesteps)
+                    loss, instance_loss, prior_loss = dreambooth_loss(prediction, target, batch["num_instance"],
+                                                                      config.prior_loss_weight)
                 # A NaN/inf forward loss is never applied (no backward, no step), so the weights stay those
                 # of the last good step. The fp16 loss scaler cannot catch this: it only inspects gradients.
                 if not torch.isfinite(loss.detach()):
@@ -336,6 +341,9 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
                     optimizer.zero_grad(set_to_none=True)
                     lr_scheduler.step()
                     continue
+                # Outside autocast, as PyTorch advises: its cache of half-precision weight copies lives as long
+                # as the autocast block, so a backward pass inside it holds a copy of every trained weight until
+                # the end (UNet + text encoder: 1.8 GiB); out here each copy is freed once its layer is done.
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and config.max_grad_norm > 0:

@@ -128,3 +128,29 @@ def test_the_optimised_loop_trains_the_same_weights_as_the_plain_loop(make_confi
     assert max((plain[k] - base[k]).abs().max() for k in plain) > 1e-4  # it trained
     for name in plain:
         torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-5)
+
+
+def test_the_loop_runs_the_forward_pass_in_autocast_and_the_backward_pass_outside(make_config, monkeypatch):
+    """Autocast keeps a half-precision copy of each weight it casts until its block ends: a backward pass inside
+    the block would hold a copy of every trained weight (1.8 GiB for SD's UNet + text encoder) to the end."""
+    import dataclasses
+
+    from dreambooth_helpers import training
+
+    seen = {"forward": [], "backward": []}
+    real_load, real_resolve = training.load_components, training.resolve_runtime
+
+    def load_with_probes(*args, **kwargs):
+        components = real_load(*args, **kwargs)
+        components.unet.register_forward_hook(lambda *_: seen["forward"].append(torch.is_autocast_enabled("cpu")))
+        first = next(components.unet.parameters())
+        first.register_post_accumulate_grad_hook(lambda _: seen["backward"].append(torch.is_autocast_enabled("cpu")))
+        return components
+
+    monkeypatch.setattr(training, "load_components", load_with_probes)
+    # CPU runs are fp32, where autocast is off; bf16 autocast works on a CPU and shows where the passes run.
+    monkeypatch.setattr(training, "resolve_runtime",
+                        lambda config, **kw: dataclasses.replace(real_resolve(config, **kw), mixed_precision="bf16"))
+    train(make_config(max_train_steps=2, with_prior_preservation=False, sample_every=None), progress=False)
+    assert seen["forward"] == [True, True]
+    assert seen["backward"] == [False, False]

@@ -218,3 +218,18 @@ def test_presets_are_valid_and_distinct():
     assert made["t4"].lora is False and made["t4"].train_text_encoder and made["t4"].gradient_checkpointing
     assert made["t4"].mixed_precision == "fp16" and made["t4"].use_8bit_adam and made["t4"].with_prior_preservation
     assert made["t4-lora"].lora and made["large-gpu"].gradient_checkpointing is False
+
+
+def test_one_process_can_train_twice_with_different_mixed_precision(make_config, tmp_path, monkeypatch):
+    """A notebook session trains, changes its mind about precision, and trains again."""
+    import dataclasses
+
+    from dreambooth_helpers import training
+
+    real_resolve = training.resolve_runtime
+    for run, precision in enumerate(("no", "bf16", "no")):  # bf16 autocast also runs on a CPU
+        monkeypatch.setattr(training, "resolve_runtime", lambda config, p=precision, **kw: dataclasses.replace(
+            real_resolve(config, **kw), mixed_precision=p))
+        result = training.train(make_config(output_dir=str(tmp_path / f"run{run}"), max_train_steps=1,
+                                             with_prior_preservation=False), progress=False)
+        assert (result.output_dir / "model_index.json").exists()
