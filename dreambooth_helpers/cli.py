@@ -94,7 +94,7 @@ def _add_train(subparsers) -> None:
                      "memory; as-set: --gradient-checkpointing/--step-in-backward as given (implied by either).")
     mem.add_argument("--step-in-backward", action=argparse.BooleanOptionalAction, default=None,
                      help="Apply the optimizer step per weight during backward: no full copy of the gradients "
-                     "(-3.7 GiB for SD 1.x). Needs bf16 or no mixed precision and --max-grad-norm 0.")
+                     "(-3.7 GiB for SD 1.x). Needs --max-grad-norm 0; with fp16 it scales the loss itself.")
     mem.add_argument("--cache-text-embeddings", action=argparse.BooleanOptionalAction, default=None,
                      help="With a frozen text encoder, encode each prompt once and move it off the GPU (default on).")
     mem.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

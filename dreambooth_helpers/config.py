@@ -213,10 +213,10 @@ class TrainConfig:
         if self.step_in_backward:
             from .memory import step_in_backward_allowed
 
-            why_not = step_in_backward_allowed(self, self.mixed_precision)
+            why_not = step_in_backward_allowed(self)
             if why_not:
-                raise ConfigError(f"--step-in-backward cannot be used here: {why_not}. Use --mixed-precision bf16 "
-                                  "(or no), --max-grad-norm 0 and --gradient-accumulation-steps 1, or drop it.")
+                raise ConfigError(f"--step-in-backward cannot be used here: {why_not}. Use --max-grad-norm 0 "
+                                  "and --gradient-accumulation-steps 1, or drop it.")
         _float_range("--max-grad-norm", self.max_grad_norm, 0.0, 1e6)
         _float_range("--adam-weight-decay", self.adam_weight_decay, 0.0, 1.0)
         _int_range("--seed", self.seed, 0, 2**32 - 1)
@@ -280,9 +280,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "settings": {"lora": True, "lora_rank": 8, "gradient_checkpointing": False},
     },
     "low-memory": {
-        "description": "8 GB cards: full UNet + text encoder with every memory saving on.",
+        "description": "8 GB cards: full UNet + text encoder with every memory saving on, including the optimizer "
+                       "step inside backward (which rules out gradient clipping).",
+        # max_grad_norm 0: clipping needs every gradient at once, the very thing the step inside backward avoids.
+        # Adam already bounds each weight's step by its learning rate; DreamBooth's rates are small.
         "settings": {"gradient_checkpointing": True, "use_8bit_adam": True, "cache_latents": True,
-                     "class_images_batch_size": 1, "memory_plan": "smallest"},
+                     "class_images_batch_size": 1, "memory_plan": "smallest", "max_grad_norm": 0.0},
     },
     "large-gpu": {
         "description": "24 GB+ (A100, L4, 3090/4090): no gradient checkpointing, bf16 where supported, batch 2.",

@@ -183,11 +183,8 @@ def estimate_memory(config: TrainConfig, settings: MemorySettings, *, precision:
                           int(reserved))
 
 
-def step_in_backward_allowed(config: TrainConfig, precision: str) -> str | None:
+def step_in_backward_allowed(config: TrainConfig) -> str | None:
     """None when the optimizer step may run inside the backward pass; else the reason it may not."""
-    if precision == "fp16":
-        return ("fp16 loss scaling decides to skip a step only once every gradient is known, but by then "
-                "earlier parameters would already be updated")
     if config.max_grad_norm > 0:
         return "gradient clipping needs the norm of all gradients before any parameter changes"
     if config.gradient_accumulation_steps > 1:
@@ -195,7 +192,7 @@ def step_in_backward_allowed(config: TrainConfig, precision: str) -> str | None:
     return None
 
 
-def candidate_settings(config: TrainConfig, precision: str) -> list[MemorySettings]:
+def candidate_settings(config: TrainConfig) -> list[MemorySettings]:
     """The settings `config.memory_plan` allows, fastest first.
 
     Checkpointing recomputes the forward pass (~1.8x step time on the anchors), so it comes last;
@@ -203,7 +200,7 @@ def candidate_settings(config: TrainConfig, precision: str) -> list[MemorySettin
     """
     if config.memory_plan == "as-set":
         return [MemorySettings(config.gradient_checkpointing, config.step_in_backward)]
-    in_backward = [False, True] if step_in_backward_allowed(config, precision) is None else [False]
+    in_backward = [False, True] if step_in_backward_allowed(config) is None else [False]
     ordered = [MemorySettings(ckpt, sib) for ckpt in (False, True) for sib in in_backward]
     return ordered[-1:] if config.memory_plan == "smallest" else ordered
 
@@ -228,7 +225,7 @@ def plan_memory(config: TrainConfig, *, precision: str | None = None, use_8bit_a
     """
     precision = precision or config.mixed_precision
     free = cuda_free_bytes() if free_bytes is None else free_bytes
-    candidates = candidate_settings(config, precision)
+    candidates = candidate_settings(config)
     estimates = [estimate_memory(config, s, precision=precision, use_8bit_adam=use_8bit_adam, size=size)
                  for s in candidates]
     for settings, estimate in zip(candidates, estimates):
@@ -262,7 +259,7 @@ def _what_to_change(config: TrainConfig, precision: str, use_8bit_adam: bool | N
     """Advice: the first single change (from _MEMORY_SAVINGS) that makes the run fit, else the fewest in order."""
     def fits(candidate: TrainConfig) -> bool:
         adam8 = True if candidate.use_8bit_adam and not config.use_8bit_adam else use_8bit_adam
-        smallest = candidate_settings(candidate, precision)[-1]
+        smallest = candidate_settings(candidate)[-1]
         return estimate_memory(candidate, smallest, precision=precision, use_8bit_adam=adam8,
                                size=size).peak_reserved <= budget
 
@@ -301,7 +298,7 @@ def oom_advice(config: TrainConfig, *, settings: MemorySettings | None = None, p
     used = estimate_memory(config, settings, precision=precision, use_8bit_adam=use_8bit_adam, size=size)
     head = (f"The GPU ran out of memory: this run needs ~{used.peak_allocated / GIB:.1f} GiB by our estimate, "
             f"the GPU has {total_bytes / GIB:.1f} GiB, and other programs on it (another notebook) use some. ")
-    for smaller in candidate_settings(config.replace(memory_plan="auto"), precision):
+    for smaller in candidate_settings(config.replace(memory_plan="auto")):
         estimate = estimate_memory(config, smaller, precision=precision, use_8bit_adam=use_8bit_adam, size=size)
         if estimate.peak_allocated < used.peak_allocated and estimate.peak_reserved <= total_bytes:
             if config.memory_plan == "auto":

@@ -2,12 +2,12 @@
 
 - `StepInBackward`: the optimizer steps each parameter as soon as its gradient is complete, inside the
   backward pass, and frees that gradient; the full set of gradients (3.7 GiB for SD 1.x's UNet and text
-  encoder in fp32) never exists. Not usable with fp16 loss scaling, gradient clipping or accumulation:
-  each needs every gradient before any parameter may change (see memory.step_in_backward_allowed).
+  encoder in fp32) never exists. Gradient clipping and accumulation need every gradient before any parameter
+  may change, so they rule it out (memory.step_in_backward_allowed). With fp16 it does its own loss scaling,
+  per parameter (see the class).
 - `TextEmbeddingCache`: a frozen text encoder gives the same output for the same prompt every step, and
   a run has only a few prompts (instance and class prompt per subject), so each is encoded once.
-- `use_channels_last`: the UNet's convolution weights in NHWC layout, which tensor cores prefer.
-"""
+- `use_channels_last`: the UNet's convolution weights in NHWC layout, which tensor cores prefer."""
 
 from __future__ import annotations
 
@@ -22,11 +22,22 @@ class StepInBackward(torch.optim.Optimizer):
     To the training loop, the learning-rate scheduler and checkpoints it looks like one optimizer: the
     scheduler sets `lr` on `param_groups` here and each inner step reads it; `step()` and `zero_grad()`
     have nothing left to do, since every gradient was applied and freed during backward.
+
+    fp16 (`loss_scaling=True`): the loop backpropagates `scale_loss(loss)`, and each hook divides its gradient
+    by the scale before stepping. A gradient that overflowed (inf/NaN) leaves its parameter unchanged, and the
+    scale is halved at the end of the step; after `growth_interval` clean steps it doubles (the rules of
+    torch's GradScaler). No weight ever sees an overflowed gradient. What differs from GradScaler: on an
+    overflow step, the parameters whose gradients were already complete and finite are updated (backward
+    reaches them before the overflow, so their gradients are exact), where GradScaler skips every update.
+    On every other step the update is the plain one.
     """
 
-    def __init__(self, param_groups: list[dict], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer]):
+    def __init__(self, param_groups: list[dict], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer],
+                 loss_scaling: bool = False, init_scale: float = 2.0**16, growth_interval: int = 2000):
         super().__init__(param_groups, defaults={})
         self._inner: list[tuple[torch.optim.Optimizer, dict]] = []
+        self.loss_scale = init_scale if loss_scaling else None  # None: gradients are used as they come
+        self.growth_interval, self._clean_steps = growth_interval, 0
         self.nonfinite_in_backward = 0  # parameters left unchanged in the current step: NaN/inf gradient
         self.last_step_nonfinite = 0  # the same, for the step that step() closed
         self._hooks = []
@@ -36,12 +47,18 @@ class StepInBackward(torch.optim.Optimizer):
                 self._inner.append((make_optimizer([{**settings, "params": [param]}]), group))
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._hook(len(self._inner) - 1)))
 
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """What to backpropagate: the loss times the fp16 loss scale (the loss itself without scaling)."""
+        return loss if self.loss_scale is None else loss * self.loss_scale
+
     def _hook(self, index: int):
         inner, group = self._inner[index]
 
         def step_this_parameter(param: torch.Tensor) -> None:
-            # Without a loss scaler nothing else keeps a NaN/inf gradient out of the weights. The check waits
-            # for the GPU once per parameter; the benchmark measures what that costs.
+            if self.loss_scale is not None:
+                param.grad.mul_(1.0 / self.loss_scale)
+            # Nothing else keeps a NaN/inf gradient out of the weights. The check waits for the GPU once per
+            # parameter; the benchmark measures what that costs.
             if bool(torch.isfinite(param.grad).all()):
                 inner.param_groups[0]["lr"] = group["lr"]  # follow the scheduler
                 inner.step()
@@ -53,8 +70,15 @@ class StepInBackward(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Every update happened in backward; close the step's count of skipped parameters."""
+        """Every update happened in backward; close the step's count of skipped parameters, adjust the scale."""
         self.last_step_nonfinite, self.nonfinite_in_backward = self.nonfinite_in_backward, 0
+        if self.loss_scale is not None:
+            if self.last_step_nonfinite:
+                self.loss_scale, self._clean_steps = self.loss_scale * 0.5, 0
+            else:
+                self._clean_steps += 1
+                if self._clean_steps >= self.growth_interval:
+                    self.loss_scale, self._clean_steps = self.loss_scale * 2.0, 0
         return None if closure is None else closure()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -64,13 +88,16 @@ class StepInBackward(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         return {"inner": [inner.state_dict() for inner, _ in self._inner],
-                "lr": [group["lr"] for group in self.param_groups]}
+                "lr": [group["lr"] for group in self.param_groups],
+                "loss_scale": self.loss_scale, "clean_steps": self._clean_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
         for (inner, _), saved in zip(self._inner, state_dict["inner"], strict=True):
             inner.load_state_dict(saved)
         for group, lr in zip(self.param_groups, state_dict["lr"], strict=True):
             group["lr"] = lr
+        if self.loss_scale is not None and state_dict.get("loss_scale") is not None:
+            self.loss_scale, self._clean_steps = state_dict["loss_scale"], state_dict["clean_steps"]
 
     def remove_hooks(self) -> None:
         for hook in self._hooks:

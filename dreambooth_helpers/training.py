@@ -206,6 +206,7 @@ def quiet_library_logs():
 def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import GradScalerKwargs
     from diffusers.optimization import get_scheduler
 
     config = config.validate()
@@ -217,9 +218,12 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
     # accelerate remembers the first run's mixed precision for the whole process and refuses another; a notebook
     # may train twice (fp16, then bf16 or fp32). Forget it; the distributed state (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
+    # The step inside backward scales the fp16 loss itself, per parameter (speedups.StepInBackward).
+    own_loss_scaling = runtime.step_in_backward and runtime.mixed_precision == "fp16"
     accelerator = Accelerator(mixed_precision=runtime.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              cpu=runtime.device == "cpu")
+                              cpu=runtime.device == "cpu",
+                              kwargs_handlers=[GradScalerKwargs(enabled=False)] if own_loss_scaling else None)
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     for notice in runtime.notices:
         say(notice)
@@ -282,6 +286,7 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
         groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
                        "lr": config.effective_text_encoder_learning_rate})
     optimizer = _make_optimizer(groups, config, runtime)
+    in_backward = optimizer if isinstance(optimizer, StepInBackward) else None  # steps inside backward
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
@@ -344,7 +349,7 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
                 # Outside autocast, as PyTorch advises: its cache of half-precision weight copies lives as long
                 # as the autocast block, so a backward pass inside it holds a copy of every trained weight until
                 # the end (UNet + text encoder: 1.8 GiB); out here each copy is freed once its layer is done.
-                accelerator.backward(loss)
+                accelerator.backward(in_backward.scale_loss(loss) if in_backward else loss)
                 grad_norm = None
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
@@ -357,6 +362,8 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
                     lr_scheduler.step()
                     continue
                 optimizer.step()
+                if in_backward and in_backward.last_step_nonfinite and in_backward.loss_scale is None:
+                    skipped = f"the gradients of {in_backward.last_step_nonfinite} weights were NaN/inf"
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         loss_value = float(loss.detach())
@@ -365,7 +372,8 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
             raise TrainingError(_diverged_message(step + 1, skipped, config, output_dir))
         # fp16 gradients that overflow are normal: the scaler skips that update and halves its scale. Only a
         # long run of them (the scale collapsing) means training itself went wrong.
-        overflowed = skipped is None and bool(getattr(optimizer, "step_was_skipped", False))
+        overflowed = skipped is None and (bool(getattr(optimizer, "step_was_skipped", False)) or bool(
+            in_backward and in_backward.loss_scale is not None and in_backward.last_step_nonfinite))
         overflow_streak = overflow_streak + 1 if overflowed else 0
         if overflow_streak >= OVERFLOW_PATIENCE:
             raise TrainingError(_diverged_message(step + 1, "fp16 gradients overflowed", config, output_dir,
@@ -466,7 +474,8 @@ def _diverged_message(step: int, reason: str, config: TrainConfig, output_dir: P
 def _make_optimizer(groups, config: TrainConfig, runtime: Runtime):
     if runtime.step_in_backward:  # one optimizer per parameter, stepped by its gradient's hook
         per_parameter = dataclasses.replace(runtime, step_in_backward=False)
-        return StepInBackward(groups, lambda group: _make_optimizer(group, config, per_parameter))
+        return StepInBackward(groups, lambda group: _make_optimizer(group, config, per_parameter),
+                              loss_scaling=runtime.mixed_precision == "fp16")
     if runtime.use_8bit_adam:
         import bitsandbytes as bnb
 

@@ -81,20 +81,19 @@ def test_estimates_grow_with_resolution_trainables_batch_and_shrink_with_each_sa
 
 
 def test_candidates_are_ordered_fastest_first_and_step_in_backward_only_where_it_is_exact():
-    assert candidate_settings(t4(), "fp16") == [NO_CKPT, CKPT]
-    assert candidate_settings(t4(max_grad_norm=0.0), "fp16") == [NO_CKPT, CKPT]  # fp16 loss scaling
-    assert candidate_settings(t4(), "bf16") == [NO_CKPT, CKPT]  # clipping needs every gradient
-    exact = t4(max_grad_norm=0.0, mixed_precision="bf16")
-    assert candidate_settings(exact, "bf16") == [NO_CKPT, MemorySettings(False, True), CKPT,
-                                                 MemorySettings(True, True)]
-    assert candidate_settings(exact.replace(memory_plan="smallest"), "bf16") == [MemorySettings(True, True)]
+    assert candidate_settings(t4()) == [NO_CKPT, CKPT]  # clipping needs every gradient
+    assert candidate_settings(t4(gradient_accumulation_steps=2, max_grad_norm=0.0)) == [NO_CKPT, CKPT]
+    for precision in ("fp16", "bf16"):  # fp16: the step in backward scales the loss itself
+        exact = t4(max_grad_norm=0.0, mixed_precision=precision)
+        assert candidate_settings(exact) == [NO_CKPT, MemorySettings(False, True), CKPT, MemorySettings(True, True)]
+        assert candidate_settings(exact.replace(memory_plan="smallest")) == [MemorySettings(True, True)]
     as_set = t4(memory_plan="as-set", gradient_checkpointing=False)
-    assert candidate_settings(as_set, "fp16") == [NO_CKPT]
+    assert candidate_settings(as_set) == [NO_CKPT]
 
 
 def test_the_planner_picks_the_fastest_setting_that_fits_each_free_memory_level():
     config = t4(max_grad_norm=0.0, mixed_precision="bf16")
-    ordered = candidate_settings(config, "bf16")
+    ordered = candidate_settings(config)
     needs = [estimate_memory(config, s).peak_reserved for s in ordered]
     assert needs[0] > needs[1] and needs[0] > needs[2] > needs[3]  # each later one is smaller than the fastest
     for free in (40 * GIB, needs[0], needs[1], needs[2] + 1, needs[3]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -68,13 +70,59 @@ def test_step_in_backward_leaves_a_parameter_with_a_nonfinite_gradient_unchanged
 
 
 def test_step_in_backward_is_refused_where_it_would_change_the_update(make_config):
-    with pytest.raises(ConfigError, match="--step-in-backward cannot be used here: fp16 loss scaling"):
-        make_config(step_in_backward=True, mixed_precision="fp16", max_grad_norm=0.0).validate()
-    with pytest.raises(ConfigError, match="gradient clipping"):
-        make_config(step_in_backward=True, mixed_precision="bf16", max_grad_norm=1.0).validate()
+    with pytest.raises(ConfigError, match="--step-in-backward cannot be used here: gradient clipping"):
+        make_config(step_in_backward=True, mixed_precision="fp16", max_grad_norm=1.0).validate()
     with pytest.raises(ConfigError, match="accumulation"):
         make_config(step_in_backward=True, mixed_precision="no", max_grad_norm=0.0,
                     gradient_accumulation_steps=2).validate()
+    make_config(step_in_backward=True, mixed_precision="fp16", max_grad_norm=0.0).validate()
+
+
+def _scaled_step(weights, optimizer, overflow_at=None):
+    """A backward pass of sum(w_i * i) through the optimizer's loss scale; `overflow_at` gets an inf gradient."""
+    factors = [torch.tensor(float("inf") if i == overflow_at else i + 1.0) for i in range(len(weights))]
+    loss = sum((w * f).sum() for w, f in zip(weights, factors))
+    optimizer.scale_loss(loss).backward()
+    optimizer.step()
+
+
+def test_fp16_loss_scaling_in_backward_unscales_each_gradient_and_gives_the_plain_update():
+    plain = [torch.nn.Parameter(torch.ones(3)) for _ in range(3)]
+    scaled = [torch.nn.Parameter(torch.ones(3)) for _ in range(3)]
+    # SGD, not Adam: Adam's update hardly changes when the gradient is 1024x too large; SGD's does.
+    reference = torch.optim.SGD(plain, lr=0.1)
+    optimizer = StepInBackward([{"params": scaled, "lr": 0.1}], lambda g: torch.optim.SGD(g), loss_scaling=True,
+                               init_scale=1024.0)
+    seen = []
+    scaled[0].register_hook(lambda grad: seen.append(grad.clone()))  # the gradient before the hook unscales it
+    for _ in range(2):
+        reference.zero_grad()
+        sum((w * (i + 1.0)).sum() for i, w in enumerate(plain)).backward()
+        reference.step()
+        _scaled_step(scaled, optimizer)
+    assert torch.equal(seen[0], torch.full((3,), 1024.0))  # the loss really was scaled
+    for a, b in zip(plain, scaled, strict=True):
+        torch.testing.assert_close(a, b)
+    assert optimizer.loss_scale == 1024.0 and all(p.grad is None for p in scaled)
+
+
+def test_fp16_overflow_in_backward_leaves_the_weights_finite_and_halves_the_scale():
+    weights = [torch.nn.Parameter(torch.ones(3)) for _ in range(3)]
+    optimizer = StepInBackward([{"params": weights, "lr": 0.1}], lambda g: torch.optim.AdamW(g), loss_scaling=True,
+                               init_scale=1024.0, growth_interval=2)
+    _scaled_step(weights, optimizer, overflow_at=1)
+    assert torch.equal(weights[1].detach(), torch.ones(3))  # the overflowed gradient touched nothing
+    assert all(torch.isfinite(w).all() for w in weights) and (weights[0] < 1).all()
+    assert optimizer.last_step_nonfinite == 1 and optimizer.loss_scale == 512.0
+    _scaled_step(weights, optimizer)
+    _scaled_step(weights, optimizer)  # two clean steps: the scale grows back
+    assert optimizer.loss_scale == 1024.0 and optimizer.last_step_nonfinite == 0
+    saved = optimizer.state_dict()
+    again = StepInBackward([{"params": weights, "lr": 0.1}], lambda g: torch.optim.AdamW(g), loss_scaling=True)
+    again.load_state_dict(saved)  # a resumed run continues with the scale it had
+    assert again.loss_scale == 1024.0
+    optimizer.remove_hooks()
+    again.remove_hooks()
 
 
 def test_cached_text_embeddings_equal_live_ones():
@@ -154,3 +202,40 @@ def test_the_loop_runs_the_forward_pass_in_autocast_and_the_backward_pass_outsid
     train(make_config(max_train_steps=2, with_prior_preservation=False, sample_every=None), progress=False)
     assert seen["forward"] == [True, True]
     assert seen["backward"] == [False, False]
+
+
+def test_the_loop_with_fp16_step_in_backward_scales_the_loss_and_unscales_the_gradients(make_config, tmp_path,
+                                                                                       monkeypatch):
+    """train() end to end on the fp16 path's own loss scaling: a loss scale of 2**16 against a scale of 1.
+    (On a CPU accelerate runs no fp16 autocast, so scaling by a power of two and back is exact.)"""
+    import dataclasses
+
+    from dreambooth_helpers import training
+
+    real_resolve, scales = training.resolve_runtime, []
+    monkeypatch.setattr(training, "resolve_runtime",
+                        lambda config, **kw: dataclasses.replace(real_resolve(config, **kw), mixed_precision="fp16"))
+    real_scale_loss = StepInBackward.scale_loss
+    monkeypatch.setattr(StepInBackward, "scale_loss",
+                        lambda self, loss: scales.append(self.loss_scale) or real_scale_loss(self, loss))
+    common = dict(max_train_steps=3, with_prior_preservation=False, train_text_encoder=True, learning_rate=1e-3,
+                  max_grad_norm=0.0, memory_plan="as-set", gradient_checkpointing=False, step_in_backward=True,
+                  mixed_precision="fp16")
+    result = train(make_config(output_dir=str(tmp_path / "scaled"), **common), progress=False)
+    assert scales == [2.0**16] * 3
+    summary = json.loads(result.summary_path.read_text())
+    assert not any(entry["skipped"] for entry in summary["history"])
+    class UnitScale(StepInBackward):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "init_scale": 1.0})
+
+    monkeypatch.setattr(training, "StepInBackward", UnitScale)
+    train(make_config(output_dir=str(tmp_path / "unscaled"), **common), progress=False)
+    assert scales[3:] == [1.0] * 3
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        scaled, unscaled = load_file(tmp_path / "scaled" / part), load_file(tmp_path / "unscaled" / part)
+        for name in scaled:
+            torch.testing.assert_close(scaled[name], unscaled[name], rtol=1e-4, atol=1e-5)  # as the test above
+    base = build_tiny_components().unet.state_dict()
+    trained = load_file(tmp_path / "scaled/unet/diffusion_pytorch_model.safetensors")
+    assert max((trained[k] - base[k]).abs().max() for k in base) > 1e-4  # it trained
