@@ -245,12 +245,11 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
 
     # --- data: the subject's photos, and class images for prior preservation
     instance_sets, class_sets = [], []
-    vae_dtype = weight_dtype  # the dtype the VAE was moved to above
     for concept in config.concepts:
         images, report = load_instance_images(concept.instance_dir, resolution, config.crop)
         if report.skipped:
             say("Skipped: " + "; ".join(f"{s.name} ({s.reason})" for s in report.skipped))
-        instance_sets.append(_make_examples(images, concept.instance_prompt, components, config, runtime, vae_dtype))
+        instance_sets.append(_make_examples(images, concept.instance_prompt, components, config, runtime, weight_dtype))
         if config.with_prior_preservation:
             class_dir = Path(concept.class_dir or default_class_dir(output_dir, concept.class_prompt))
             concept.class_dir = str(class_dir)
@@ -264,7 +263,7 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
             class_report = read_images(class_dir)
             class_images = [prepare_image(r.image, resolution, "center") for r in class_report.images]
             class_sets.append(_make_examples(class_images[:config.num_class_images], concept.class_prompt,
-                                             components, config, runtime, vae_dtype))
+                                             components, config, runtime, weight_dtype))
     instances = [e for s in instance_sets for e in s]
     classes = [e for s in class_sets for e in s]
     if config.with_prior_preservation and not classes:
@@ -327,7 +326,7 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
             batch = _assemble(instances, classes, position, config, generator)
             with accelerator.accumulate(unet):
                 with accelerator.autocast():  # the forward pass only, see the backward below
-                    latents = _latents(batch, vae, config, device, vae_dtype, generator)
+                    latents = _latents(batch, vae, config, device, weight_dtype, generator)
                     noise = torch.randn(latents.shape, generator=generator, device=device)
                     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                               generator=generator, device=device)
