@@ -93,6 +93,24 @@ def test_single_nan_losses_and_nan_gradients_are_skipped_not_applied_and_trainin
     assert summary["history"][2]["skipped"] == "the loss was NaN/inf"
 
 
+def test_nan_gradients_with_the_step_inside_backward_leave_the_weights_and_are_marked_skipped(make_config,
+                                                                                              monkeypatch):
+    """The per-weight step has no clipping norm to look at: its own check keeps NaN out and marks the step."""
+    monkeypatch.setattr(training, "dreambooth_loss", loss_that_turns_bad({2: "gradient"}))
+    logs = []
+    config = make_config(max_train_steps=3, learning_rate=1e-3, with_prior_preservation=False, max_grad_norm=0.0,
+                         step_in_backward=True, memory_plan="as-set")
+    result = train(config, progress=False, on_step=lambda step, entry: logs.append(entry))
+    assert logs[0]["skipped"] is None and logs[2]["skipped"] is None
+    assert re.fullmatch(r"the gradients of \d+ weights were NaN/inf", logs[1]["skipped"])
+    assert all_finite(weights(result.output_dir)) and all_finite(weights(result.output_dir, "text_encoder"))
+
+    monkeypatch.setattr(training, "dreambooth_loss", loss_that_turns_bad({1: "gradient", 2: "gradient",
+                                                                          3: "gradient"}))
+    with pytest.raises(TrainingError, match="NaN/inf"):  # three in a row: diverged
+        train(config.replace(output_dir=config.output_dir + "-2"), progress=False)
+
+
 def test_nan_weights_are_never_saved_as_a_checkpoint_or_model(make_config, tmp_path, monkeypatch):
     # No gradient clipping, so nothing inspects the gradients: the NaN reaches the weights at step 2.
     monkeypatch.setattr(training, "dreambooth_loss", loss_that_turns_bad({2: "gradient"}))
