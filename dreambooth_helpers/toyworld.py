@@ -350,10 +350,16 @@ def measure_prompt_following(pipeline, count: int = 48, seed: int = 0, steps: in
 
 
 def load_pipeline(model: str):
-    """A StableDiffusionPipeline for `model` ("toy", "tiny", or a diffusers folder), in fp32 on the CPU."""
+    """A StableDiffusionPipeline for `model` ("toy", "tiny", a diffusers folder or a training run's output,
+    LoRA runs included), in fp32 on the CPU."""
+    from .inference import apply_lora, resolve_model
     from .models import load_components, make_pipeline
 
-    return make_pipeline(load_components(model))
+    base, lora, _ = resolve_model(model)
+    pipeline = make_pipeline(load_components(base))
+    if lora:
+        apply_lora(pipeline, lora)
+    return pipeline
 
 
 def vae_round_trip(pipeline, images: Sequence) -> list[Image.Image]:
@@ -370,8 +376,10 @@ def vae_round_trip(pipeline, images: Sequence) -> list[Image.Image]:
 
 def measure_dreambooth(instance_dir: str, work_dir: str, model: str = "toy", steps: int = 200, count: int = 32,
                        num_class_images: int = 32, learning_rate: float | None = None, seed: int = 0,
-                       sample_steps: int = 20) -> dict[str, float]:
-    """DreamBooth on `instance_dir` with and without prior preservation, and the colour distances that tell.
+                       sample_steps: int = 20, preset: str = "t4",
+                       priors: Sequence[bool] = (True, False)) -> dict[str, float]:
+    """DreamBooth on `instance_dir` with and without prior preservation (`priors`), trained with `preset`
+    ("t4-lora" for LoRA), and the colour distances that tell.
 
     Every distance is `set_distance` to the instance photos (shrunk to the model's size and passed through its
     VAE, see `vae_round_trip`) or to the base model's "a toy" pictures. Returns, e.g., "sks_after_prior" =
@@ -400,10 +408,10 @@ def measure_dreambooth(instance_dir: str, work_dir: str, model: str = "toy", ste
         "sks_base": set_distance(generate(base, subject_prompts, seed=seed, steps=sample_steps), instances),
         "toy_base_to_base": set_distance(base_toy_again, base_toy),
     }
-    for prior in (True, False):
+    for prior in priors:
         name = "prior" if prior else "no_prior"
         config = TrainConfig.from_preset(
-            "t4", model=model, output_dir=str(Path(work_dir, name)), max_train_steps=steps, resolution=resolution,
+            preset, model=model, output_dir=str(Path(work_dir, name)), max_train_steps=steps, resolution=resolution,
             concepts=[Concept(instance_dir, SUBJECT_PROMPT, CLASS_PROMPT,
                               str(Path(work_dir, "class_images")))],
             with_prior_preservation=prior, num_class_images=num_class_images, learning_rate=learning_rate,

@@ -195,3 +195,19 @@ def test_the_demo_serves_the_toy_model_and_its_pictures_follow_the_prompt(tmp_pa
     finally:
         running.close()
     assert colours["red"].count("red") >= 3 and colours["blue"].count("blue") >= 3, colours
+
+
+def test_load_pipeline_reads_a_lora_runs_output_with_its_base_model(make_config, tmp_path):
+    """measure_dreambooth(preset="t4-lora") loads LoRA outputs, which hold no model of their own."""
+    from dreambooth_helpers.training import train
+
+    result = train(make_config(preset="t4-lora", max_train_steps=2, learning_rate=1e-2,
+                               with_prior_preservation=False), progress=False)
+    assert not (result.output_dir / "model_index.json").exists()
+    trained, base = toyworld.load_pipeline(str(result.output_dir)), toyworld.load_pipeline("tiny")
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ids = base.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = base.text_encoder(ids)[0]
+        outputs = [pipe.unet(latents, torch.tensor([500]), hidden).sample for pipe in (trained, base)]
+    assert not torch.allclose(*outputs)  # the trained adapters are applied on the base model
