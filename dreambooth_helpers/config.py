@@ -21,7 +21,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 CROP_MODES = ("center", "pad")
 MEMORY_PLANS = ("auto", "as-set", "smallest")
 TINY_MODEL = "tiny"
-TOY_MODEL = "toy"  # the offline default: models.TOY_MODEL, trained on the toy world and shipped
+TOY_MODEL = "toy"  # the offline default, trained on the toy world and shipped (models.TOY_MODEL_DIR)
 TOY_LEARNING_RATES = {"full": 1e-4, "lora": 1e-3}  # measured with scripts/measure_toy_model.py
 
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
+from .config import TINY_MODEL, TOY_MODEL
 from .errors import ModelLoadError
 
-TINY_MODEL = "tiny"
-# The toy-world model trained by scripts/train_toy_model.py and shipped in the package: small, but it draws.
-TOY_MODEL = "toy"
+# "tiny" (random weights, for tests) and "toy": the toy-world model trained by scripts/train_toy_model.py and
+# shipped in the package, small but it draws. The names live in config, which validates them.
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
 SD15_RANDOM = "sd15-random"
 TINY_RESOLUTION = 64
