@@ -76,7 +76,8 @@ def resolve_runtime(config: TrainConfig, cuda_available: bool | None = None) -> 
     precision, adam8, xformers = config.mixed_precision, config.use_8bit_adam, False
     if not cuda:
         if precision != "no":
-            notices.append(f"No GPU: training in fp32 instead of {precision} (slow; fine for the tiny model).")
+            notices.append(f"No GPU: training in fp32 instead of {precision} (fine for the offline toy and tiny "
+                           "models; far too slow for Stable Diffusion).")
             precision = "no"
         if adam8:
             notices.append("No GPU: bitsandbytes 8-bit AdamW needs CUDA, using plain AdamW.")
