@@ -1,0 +1,141 @@
+"""The one place for the DreamBooth recipe of each subject kind: prompts, steps, learning rates, class images.
+
+`TrainConfig` (and so the CLI's `train --kind` and the notebook's settings form) reads these values
+whenever a setting is left at None, so a subject trained from the command line and from the
+notebook gets the same run. Sources: the DreamBooth paper (Ruiz et al. 2022) for the prompts and
+prior preservation; community practice and Hugging Face's DreamBooth blog (2x A100 runs) for steps
+per photo and learning rates; the classic T4 Colab notebooks for the number of class images.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+SUBJECT_KINDS = ("object", "person", "style")
+DEFAULT_KIND = "object"
+MIN_STEPS, MAX_STEPS = 400, 2000  # the step count a kind's steps-per-photo gives is kept within these
+LORA_LEARNING_RATE = 1e-4  # LoRA adapters start at zero and need a ~50x larger rate than full weights
+# The offline toy model is ~200x smaller than SD and was itself trained at 6e-4: SD's rates would not move it
+# in a few hundred steps (measured with scripts/measure_toy_model.py).
+TOY_LEARNING_RATES = {"full": 1e-4, "lora": 1e-3}
+# Words a tokenizer knows well make bad identifiers: the model already means something by them.
+COMMON_WORDS = frozenset(
+    "a an the photo picture image of in on at with and dog cat man woman person boy girl toy car style painting "
+    "red blue green black white my your sky sun".split()
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a subject kind changes in a run."""
+
+    label: str  # how forms name the kind
+    class_noun: str  # the usual class noun, offered as the form's default
+    steps_per_image: int
+    learning_rate: float  # full fine-tune of the UNet (and the text encoder); LoRA uses LORA_LEARNING_RATE
+    train_text_encoder: bool
+    num_class_images: int  # prior-preservation images to generate
+
+
+RECIPES = {
+    # 50 class images as in the classic T4 notebooks (~5 s each on a T4); the paper used ~200.
+    "object": Recipe("an object or a pet", "dog", 150, 2e-6, True, 50),
+    # Faces need more steps and a lower rate to keep the likeness without burning in; the text encoder matters most.
+    "person": Recipe("a person (a face)", "person", 200, 1e-6, True, 50),
+    # A style has 10-40 varied pictures; fewer passes over each are enough.
+    "style": Recipe("an art style", "painting", 100, 2e-6, True, 50),
+}
+
+
+def recipe(kind: str) -> Recipe:
+    if kind not in RECIPES:
+        raise ConfigError(f"Subject kind {kind!r} is not one of {', '.join(SUBJECT_KINDS)}.")
+    return RECIPES[kind]
+
+
+def default_steps(num_images: int, kind: str = DEFAULT_KIND) -> int:
+    """Training steps for `num_images` photos: the kind's steps per photo, kept within MIN_STEPS..MAX_STEPS."""
+    return min(MAX_STEPS, max(MIN_STEPS, recipe(kind).steps_per_image * max(1, num_images)))
+
+
+def default_learning_rate(kind: str = DEFAULT_KIND, lora: bool = False, toy_model: bool = False) -> float:
+    if toy_model:
+        return TOY_LEARNING_RATES["lora" if lora else "full"]
+    return LORA_LEARNING_RATE if lora else recipe(kind).learning_rate
+
+
+def default_text_encoder_learning_rate(kind: str = DEFAULT_KIND, lora: bool = False, toy_model: bool = False) -> float:
+    """The text encoder's rate: the UNet's for full fine-tuning; half of it for LoRA, whose text adapters
+    (on a 123M-parameter encoder that reads every prompt) drift fastest."""
+    rate = default_learning_rate(kind, lora, toy_model)
+    return rate / 2 if lora else rate
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def check_token(token: str) -> str:
+    """The identifier, stripped; refuses what cannot work as one rare word."""
+    token = (token or "").strip()
+    if not re.fullmatch(r"[A-Za-z0-9]{2,20}", token):
+        raise ConfigError(f"Identifier token {token!r}: use one short made-up word of letters/digits, e.g. \"sks\" "
+                          "or \"zwx\" (no spaces).")
+    return token
+
+
+def check_class_noun(class_noun: str) -> str:
+    class_noun = " ".join((class_noun or "").split())
+    if not class_noun or len(class_noun) > 40:
+        raise ConfigError("Class noun is empty or too long: use the plain word for what the subject is, e.g. \"dog\", "
+                          "\"backpack\", \"man\", \"woman\", \"painting\".")
+    return class_noun
+
+
+def token_advice(token: str, class_noun: str) -> str | None:
+    """A warning when the identifier is a word the model already knows (it would mix the two meanings)."""
+    lowered = token.lower()
+    if lowered == class_noun.lower() or lowered in COMMON_WORDS:
+        return (f"{token!r} is an ordinary word, so the model already means something by it. A rare made-up word "
+                "such as \"sks\" or \"zwx\" works better as the identifier.")
+    return None
+
+
+@dataclass(frozen=True)
+class SubjectPrompts:
+    instance: str  # names the subject: identifier + class noun
+    class_: str  # the same without the identifier: what prior preservation generates
+    samples: tuple[str, ...]  # drawn during training, to watch the subject appear
+    generation: tuple[str, ...]  # to try after training: the subject in new contexts
+
+
+def prompts_for(token: str, class_noun: str, kind: str = DEFAULT_KIND) -> SubjectPrompts:
+    """The instance, class, sample and generation prompts for a subject of this kind."""
+    token, noun = check_token(token), check_class_noun(class_noun)
+    recipe(kind)
+    if kind == "style":
+        instance, class_ = f"a {noun} in {token} style", f"a {noun}"
+        generation = (f"a {noun} of a lighthouse in {token} style",
+                      f"a {noun} of a city street at night in {token} style",
+                      f"a {noun} of a cat in {token} style",
+                      f"a {noun} of mountains at sunrise in {token} style")
+        samples = (instance, generation[0])
+    elif kind == "person":
+        instance, class_ = f"a photo of {token} {noun}", f"a photo of {noun}"
+        generation = (f"a portrait photo of {token} {noun}, studio lighting", f"{token} {noun} as an astronaut",
+                      f"an oil painting of {token} {noun}", f"a photo of {token} {noun} on the beach, smiling")
+        samples = (instance, generation[1])
+    else:
+        instance, class_ = f"a photo of {token} {noun}", f"a photo of {noun}"
+        generation = (f"a {token} {noun} in the jungle", f"a {token} {noun} in the snow", f"a red {token} {noun}",
+                      f"a {token} {noun} on the beach")
+        samples = (instance, generation[1])
+    return SubjectPrompts(instance, class_, samples, generation)
+
+
+def evaluation_kind(kind: str) -> str | None:
+    """The DreamBooth paper's prompt set for this kind ("object" or "live"), None for a style."""
+    recipe(kind)
+    return {"object": "object", "person": "live", "style": None}[kind]
