@@ -1,10 +1,18 @@
 """dreambooth-helpers: teach Stable Diffusion 1.x a new subject from a few photos, on a free Colab T4."""
 
 from .config import PRESETS, Concept, TrainConfig
-from .data import DatasetReport, check_images, load_instance_images, prepare_image, read_images
+from .data import DatasetReport, load_instance_images, prepare_image, read_images
 from .demo import DemoLimits, RunningDemo, launch_demo
-from .doctor import DoctorReport, Finding, diagnose
-from .errors import ConfigError, DreamBoothError, ImageDataError, ModelLoadError, TrainingError
+from .doctor import DoctorReport, Finding, check_images, diagnose
+from .errors import (
+    ConfigError,
+    DreamBoothError,
+    GenerationError,
+    HubError,
+    ImageDataError,
+    ModelLoadError,
+    TrainingError,
+)
 from .evaluation import (
     CheckpointComparison,
     EvaluationReport,
@@ -15,7 +23,7 @@ from .evaluation import (
     load_encoders,
 )
 from .export import export_single_file
-from .hub import HubError, build_model_card, push_to_hub, stage_for_upload
+from .hub import build_model_card, push_to_hub, stage_for_upload
 from .inference import GeneratedImage, Generator, generate, image_grid, load_generator, save_images
 from .models import SDComponents, build_sd15_shaped_components, build_tiny_components, load_components
 
@@ -34,6 +42,7 @@ __all__ = [
     "load_encoders",
     "DemoLimits",
     "GeneratedImage",
+    "GenerationError",
     "Generator",
     "HubError",
     "RunningDemo",

@@ -2,15 +2,20 @@
 
 A checkpoint is `OUTPUT_DIR/checkpoints/checkpoint-000500/` holding the trainable weights (a
 `unet/` and `text_encoder/` folder, or LoRA adapters), the optimizer, learning-rate scheduler and
-loss-scaler states, and `state.json`. It is written into a temporary folder and renamed into place:
-a kill during a save leaves the previous checkpoint intact. Only the newest K are kept, so Colab's
-disk does not fill.
+loss-scaler states, the loss history so far (`history.json`) and `state.json`. It is written into a
+temporary folder and renamed into place: a kill during a save leaves the previous checkpoint intact.
+Only the newest K are kept, so Colab's disk does not fill. Every file is loaded without running
+pickled code (tensors and plain data only), so a checkpoint from someone else cannot run code here.
+
+`plan_checkpoints` decides, before any model loads, how many checkpoints a run can afford on a disk
+where every byte ever written counts (Google Drive keeps deleted files in its trash).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +24,17 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError, TrainingError
+from .files import LORA_WEIGHTS_FILE as LORA_WEIGHTS  # file names live in files.py; training.py reads ckpt.X
+from .files import MODEL_INDEX_FILE, SUMMARY_FILE  # noqa: F401
 
 CHECKPOINTS_DIR = "checkpoints"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-SUMMARY_FILE = "training_summary.json"
+HISTORY_FILE = "history.json"  # in a checkpoint: the per-step logs up to it, so a resumed run's history is whole
+CHECKPOINTS_PER_RUN = 4  # at most, evenly spaced: more rarely pays for the time and disk they take
+# bitsandbytes' 8-bit AdamW: two 1-byte moments per parameter, plus one fp32 scale per 256-value block of each
+# (tensors under 4096 values keep fp32 moments; SD's are nearly all larger). Plain AdamW: two fp32 moments.
+ADAM8_CHECKPOINT_BYTES = 2 * (1 + 4 / 256)
+ADAM_CHECKPOINT_BYTES = 8
+SMALL_FILES_BYTES = 2**20  # state.json, history.json, the scheduler and scaler states
 
 
 @dataclass
@@ -35,6 +47,7 @@ class TrainingState:
     lr_scheduler: Any
     scaler: Any | None  # the fp16 loss scaler, when there is one
     lora: bool
+    eight_bit_adam: bool = False  # the optimizer keeps 8-bit moments (bitsandbytes): smaller checkpoints
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -49,6 +62,26 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and (p / "state.json").is_file()
              and p.name.removeprefix("checkpoint-").isdigit()]
     return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")))
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step a complete checkpoint was saved at (read from its state.json, no weights loaded)."""
+    return int(json.loads((Path(path) / "state.json").read_text())["step"])
+
+
+def is_checkpoint_step(step: int, max_steps: int, every: int | None) -> bool:
+    """Whether step `step` of `max_steps` saves a checkpoint.
+
+    Every `every` steps, but never at the last step (the finished model and training_summary.json stand
+    for it) nor when fewer than half an interval remain: a checkpoint a few steps before the end costs a
+    full checkpoint's time and disk and saves almost no work.
+    """
+    return bool(every) and step % every == 0 and step < max_steps and max_steps - step >= every // 2
+
+
+def checkpoint_steps(max_steps: int, every: int | None) -> list[int]:
+    """The steps of a `max_steps` run that save a checkpoint (see is_checkpoint_step)."""
+    return [step for step in range(1, max_steps + 1) if is_checkpoint_step(step, max_steps, every)]
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
@@ -115,20 +148,35 @@ def require_finite_weights(models, what: str, output_dir: str | Path) -> None:
                                     "--resume latest.")
 
 
-def _bytes_needed(state: TrainingState) -> int:
-    models = [m for m in (state.unet, state.text_encoder) if m is not None]
-    trainable = [p for m in models for p in m.parameters() if p.requires_grad]
-    weights = sum(p.numel() * 4 for p in trainable)
-    return int(weights * 3 + 64 * 2**20)  # weights + up to two fp32 optimizer moments + headroom
+def checkpoint_bytes(trainable_parameters: int, *, lora: bool, eight_bit_adam: bool) -> int:
+    """Disk taken by one checkpoint: the trained weights in fp32 (LoRA: twice, the raw adapters for resuming and
+    the diffusers file) and the optimizer's two moments (8-bit AdamW ~2 bytes per parameter, AdamW 8).
+
+    LoRA matrices are mostly under bitsandbytes' 4096-value threshold, so their moments count as fp32.
+    """
+    weights = 4 * trainable_parameters * (2 if lora else 1)
+    per_moment_pair = ADAM8_CHECKPOINT_BYTES if eight_bit_adam and not lora else ADAM_CHECKPOINT_BYTES
+    return int(weights + per_moment_pair * trainable_parameters + SMALL_FILES_BYTES)
+
+
+def _trainable_parameters(state: TrainingState) -> int:
+    models = [_unwrap(m) for m in (state.unet, state.text_encoder) if m is not None]
+    return sum(p.numel() for m in models for p in m.parameters() if p.requires_grad)
+
+
+def _state_checkpoint_bytes(state: TrainingState) -> int:
+    return checkpoint_bytes(_trainable_parameters(state), lora=state.lora, eight_bit_adam=state.eight_bit_adam)
 
 
 def run_bytes_needed(state: TrainingState, frozen_models, checkpoints_kept: int) -> int:
-    """Disk a whole run needs: `checkpoints_kept` checkpoints (one more than the limit while the newest is
+    """Disk a whole run needs: `checkpoints_kept` checkpoints at once (one more than the limit while the newest is
     written before the oldest goes) and the final model (every part in fp32, or the LoRA file)."""
-    final = _bytes_needed(state) // 3 if state.lora else sum(
-        p.numel() * 4 for m in (state.unet, state.text_encoder, *frozen_models) if m is not None
-        for p in _unwrap(m).parameters())
-    return checkpoints_kept * _bytes_needed(state) + final
+    if state.lora:
+        final = 4 * _trainable_parameters(state)
+    else:
+        final = sum(p.numel() * 4 for m in (state.unet, state.text_encoder, *frozen_models) if m is not None
+                    for p in _unwrap(m).parameters())
+    return checkpoints_kept * _state_checkpoint_bytes(state) + final
 
 
 def check_free_disk(folder: Path, needed: int) -> None:
@@ -142,14 +190,17 @@ def check_free_disk(folder: Path, needed: int) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, state: TrainingState, metadata: dict[str, Any],
-                    keep: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
+                    keep: int, history: list[dict[str, Any]] | None = None) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`.
+
+    `history` (the per-step logs so far, JSON data) is saved with it, so a run resumed from it reports every step.
+    """
     final = checkpoint_dir(output_dir, step)
     require_finite_weights((state.unet, state.text_encoder), f"checkpoint {step}", output_dir)
     # Half-written checkpoints of runs killed mid-save are never resumed from; their space is needed now.
     for stale in final.parent.glob(".checkpoint-*.partial") if final.parent.is_dir() else []:
         shutil.rmtree(stale, ignore_errors=True)
-    check_free_disk(final.parent, _bytes_needed(state))
+    check_free_disk(final.parent, _state_checkpoint_bytes(state))
     partial = final.with_name(f".{final.name}.partial")
     partial.mkdir(parents=True)
     save_trainable_weights(partial, state.unet, state.text_encoder, state.lora)
@@ -157,6 +208,7 @@ def save_checkpoint(output_dir: str | Path, step: int, state: TrainingState, met
     torch.save(state.lr_scheduler.state_dict(), partial / "lr_scheduler.pt")
     if state.scaler is not None:
         torch.save(state.scaler.state_dict(), partial / "scaler.pt")
+    (partial / HISTORY_FILE).write_text(json.dumps(history or [], default=str))
     # state.json last: its presence is what marks a checkpoint complete.
     (partial / "state.json").write_text(json.dumps({"step": step, "lora": state.lora, **metadata}, indent=2))
     if final.exists():
@@ -189,11 +241,29 @@ def load_checkpoint(path: Path, state: TrainingState) -> int:
                 raise TrainingError(f"{path} has no text encoder weights: it was saved without "
                                     "--train-text-encoder. Resume with --no-train-text-encoder.")
             text_encoder.load_state_dict(_load_folder_weights(path / "text_encoder"), strict=False)
-    state.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    state.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=False))
+    state.optimizer.load_state_dict(_load_plain_data(path / "optimizer.pt"))
+    state.lr_scheduler.load_state_dict(_load_plain_data(path / "lr_scheduler.pt"))
     if state.scaler is not None and (path / "scaler.pt").is_file():
-        state.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        state.scaler.load_state_dict(_load_plain_data(path / "scaler.pt"))
     return int(info["step"])
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """The per-step logs saved with checkpoint `path` (empty for checkpoints saved before histories were kept)."""
+    file = Path(path) / HISTORY_FILE
+    return json.loads(file.read_text()) if file.is_file() else []
+
+
+def _load_plain_data(file: Path) -> Any:
+    """torch.load that accepts tensors and plain data only: unpickling anything else could run planted code."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrainingError(
+            f"{file} holds more than tensors and plain data, so it was not loaded: loading it could run code "
+            "hidden in it. Checkpoints written by dreambooth-helpers never do, so this one was altered or made by "
+            "another program. Resume from a checkpoint you made yourself, or train without --resume."
+        ) from None
 
 
 def _load_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -234,6 +304,10 @@ def write_json_atomically(path: Path, data: Any) -> None:
     os.replace(partial, path)
 
 
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
 def pipeline_from_checkpoint(checkpoint: str | Path, base_model: str | None = None):
     """A StableDiffusionPipeline with a checkpoint's weights, to look at (or evaluate) a step."""
     from diffusers import UNet2DConditionModel
@@ -253,3 +327,92 @@ def pipeline_from_checkpoint(checkpoint: str | Path, base_model: str | None = No
     unet = UNet2DConditionModel.from_pretrained(path / "unet")
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder") if (path / "text_encoder").is_dir() else None
     return make_pipeline(components, unet=unet, text_encoder=text_encoder)
+
+
+# ---------------------------------------------------------------------------- planning, before any model loads
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """How many checkpoints a run can afford in `free_bytes`, counting every byte it will ever write."""
+
+    checkpoint_every: int | None  # None: no checkpoint fits next to the model
+    checkpoint_steps: list[int]
+    checkpoint_bytes: int  # one checkpoint
+    model_bytes: int  # the finished model
+    other_bytes: int  # class images, samples, the summary
+    total_bytes: int  # all the run writes: every checkpoint, the model and the rest
+    free_bytes: int
+    fits: bool  # False when even the model and the rest do not fit
+    message: str  # one paragraph for the user
+
+    @property
+    def checkpoints_written(self) -> int:
+        return len(self.checkpoint_steps)
+
+
+def plan_checkpoints(config, free_bytes: int, size=None, *, steps: int | None = None,
+                     eight_bit_adam: bool | None = None) -> CheckpointPlan:
+    """The most checkpoints (up to CHECKPOINTS_PER_RUN, evenly spaced) a run of `config` can write in `free_bytes`.
+
+    Made for Google Drive: a deleted checkpoint stays in Drive's trash and counts against the quota until the
+    trash is emptied, so every checkpoint the run writes counts, not only the one kept (use
+    checkpoints_total_limit 1). `size` is a memory.ModelSize (default: memory.planning_size(config.model),
+    parameter counts without loading weights); `steps` defaults to config.max_train_steps, else the count
+    for the photos in the instance folders; `eight_bit_adam` to config.use_8bit_adam.
+    """
+    from .data import IMAGE_EXTENSIONS
+    from .memory import planning_size
+
+    size = size or planning_size(config.model)
+    if steps is None:
+        photos = sum(1 for c in config.concepts if Path(c.instance_dir).is_dir()
+                     for f in Path(c.instance_dir).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        steps = config.steps_for(photos)
+    eight_bit = config.use_8bit_adam if eight_bit_adam is None else eight_bit_adam
+    text_trains = config.train_text_encoder
+    if config.lora:
+        trainable = config.lora_rank * (size.unet_lora_per_rank + (size.text_lora_per_rank if text_trains else 0))
+        model = 4 * trainable
+    else:
+        trainable = size.unet + (size.text_encoder if text_trains else 0)
+        model = 4 * (size.unet + size.text_encoder + size.vae)  # a diffusers folder, every part in fp32
+    one = checkpoint_bytes(trainable, lora=config.lora, eight_bit_adam=eight_bit)
+    # PNGs of generated images: about 2 bytes a pixel (class images, and a round of samples every sample_every).
+    resolution = config.resolution or size.native_resolution
+    sample_rounds = -(-steps // config.sample_every) if config.sample_every else 0
+    prompts = len(config.sample_prompts) or len(config.concepts)
+    images = (config.effective_num_class_images if config.with_prior_preservation else 0) + sample_rounds * prompts
+    other = images * 2 * resolution**2 + SMALL_FILES_BYTES
+
+    every, chosen = None, []
+    for wanted in range(CHECKPOINTS_PER_RUN, 0, -1):
+        candidate = max(1, steps // (wanted + 1))
+        at = checkpoint_steps(steps, candidate)
+        if at and len(at) * one + model + other <= free_bytes:
+            every, chosen = candidate, at
+            break
+    total = len(chosen) * one + model + other
+    return CheckpointPlan(every, chosen, one, model, other, total, int(free_bytes), total <= free_bytes,
+                          _plan_message(chosen, one, model, other, free_bytes))
+
+
+def _plan_message(steps: list[int], one: int, model: int, other: int, free: int) -> str:
+    def gb(n: int) -> str:
+        return f"{n / 1e9:.1f} GB"
+
+    total = len(steps) * one + model + other
+    if total > free:
+        return (f"This run writes about {gb(total)} (the model alone is {gb(model)}) and only {gb(free)} is free: "
+                "free some space (empty Drive's trash too), save to the runtime's own disk, or train LoRA "
+                "(a file of a few MB).")
+    if not steps:
+        return (f"This run writes about {gb(total)}: the model, {gb(model)}, and no checkpoint: one checkpoint "
+                f"({gb(one)}) would not fit in the {gb(free)} free, so a disconnect means training again from the "
+                "start. Free some space (empty Drive's trash too) for a resumable run.")
+    where = ", ".join(str(s) for s in steps)
+    plural = "s" if len(steps) > 1 else ""
+    return (f"This run writes about {gb(total)} of the {gb(free)} free: {len(steps)} checkpoint{plural} of "
+            f"{gb(one)} at step{plural} {where} (only the newest is kept) and the model, {gb(model)}. Deleted "
+            "checkpoints stay in Google Drive's trash, which counts against its 15 GB, until you empty it.")
+

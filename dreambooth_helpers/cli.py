@@ -8,23 +8,19 @@ exit 2; there is no logic here that the notebook would need.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .config import (
-    ATTENTION_BACKENDS,
-    CROP_MODES,
-    LR_SCHEDULERS,
-    MEMORY_PLANS,
-    MIXED_PRECISIONS,
-    PRESETS,
-    Concept,
-    TrainConfig,
-)
+from .config import DEFAULT_PRESET, PRESETS, WHAT, Concept, TrainConfig, option_name
 from .errors import ConfigError, DreamBoothError
+from .files import GRID_FILE
+from .subject import DEFAULT_KIND, SUBJECT_KINDS
 
 EXIT_USER_ERROR = 2
 
@@ -38,8 +34,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train(subparsers) -> None:
     p = subparsers.add_parser("train", help="Fine-tune a model on your subject with DreamBooth.",
-                              description="Fine-tune Stable Diffusion 1.x on a few photos of a subject.")
-    what = p.add_argument_group("what to teach")
+                              description="Fine-tune Stable Diffusion 1.x on a few photos of a subject. Settings "
+                              "left out take the preset's value, else the recipe of --kind, else the default shown.")
+    what = p.add_argument_group(WHAT)
     what.add_argument("--instance-dir", help="Folder with 3-20 photos of your subject.")
     what.add_argument("--instance-prompt", help='Prompt naming the subject with a rare token: "a photo of sks dog".')
     what.add_argument("--class-prompt", help='The same without the token, for prior preservation: "a photo of dog".')
@@ -47,66 +44,64 @@ def _add_train(subparsers) -> None:
                       "Existing images are reused; only the missing ones are generated.")
     what.add_argument("--concepts-list", help="JSON file: a list of {instance_dir, instance_prompt, class_prompt, "
                       "class_dir} to teach several subjects in one run (instead of the four flags above).")
-    what.add_argument("--output-dir", required=True, help="Folder for the trained model, checkpoints, samples.")
-    what.add_argument("--model", default=None, help='Base model: a Hub id (stable-diffusion-v1-5/stable-diffusion-'
-                      'v1-5), a local diffusers folder, a .safetensors file, "toy" (offline 32 px model that draws '
-                      'coloured shapes; default) or "tiny" (random weights, for tests).')
-    what.add_argument("--preset", default="t4", choices=list(PRESETS),
-                      help="; ".join(f"{k}: {v['description']}" for k, v in PRESETS.items()))
-    data = p.add_argument_group("data")
-    data.add_argument("--resolution", type=int, help="Training size in pixels (default: the model's, 512 for SD 1.x).")
-    data.add_argument("--crop", choices=CROP_MODES, help="center: crop to a square; pad: keep the whole photo.")
-    data.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None,
-                      help="Mirror images at random (not for asymmetric subjects or text).")
-    prior = p.add_argument_group("prior preservation")
-    prior.add_argument("--prior-preservation", dest="with_prior_preservation",
-                       action=argparse.BooleanOptionalAction, default=None,
-                       help="Train on generated class images too, so the model keeps knowing the class (default on).")
-    prior.add_argument("--num-class-images", type=int, help="How many class images (default 100; paper uses ~200).")
-    prior.add_argument("--prior-loss-weight", type=float, help="Weight of the class-image loss (default 1.0).")
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--max-train-steps", type=int, help="Steps (default: 150 per photo, 400-1600).")
-    opt.add_argument("--learning-rate", type=float, help="Default 2e-6 (full) or 1e-4 (LoRA).")
-    opt.add_argument("--text-encoder-learning-rate", type=float, help="Default: the same as --learning-rate.")
-    opt.add_argument("--lr-scheduler", choices=LR_SCHEDULERS)
-    opt.add_argument("--lr-warmup-steps", type=int)
-    opt.add_argument("--train-batch-size", type=int, help="Instance images per step (class images come on top).")
-    opt.add_argument("--gradient-accumulation-steps", type=int)
-    opt.add_argument("--seed", type=int, help="Makes a run repeatable (default 0).")
-    opt.add_argument("--use-8bit-adam", action=argparse.BooleanOptionalAction, default=None,
-                     help="bitsandbytes 8-bit AdamW: 3/4 less optimizer memory (default on; plain AdamW on CPU).")
-    which = p.add_argument_group("which weights train")
-    which.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
-                       help="Train the text encoder too: better likeness, especially for faces (default on).")
-    which.add_argument("--stop-text-encoder-training-at", type=int, help="Freeze the text encoder after N steps.")
-    which.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
-                       help="Train small LoRA adapters instead of all weights: ~6 MB output, less memory.")
-    which.add_argument("--lora-rank", type=int, help="LoRA rank (default 4; 8-32 for harder subjects).")
-    mem = p.add_argument_group("memory and speed")
-    mem.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, help="fp16 on T4; bf16 on A100/L4/30xx+.")
-    mem.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                     help="Recompute activations in the backward pass: less memory, ~1.5x slower.")
-    mem.add_argument("--attention", choices=ATTENTION_BACKENDS, help="auto: xformers if it works, else SDPA.")
-    mem.add_argument("--cache-latents", action=argparse.BooleanOptionalAction, default=None,
-                     help="Encode images once and move the VAE off the GPU (default on).")
-    mem.add_argument("--memory-plan", choices=MEMORY_PLANS,
-                     help="auto (default): the fastest settings that fit the GPU's free memory; smallest: least "
-                     "memory; as-set: --gradient-checkpointing/--step-in-backward as given (implied by either).")
-    mem.add_argument("--step-in-backward", action=argparse.BooleanOptionalAction, default=None,
-                     help="Apply the optimizer step per weight during backward: no full copy of the gradients "
-                     "(-3.7 GiB for SD 1.x). Needs --max-grad-norm 0; with fp16 it scales the loss itself.")
-    mem.add_argument("--cache-text-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                     help="With a frozen text encoder, encode each prompt once and move it off the GPU (default on).")
-    mem.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                     help="Channels-last (NHWC) layout for the UNet (default off).")
-    out = p.add_argument_group("checkpoints and samples")
-    out.add_argument("--checkpoint-every", type=int, help="Save a resumable checkpoint every N steps.")
-    out.add_argument("--checkpoints-total-limit", type=int, help="Keep only the newest K checkpoints (default 2).")
-    out.add_argument("--resume", help='"latest" or a checkpoint folder: continue an interrupted run.')
-    out.add_argument("--sample-every", type=int, help="Save sample images every N steps.")
-    out.add_argument("--sample-prompt", dest="sample_prompts", action="append",
-                     help="Prompt for samples (repeatable; default: the instance prompt).")
+    _add_config_flags(p, {WHAT: what})
     p.set_defaults(run=_run_train)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, groups: dict[str, Any]) -> None:
+    """One flag per TrainConfig field, described by the field's metadata (config.setting).
+
+    Every flag defaults to None, meaning "not given": the preset's value, then the config's, applies.
+    Booleans also get a --no- form; a list field is a repeatable flag; the type comes from the annotation.
+    """
+    annotations = typing.get_type_hints(TrainConfig)
+    for option in dataclasses.fields(TrainConfig):
+        about = option.metadata
+        if not about.get("cli", True):
+            continue
+        if about["group"] not in groups:
+            groups[about["group"]] = parser.add_argument_group(about["group"])
+        flag: dict[str, Any] = {"dest": option.name, "default": None, "help": _help_with_defaults(option)}
+        value_type = _value_type(annotations[option.name])
+        if value_type is bool:
+            flag["action"] = argparse.BooleanOptionalAction
+        elif value_type is list:  # one value per use of the flag: --sample-prompt A --sample-prompt B
+            flag["action"] = "append"
+            flag["metavar"] = option_name(option.name).lstrip("-").replace("-", "_").upper()
+        else:
+            flag["type"] = value_type
+        if about["choices"]:
+            flag["choices"] = about["choices"]
+        if about["required_on_cli"]:
+            flag["required"] = True
+        groups[about["group"]].add_argument(option_name(option.name), **flag)
+
+
+def _value_type(annotation: Any) -> type:
+    """int for `int | None`, list for `list[str]`: what argparse converts a flag's text to."""
+    if typing.get_origin(annotation) is list:
+        return list
+    concrete = [t for t in typing.get_args(annotation) if t is not type(None)]
+    return concrete[0] if concrete else annotation
+
+
+def _help_with_defaults(option: dataclasses.Field) -> str:
+    """The field's help, plus its default and the presets that change it: "(default 4; t4-lora: 8)"."""
+    def shown(value: Any) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    notes = []
+    if option.default not in (None, dataclasses.MISSING) and not option.metadata["required_on_cli"] \
+            and option.name != "preset":
+        notes.append(f"default {shown(option.default)}")
+    notes += [f"{name}: {shown(preset['settings'][option.name])}" for name, preset in PRESETS.items()
+              if preset["settings"].get(option.name, option.default) != option.default]
+    text = option.metadata["help"]
+    if notes:
+        text = text.rstrip(".") + f" ({'; '.join(notes)})."
+    return text.replace("%", "%%")  # argparse formats help with %-style placeholders
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -116,17 +111,12 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         concepts = _read_concepts(args.concepts_list)
     else:
         concepts = [Concept(args.instance_dir or "", args.instance_prompt or "", args.class_prompt, args.class_dir)]
-    overrides = {name: getattr(args, name) for name in (
-        "output_dir", "model", "resolution", "crop", "random_flip", "with_prior_preservation", "num_class_images",
-        "prior_loss_weight", "max_train_steps", "learning_rate", "text_encoder_learning_rate", "lr_scheduler",
-        "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "seed", "use_8bit_adam",
-        "train_text_encoder", "stop_text_encoder_training_at", "lora", "lora_rank", "mixed_precision",
-        "gradient_checkpointing", "attention", "cache_latents", "checkpoint_every", "checkpoints_total_limit",
-        "resume", "sample_every", "sample_prompts", "memory_plan", "step_in_backward", "cache_text_embeddings",
-        "channels_last")}
+    overrides = {option.name: getattr(args, option.name) for option in dataclasses.fields(TrainConfig)
+                 if option.metadata.get("cli", True)}
     if overrides["memory_plan"] is None and (args.gradient_checkpointing is not None or args.step_in_backward):
         overrides["memory_plan"] = "as-set"  # an explicit choice is kept, not re-planned
-    return TrainConfig.from_preset(args.preset, concepts=concepts, **overrides).validate()
+    preset = overrides.pop("preset") or DEFAULT_PRESET
+    return TrainConfig.from_preset(preset, concepts=concepts, **overrides).validate()
 
 
 def _read_concepts(path: str) -> list[Concept]:
@@ -157,7 +147,7 @@ def _add_check_images(subparsers) -> None:
                               "or skipped and what to improve. Exit 0 when the set is usable.")
     p.add_argument("folder", help="Folder with your subject's photos.")
     p.add_argument("--resolution", type=int, default=512, help="Training size the photos are checked against.")
-    p.add_argument("--kind", default="object", choices=("object", "person", "style"),
+    p.add_argument("--kind", default=DEFAULT_KIND, choices=SUBJECT_KINDS,
                    help="What the photos teach: a thing or pet, a person's face, or a style (changes the advice).")
     p.add_argument("--json", action="store_true", help="Print the report as JSON.")
     p.set_defaults(run=_run_check_images)
@@ -212,7 +202,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     for path, result in zip(save_images(results, args.out), results, strict=True):
         print(f"{path}  (seed {result.seed})")
     if args.grid:
-        grid_path = Path(args.out, "grid.png")
+        grid_path = Path(args.out, GRID_FILE)
         image_grid([r.image for r in results]).save(grid_path)
         print(grid_path)
     return 0
@@ -314,7 +304,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     out = args.out
     if out is None and Path(args.model).is_dir():
         out = str(Path(args.model, "evaluation"))
-    common = dict(instance_dir=args.instance_dir, kind=args.kind, identifier=args.identifier,
+    common = dict(instance_dir=args.instance_dir, prompt_set=args.kind, identifier=args.identifier,
                   num_prompts=args.num_prompts, seed=args.seed, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, encoders=args.encoders)
     if args.checkpoints:

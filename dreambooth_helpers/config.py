@@ -1,8 +1,12 @@
 """One typed, validated configuration object for a DreamBooth run, and the presets.
 
 `TrainConfig` holds every setting; `TrainConfig.from_preset("t4", ...)` starts from a preset and
-overrides fields. `validate()` refuses bad values and impossible combinations with a message that
-names the option, so a mistake is caught before any model is loaded.
+overrides fields. Settings left at None take the recipe of the subject's kind (subject.py): steps,
+learning rates, class images. `validate()` refuses bad values and impossible combinations with a
+message that names the option, so a mistake is caught before any model is loaded.
+
+Each field's metadata (help, group, choices, flag name) is also the `train` command's flag: cli.py
+builds one option per field, so a setting added here appears on the command line by itself.
 """
 
 from __future__ import annotations
@@ -14,6 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .subject import (
+    DEFAULT_KIND,
+    LORA_LEARNING_RATE,
+    MAX_STEPS,
+    MIN_STEPS,
+    RECIPES,
+    SUBJECT_KINDS,
+    TOY_LEARNING_RATES,
+    default_learning_rate,
+    default_steps,
+    default_text_encoder_learning_rate,
+    recipe,
+)
 
 MIXED_PRECISIONS = ("fp16", "bf16", "no")
 ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
@@ -22,251 +39,7 @@ CROP_MODES = ("center", "pad")
 MEMORY_PLANS = ("auto", "as-set", "smallest")
 TINY_MODEL = "tiny"
 TOY_MODEL = "toy"  # the offline default, trained on the toy world and shipped (models.TOY_MODEL_DIR)
-TOY_LEARNING_RATES = {"full": 1e-4, "lora": 1e-3}  # measured with scripts/measure_toy_model.py
-
-
-@dataclass
-class Concept:
-    """One subject to teach: its photos, the prompt that names it, and the class it belongs to.
-
-    `instance_prompt` carries the rare identifier token ("a photo of sks dog"); `class_prompt` is
-    the same without it ("a photo of dog") and drives prior preservation.
-    """
-
-    instance_dir: str
-    instance_prompt: str
-    class_prompt: str | None = None
-    class_dir: str | None = None
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run. Field comments double as the CLI's help text."""
-
-    # What to teach.
-    concepts: list[Concept] = field(default_factory=list)
-    output_dir: str = "outputs/dreambooth"
-    model: str = TOY_MODEL  # Hub id, local diffusers folder, single .safetensors/.ckpt file, "toy" or "tiny"
-    preset: str = "t4"
-
-    # Data.
-    resolution: int | None = None  # square training size; None: the model's own (512 for SD 1.x, 64 for tiny)
-    crop: str = "center"  # "center" crops to a square; "pad" keeps the whole photo and pads it
-    random_flip: bool = False  # mirror images at random; do not use for asymmetric subjects or text
-
-    # Prior preservation: generated class images keep the model's idea of the class intact.
-    with_prior_preservation: bool = True
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-    class_images_batch_size: int = 4
-    class_images_steps: int = 25
-
-    # Optimisation.
-    max_train_steps: int | None = None  # None: 150 steps per instance image, within 400..1600
-    learning_rate: float | None = None  # None: 2e-6 full fine-tune, 1e-4 LoRA (toy model: TOY_LEARNING_RATES)
-    text_encoder_learning_rate: float | None = None  # None: same as learning_rate
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    adam_weight_decay: float = 1e-2
-    use_8bit_adam: bool = True
-    seed: int = 0
-
-    # Which weights train.
-    train_text_encoder: bool = True
-    stop_text_encoder_training_at: int | None = None  # freeze the text encoder after this many steps
-    lora: bool = False
-    lora_rank: int = 4
-    lora_alpha: int | None = None  # None: equal to the rank
-
-    # Memory and speed.
-    mixed_precision: str = "fp16"
-    gradient_checkpointing: bool = True
-    attention: str = "auto"  # "auto": xformers when installed and working, else PyTorch SDPA
-    cache_latents: bool = True  # encode every image once with the VAE, then move the VAE off the GPU
-    # "auto": on a GPU, the memory planner picks the fastest checkpointing/step-in-backward that fits the
-    # free memory; "smallest": the least memory; "as-set": gradient_checkpointing/step_in_backward as given.
-    memory_plan: str = "auto"
-    step_in_backward: bool = False  # optimizer step per parameter during backward: no full gradient copy
-    cache_text_embeddings: bool = True  # a frozen text encoder encodes each prompt once, then leaves the GPU
-    channels_last: bool = False  # UNet convolutions in NHWC layout (tensor-core friendly on some GPUs)
-
-    # Checkpoints and samples.
-    checkpoint_every: int | None = None
-    checkpoints_total_limit: int = 2
-    resume: str | None = None  # "latest" or a checkpoint folder
-    sample_every: int | None = None
-    sample_prompts: list[str] = field(default_factory=list)  # empty: the instance prompt(s)
-    sample_steps: int = 20
-    sample_seed: int = 1234
-
-    # ------------------------------------------------------------------ construction
-
-    @classmethod
-    def from_preset(cls, preset: str = "t4", **overrides: Any) -> TrainConfig:
-        """A config from a named preset, with `overrides` applied on top (None values ignored)."""
-        if preset not in PRESETS:
-            raise ConfigError(f"--preset {preset!r} is not a preset. Choose one of: {', '.join(PRESETS)}.")
-        values = {**PRESETS[preset]["settings"], "preset": preset}
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"Unknown setting(s): {', '.join(sorted(unknown))}.")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        values["concepts"] = [c if isinstance(c, Concept) else Concept(**c) for c in values.get("concepts", [])]
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = dict(data)
-        data["concepts"] = [Concept(**c) for c in data.get("concepts", [])]
-        return cls(**data)
-
-    # ------------------------------------------------------------------ derived values
-
-    @property
-    def effective_learning_rate(self) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        if self.model == TOY_MODEL:
-            # ~200x smaller than SD and trained at 6e-4: SD's 2e-6 would not move it in a few hundred steps.
-            return TOY_LEARNING_RATES["lora" if self.lora else "full"]
-        return 1e-4 if self.lora else 2e-6
-
-    @property
-    def effective_text_encoder_learning_rate(self) -> float:
-        if self.text_encoder_learning_rate is not None:
-            return self.text_encoder_learning_rate
-        return self.effective_learning_rate
-
-    def steps_for(self, num_instance_images: int) -> int:
-        """The step count: as asked, or ~150 per photo (community practice is 100-200)."""
-        if self.max_train_steps is not None:
-            return self.max_train_steps
-        return min(1600, max(400, 150 * num_instance_images))
-
-    # ------------------------------------------------------------------ validation
-
-    def validate(self) -> TrainConfig:
-        """Refuse bad values and impossible combinations, naming the option. Returns self."""
-        if not self.concepts:
-            raise ConfigError("No subject to train: give --instance-dir and --instance-prompt (or --concepts-list).")
-        for i, concept in enumerate(self.concepts):
-            where = "" if len(self.concepts) == 1 else f" (concept {i + 1})"
-            if not isinstance(concept.instance_dir, (str, Path)) or not str(concept.instance_dir).strip():
-                raise ConfigError(f"--instance-dir is empty{where}: give the folder with your subject's photos.")
-            if not isinstance(concept.instance_prompt, str) or not concept.instance_prompt.strip():
-                raise ConfigError(
-                    f"--instance-prompt is empty{where}: give a prompt with a rare token and the class, "
-                    "e.g. \"a photo of sks dog\"."
-                )
-            if self.with_prior_preservation and not (concept.class_prompt and concept.class_prompt.strip()):
-                raise ConfigError(
-                    f"Prior preservation is on but --class-prompt is missing{where}. Give the instance prompt "
-                    "without the identifier (e.g. \"a photo of dog\"), or pass --no-prior-preservation."
-                )
-            for name, value in (("--class-prompt", concept.class_prompt), ("--class-dir", concept.class_dir)):
-                if value is not None and not isinstance(value, (str, Path)):
-                    raise ConfigError(f"{name} must be text{where} (got a {type(value).__name__}).")
-        _choice("--preset", self.preset, tuple(PRESETS))
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError(f"--model must name a base model (got {self.model!r}): a Hub id such as stable-"
-                              f"diffusion-v1-5/stable-diffusion-v1-5, a local folder or file, {TOY_MODEL!r} or "
-                              f"{TINY_MODEL!r}.")
-        for name, value in (("--random-flip", self.random_flip), ("--prior-preservation", self.with_prior_preservation),
-                            ("--use-8bit-adam", self.use_8bit_adam), ("--train-text-encoder", self.train_text_encoder),
-                            ("--lora", self.lora), ("--gradient-checkpointing", self.gradient_checkpointing),
-                            ("--cache-latents", self.cache_latents), ("--step-in-backward", self.step_in_backward),
-                            ("--cache-text-embeddings", self.cache_text_embeddings),
-                            ("--channels-last", self.channels_last)):
-            if not isinstance(value, bool):  # "false" from a JSON file or a form would read as true
-                raise ConfigError(f"{name} must be true or false (got {value!r}).")
-        _choice("--mixed-precision", self.mixed_precision, MIXED_PRECISIONS)
-        _choice("--attention", self.attention, ATTENTION_BACKENDS)
-        _choice("--lr-scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        _choice("--crop", self.crop, CROP_MODES)
-        _choice("--memory-plan", self.memory_plan, MEMORY_PLANS)
-        if self.resolution is not None:
-            _int_range("--resolution", self.resolution, 16, 2048)
-        if self.resolution is not None and self.resolution % 8:
-            raise ConfigError(f"--resolution must be a multiple of 8 (got {self.resolution}); SD 1.x uses 512.")
-        _int_range("--num-class-images", self.num_class_images, 1 if self.with_prior_preservation else 0, 10_000)
-        _int_range("--class-images-batch-size", self.class_images_batch_size, 1, 64)
-        _int_range("--class-images-steps", self.class_images_steps, 1, 500)
-        _float_range("--prior-loss-weight", self.prior_loss_weight, 0.0, 100.0)
-        if self.max_train_steps is not None:
-            _int_range("--max-train-steps", self.max_train_steps, 1, 1_000_000)
-        for name, value in (("--learning-rate", self.learning_rate),
-                            ("--text-encoder-learning-rate", self.text_encoder_learning_rate)):
-            if value is not None:
-                _float_range(name, value, 1e-9, 1e-1)
-        _int_range("--lr-warmup-steps", self.lr_warmup_steps, 0, 1_000_000)
-        _int_range("--train-batch-size", self.train_batch_size, 1, 64)
-        _int_range("--gradient-accumulation-steps", self.gradient_accumulation_steps, 1, 256)
-        if self.step_in_backward:
-            from .memory import step_in_backward_allowed
-
-            why_not = step_in_backward_allowed(self)
-            if why_not:
-                raise ConfigError(f"--step-in-backward cannot be used here: {why_not}. Use --max-grad-norm 0 "
-                                  "and --gradient-accumulation-steps 1, or drop it.")
-        _float_range("--max-grad-norm", self.max_grad_norm, 0.0, 1e6)
-        _float_range("--adam-weight-decay", self.adam_weight_decay, 0.0, 1.0)
-        _int_range("--seed", self.seed, 0, 2**32 - 1)
-        _int_range("--lora-rank", self.lora_rank, 1, 1024)
-        if self.lora_alpha is not None:
-            _int_range("--lora-alpha", self.lora_alpha, 1, 4096)
-        if self.stop_text_encoder_training_at is not None:
-            if not self.train_text_encoder:
-                raise ConfigError(
-                    "--stop-text-encoder-training-at only makes sense with --train-text-encoder; "
-                    "drop one of the two."
-                )
-            _int_range("--stop-text-encoder-training-at", self.stop_text_encoder_training_at, 1, 1_000_000)
-        if self.checkpoint_every is not None:
-            _int_range("--checkpoint-every", self.checkpoint_every, 1, 1_000_000)
-        _int_range("--checkpoints-total-limit", self.checkpoints_total_limit, 1, 1000)
-        if self.sample_every is not None:
-            _int_range("--sample-every", self.sample_every, 1, 1_000_000)
-        _int_range("--sample-steps", self.sample_steps, 1, 500)
-        _int_range("sample_seed", self.sample_seed, 0, 2**32 - 1)
-        if not isinstance(self.sample_prompts, (list, tuple)) or not all(
-                isinstance(p, str) and p.strip() for p in self.sample_prompts):
-            raise ConfigError(f"--sample-prompt must be a list of non-empty prompts (got {self.sample_prompts!r}).")
-        if self.resume is not None and self.resume != "latest" and not Path(self.resume).is_dir():
-            raise ConfigError(
-                f"--resume {self.resume!r}: no such checkpoint folder. Use --resume latest to continue from the "
-                "newest checkpoint in the output folder, or give a checkpoint-N folder."
-            )
-        if not self.output_dir:
-            raise ConfigError("--output-dir is empty: give a folder for the trained model.")
-        return self
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} {value!r} is not allowed; choose one of: {', '.join(allowed)}.")
-
-
-def _int_range(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be a whole number from {low} to {high} (got {value!r}).")
-
-
-def _float_range(name: str, value: Any, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ConfigError(f"{name} must be a number from {low:g} to {high:g} (got {value!r}).")
-
+DEFAULT_PRESET = "t4"
 
 # Each preset: a one-line description (shown by the CLI and the notebook) and the settings it changes.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -293,3 +66,329 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "use_8bit_adam": False},
     },
 }
+
+
+def setting(default: Any, help_text: str, group: str, *, choices: tuple[str, ...] | None = None,
+            flag: str | None = None, required_on_cli: bool = False) -> Any:
+    """A TrainConfig field and the description of its `train` flag.
+
+    `flag` replaces the name derived from the field ("--max-train-steps" for max_train_steps);
+    `required_on_cli` makes the command line ask for a value the library defaults.
+    """
+    metadata = {"help": help_text, "group": group, "choices": choices, "flag": flag, "required_on_cli": required_on_cli}
+    if isinstance(default, list):  # a fresh list per config, as dataclasses require
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def option_name(field_name: str) -> str:
+    """The command-line flag of a TrainConfig field, as messages and the CLI spell it."""
+    flag = TrainConfig.__dataclass_fields__[field_name].metadata.get("flag")
+    return flag or "--" + field_name.replace("_", "-")
+
+
+# Help texts that quote the recipe, so that `train --help` shows the numbers subject.py holds.
+_KIND_HELP = (
+    "What the photos show; sets the recommended values the flags you leave out take. "
+    + "; ".join(f"{kind}: {r.steps_per_image} steps per photo, learning rate {r.learning_rate:g}, "
+                f"{r.num_class_images} class images" for kind, r in RECIPES.items())
+    + "."
+)
+_STEPS_HELP = (f"Training steps (default: --kind's steps per photo, kept within {MIN_STEPS}-{MAX_STEPS}).")
+_LEARNING_RATE_HELP = (
+    f"UNet learning rate (default: --kind's for a full fine-tune, {LORA_LEARNING_RATE:g} with --lora; the toy "
+    f"model: {TOY_LEARNING_RATES['full']:g}, {TOY_LEARNING_RATES['lora']:g} with --lora)."
+)
+_CLASS_IMAGES_HELP = (
+    "How many class images prior preservation generates (default: --kind's, "
+    + ", ".join(f"{kind} {r.num_class_images}" for kind, r in RECIPES.items()) + "; the paper uses ~200)."
+)
+
+
+@dataclass
+class Concept:
+    """One subject to teach: its photos, the prompt that names it, and the class it belongs to.
+
+    `instance_prompt` carries the rare identifier token ("a photo of sks dog"); `class_prompt` is
+    the same without it ("a photo of dog") and drives prior preservation.
+    """
+
+    instance_dir: str
+    instance_prompt: str
+    class_prompt: str | None = None
+    class_dir: str | None = None
+
+
+WHAT, DATA, PRIOR, OPTIMISATION, WEIGHTS, MEMORY, OUTPUTS = (
+    "what to teach", "data", "prior preservation", "optimisation", "which weights train", "memory and speed",
+    "checkpoints and samples")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; each field's help is its `train` flag's help."""
+
+    # What to teach. The concepts come from --instance-dir/--instance-prompt/--class-prompt/--class-dir or
+    # --concepts-list, which cli.py declares itself (one flag set makes one Concept).
+    concepts: list[Concept] = field(default_factory=list, metadata={"cli": False})
+    output_dir: str = setting("outputs/dreambooth", "Folder for the trained model, checkpoints and samples.", WHAT,
+                              required_on_cli=True)
+    model: str = setting(TOY_MODEL, 'Base model: a Hub id (stable-diffusion-v1-5/stable-diffusion-v1-5), a local '
+                         'diffusers folder, a .safetensors/.ckpt file, "toy" (offline 32 px model that draws coloured '
+                         'shapes) or "tiny" (random weights, for tests).', WHAT)
+    preset: str = setting(DEFAULT_PRESET, " ".join(f"{name}: {p['description']}" for name, p in PRESETS.items()),
+                          WHAT, choices=tuple(PRESETS))
+    kind: str = setting(DEFAULT_KIND, _KIND_HELP, WHAT, choices=SUBJECT_KINDS)
+
+    # Data.
+    resolution: int | None = setting(None, "Square training size in pixels (default: the model's own, 512 for "
+                                     "SD 1.x).", DATA)
+    crop: str = setting("center", "center: crop each photo to a square; pad: keep the whole photo and pad it.", DATA,
+                        choices=CROP_MODES)
+    random_flip: bool = setting(False, "Mirror images at random (not for asymmetric subjects or text).", DATA)
+
+    # Prior preservation: generated class images keep the model's idea of the class intact.
+    with_prior_preservation: bool = setting(True, "Train on generated class images too, so the model keeps knowing "
+                                            "the class.", PRIOR, flag="--prior-preservation")
+    num_class_images: int | None = setting(None, _CLASS_IMAGES_HELP, PRIOR)
+    prior_loss_weight: float = setting(1.0, "Weight of the class-image loss.", PRIOR)
+    class_images_batch_size: int = setting(4, "Class images generated at once (1 uses the least GPU memory).", PRIOR)
+    class_images_steps: int = setting(25, "Denoising steps per class image.", PRIOR)
+
+    # Optimisation.
+    max_train_steps: int | None = setting(None, _STEPS_HELP, OPTIMISATION)
+    learning_rate: float | None = setting(None, _LEARNING_RATE_HELP, OPTIMISATION)
+    text_encoder_learning_rate: float | None = setting(
+        None, "Text encoder learning rate (default: --learning-rate's, or the recipe's share of it: half with "
+        "--lora, whose text adapters drift fastest).", OPTIMISATION)
+    lr_scheduler: str = setting("constant", "How the learning rate changes over the run.", OPTIMISATION,
+                                choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = setting(0, "Steps to ramp the learning rate up from 0.", OPTIMISATION)
+    train_batch_size: int = setting(1, "Instance images per step (as many class images come on top).", OPTIMISATION)
+    gradient_accumulation_steps: int = setting(1, "Backward passes per optimizer step.", OPTIMISATION)
+    max_grad_norm: float = setting(1.0, "Clip the gradient norm to this (0: no clipping, which "
+                                   "--step-in-backward needs).", OPTIMISATION)
+    adam_weight_decay: float = setting(1e-2, "AdamW weight decay.", OPTIMISATION)
+    use_8bit_adam: bool = setting(True, "bitsandbytes 8-bit AdamW: 3/4 less optimizer memory (plain AdamW on CPU).",
+                                  OPTIMISATION)
+    seed: int = setting(0, "Makes a run repeatable.", OPTIMISATION)
+
+    # Which weights train.
+    train_text_encoder: bool = setting(True, "Train the text encoder too: better likeness, especially for faces.",
+                                       WEIGHTS)
+    stop_text_encoder_training_at: int | None = setting(None, "Freeze the text encoder after this many steps.",
+                                                        WEIGHTS)
+    lora: bool = setting(False, "Train small LoRA adapters instead of all weights: ~6 MB output, less memory.",
+                         WEIGHTS)
+    lora_rank: int = setting(4, "LoRA rank (8-32 for harder subjects).", WEIGHTS)
+    lora_alpha: int | None = setting(None, "LoRA scale numerator (default: equal to --lora-rank).", WEIGHTS)
+
+    # Memory and speed.
+    mixed_precision: str = setting("fp16", "fp16 on a T4; bf16 on A100/L4/30xx and newer; no: fp32.", MEMORY,
+                                   choices=MIXED_PRECISIONS)
+    gradient_checkpointing: bool = setting(True, "Recompute activations in the backward pass: less memory, ~1.5x "
+                                           "slower (giving it implies --memory-plan as-set).", MEMORY)
+    attention: str = setting("auto", "auto: xformers when installed and working, else PyTorch SDPA.", MEMORY,
+                             choices=ATTENTION_BACKENDS)
+    cache_latents: bool = setting(True, "Encode every image once with the VAE, then move the VAE off the GPU.",
+                                  MEMORY)
+    memory_plan: str = setting("auto", "auto: on a GPU, the fastest checkpointing/step-in-backward that fits the free "
+                               "memory; smallest: the least memory; as-set: --gradient-checkpointing and "
+                               "--step-in-backward as given.", MEMORY, choices=MEMORY_PLANS)
+    step_in_backward: bool = setting(False, "Apply the optimizer step per weight during backward: no full copy of "
+                                     "the gradients (-3.7 GiB for SD 1.x). Needs --max-grad-norm 0 and "
+                                     "--gradient-accumulation-steps 1; with fp16 it scales the loss itself.", MEMORY)
+    cache_text_embeddings: bool = setting(True, "With a frozen text encoder, encode each prompt once and move the "
+                                          "encoder off the GPU.", MEMORY)
+    channels_last: bool = setting(False, "UNet convolutions in channels-last (NHWC) layout, tensor-core friendly on "
+                                  "some GPUs.", MEMORY)
+
+    # Checkpoints and samples.
+    checkpoint_every: int | None = setting(None, "Save a resumable checkpoint every N steps.", OUTPUTS)
+    checkpoints_total_limit: int = setting(2, "Keep only the newest K checkpoints.", OUTPUTS)
+    resume: str | None = setting(None, '"latest" or a checkpoint folder: continue an interrupted run.', OUTPUTS)
+    sample_every: int | None = setting(None, "Save sample images every N steps.", OUTPUTS)
+    sample_prompts: list[str] = setting([], "Prompt for the samples (repeat the flag for several; default: the "
+                                        "instance prompt).", OUTPUTS, flag="--sample-prompt")
+    sample_steps: int = setting(20, "Denoising steps per sample image.", OUTPUTS)
+    sample_seed: int = setting(1234, "Seed of the sample images, the same at every step so they compare.", OUTPUTS)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_preset(cls, preset: str = DEFAULT_PRESET, **overrides: Any) -> TrainConfig:
+        """A config from a named preset, with `overrides` applied on top (None values ignored)."""
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset {preset!r} is not a preset. Choose one of: {', '.join(PRESETS)}.")
+        values = {**PRESETS[preset]["settings"], "preset": preset}
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"Unknown setting(s): {', '.join(sorted(unknown))}.")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["concepts"] = [c if isinstance(c, Concept) else Concept(**c) for c in values.get("concepts", [])]
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        data["concepts"] = [Concept(**c) for c in data.get("concepts", [])]
+        return cls(**data)
+
+    # ------------------------------------------------------------------ derived values: the recipe fills the Nones
+
+    @property
+    def effective_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return default_learning_rate(self.kind, self.lora, toy_model=self.model == TOY_MODEL)
+
+    @property
+    def effective_text_encoder_learning_rate(self) -> float:
+        """As given; else the recipe's text-encoder rate, scaled like the UNet's when --learning-rate is given."""
+        if self.text_encoder_learning_rate is not None:
+            return self.text_encoder_learning_rate
+        toy = self.model == TOY_MODEL
+        recipe_rate = default_text_encoder_learning_rate(self.kind, self.lora, toy_model=toy)
+        if self.learning_rate is None:
+            return recipe_rate
+        return self.learning_rate * recipe_rate / default_learning_rate(self.kind, self.lora, toy_model=toy)
+
+    @property
+    def effective_num_class_images(self) -> int:
+        """The class images this run uses: as given, else the kind's recipe; 0 without prior preservation."""
+        if not self.with_prior_preservation:
+            return 0
+        return recipe(self.kind).num_class_images if self.num_class_images is None else self.num_class_images
+
+    def steps_for(self, num_instance_images: int) -> int:
+        """The step count: as asked, or the kind's steps per photo within the recipe's bounds."""
+        if self.max_train_steps is not None:
+            return self.max_train_steps
+        return default_steps(num_instance_images, self.kind)
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> TrainConfig:
+        """Refuse bad values and impossible combinations, naming the option. Returns self."""
+        if not self.concepts:
+            raise ConfigError("No subject to train: give --instance-dir and --instance-prompt (or --concepts-list).")
+        for i, concept in enumerate(self.concepts):
+            where = "" if len(self.concepts) == 1 else f" (concept {i + 1})"
+            if not isinstance(concept.instance_dir, (str, Path)) or not str(concept.instance_dir).strip():
+                raise ConfigError(f"--instance-dir is empty{where}: give the folder with your subject's photos.")
+            if not isinstance(concept.instance_prompt, str) or not concept.instance_prompt.strip():
+                raise ConfigError(
+                    f"--instance-prompt is empty{where}: give a prompt with a rare token and the class, "
+                    "e.g. \"a photo of sks dog\"."
+                )
+            if self.with_prior_preservation and not (concept.class_prompt and concept.class_prompt.strip()):
+                raise ConfigError(
+                    f"Prior preservation is on but --class-prompt is missing{where}. Give the instance prompt "
+                    "without the identifier (e.g. \"a photo of dog\"), or pass --no-prior-preservation."
+                )
+            for name, value in (("--class-prompt", concept.class_prompt), ("--class-dir", concept.class_dir)):
+                if value is not None and not isinstance(value, (str, Path)):
+                    raise ConfigError(f"{name} must be text{where} (got a {type(value).__name__}).")
+        _choice("--preset", self.preset, tuple(PRESETS))
+        _choice("--kind", self.kind, SUBJECT_KINDS)
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError(f"--model must name a base model (got {self.model!r}): a Hub id such as stable-"
+                              f"diffusion-v1-5/stable-diffusion-v1-5, a local folder or file, {TOY_MODEL!r} or "
+                              f"{TINY_MODEL!r}.")
+        for option in dataclasses.fields(self):
+            value = getattr(self, option.name)
+            if isinstance(option.default, bool) and not isinstance(value, bool):
+                # "false" from a JSON file or a form would read as true
+                raise ConfigError(f"{option_name(option.name)} must be true or false (got {value!r}).")
+        _choice("--mixed-precision", self.mixed_precision, MIXED_PRECISIONS)
+        _choice("--attention", self.attention, ATTENTION_BACKENDS)
+        _choice("--lr-scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _choice("--crop", self.crop, CROP_MODES)
+        _choice("--memory-plan", self.memory_plan, MEMORY_PLANS)
+        if self.resolution is not None:
+            _int_range("--resolution", self.resolution, 16, 2048)
+        if self.resolution is not None and self.resolution % 8:
+            raise ConfigError(f"--resolution must be a multiple of 8 (got {self.resolution}); SD 1.x uses 512.")
+        if self.num_class_images is not None:
+            _int_range("--num-class-images", self.num_class_images, 1 if self.with_prior_preservation else 0, 10_000)
+        _int_range("--class-images-batch-size", self.class_images_batch_size, 1, 64)
+        _int_range("--class-images-steps", self.class_images_steps, 1, 500)
+        _float_range("--prior-loss-weight", self.prior_loss_weight, 0.0, 100.0)
+        if self.max_train_steps is not None:
+            _int_range("--max-train-steps", self.max_train_steps, 1, 1_000_000)
+        for name, value in (("--learning-rate", self.learning_rate),
+                            ("--text-encoder-learning-rate", self.text_encoder_learning_rate)):
+            if value is not None:
+                _float_range(name, value, 1e-9, 1e-1)
+        _int_range("--lr-warmup-steps", self.lr_warmup_steps, 0, 1_000_000)
+        _int_range("--train-batch-size", self.train_batch_size, 1, 64)
+        _int_range("--gradient-accumulation-steps", self.gradient_accumulation_steps, 1, 256)
+        _float_range("--max-grad-norm", self.max_grad_norm, 0.0, 1e6)
+        if self.step_in_backward:
+            why_not = step_in_backward_allowed(self)
+            if why_not:
+                raise ConfigError(f"--step-in-backward cannot be used here: {why_not}. Use --max-grad-norm 0 "
+                                  "and --gradient-accumulation-steps 1, or drop it.")
+        _float_range("--adam-weight-decay", self.adam_weight_decay, 0.0, 1.0)
+        _int_range("--seed", self.seed, 0, 2**32 - 1)
+        _int_range("--lora-rank", self.lora_rank, 1, 1024)
+        if self.lora_alpha is not None:
+            _int_range("--lora-alpha", self.lora_alpha, 1, 4096)
+        if self.stop_text_encoder_training_at is not None:
+            if not self.train_text_encoder:
+                raise ConfigError(
+                    "--stop-text-encoder-training-at only makes sense with --train-text-encoder; "
+                    "drop one of the two."
+                )
+            _int_range("--stop-text-encoder-training-at", self.stop_text_encoder_training_at, 1, 1_000_000)
+        if self.checkpoint_every is not None:
+            _int_range("--checkpoint-every", self.checkpoint_every, 1, 1_000_000)
+        _int_range("--checkpoints-total-limit", self.checkpoints_total_limit, 1, 1000)
+        if self.sample_every is not None:
+            _int_range("--sample-every", self.sample_every, 1, 1_000_000)
+        _int_range("--sample-steps", self.sample_steps, 1, 500)
+        _int_range("--sample-seed", self.sample_seed, 0, 2**32 - 1)
+        if not isinstance(self.sample_prompts, (list, tuple)) or not all(
+                isinstance(p, str) and p.strip() for p in self.sample_prompts):
+            raise ConfigError(f"--sample-prompt must be a list of non-empty prompts (got {self.sample_prompts!r}).")
+        if self.resume is not None and self.resume != "latest" and not Path(self.resume).is_dir():
+            raise ConfigError(
+                f"--resume {self.resume!r}: no such checkpoint folder. Use --resume latest to continue from the "
+                "newest checkpoint in the output folder, or give a checkpoint-N folder."
+            )
+        if not self.output_dir:
+            raise ConfigError("--output-dir is empty: give a folder for the trained model.")
+        return self
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def step_in_backward_allowed(config: TrainConfig) -> str | None:
+    """None when the optimizer step may run inside the backward pass; else the reason it may not."""
+    if config.max_grad_norm > 0:
+        return "gradient clipping needs the norm of all gradients before any parameter changes"
+    if config.gradient_accumulation_steps > 1:
+        return "gradient accumulation needs the gradients of several backward passes"
+    return None
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} {value!r} is not allowed; choose one of: {', '.join(allowed)}.")
+
+
+def _int_range(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high} (got {value!r}).")
+
+
+def _float_range(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a number from {low:g} to {high:g} (got {value!r}).")

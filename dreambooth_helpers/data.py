@@ -3,8 +3,8 @@
 `read_images(source)` accepts a folder, a list of paths, or uploaded bytes (ipywidgets'
 `FileUpload.value`, or `(name, bytes)` pairs) and returns a `DatasetReport`: the usable images
 (orientation fixed, converted to RGB, with a note of each conversion) and the skipped files with
-the reason. `check_images` adds the dataset doctor's warnings (the checks live in doctor.py);
-`prepare_image` crops or pads and resizes to the training resolution.
+the reason. `prepare_image` crops or pads and resizes to the training resolution. What is wrong
+with a set of photos (blur, duplicates, framing) is judged in doctor.py, which reads through this module.
 """
 
 from __future__ import annotations
@@ -354,18 +354,6 @@ def read_images(source: Any) -> DatasetReport:
 
 
 # ---------------------------------------------------------------------------- checking
-
-
-def check_images(source: Any, resolution: int = 512, kind: str = "object") -> DatasetReport:
-    """Read `source` and add the dataset doctor's advice as warnings (one line each).
-
-    The checks live in `doctor.py`; `doctor.diagnose` returns them as structured findings.
-    """
-    from .doctor import diagnose
-
-    report = source if isinstance(source, DatasetReport) else read_images(source)
-    report.warnings.extend(f.format() for f in diagnose(report, kind=kind, resolution=resolution).findings)
-    return report
 
 
 def require_usable(report: DatasetReport) -> DatasetReport:

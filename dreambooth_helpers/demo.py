@@ -201,15 +201,10 @@ class DemoService:
                 raise DreamBoothError("The demo is busy (too many requests waiting); try again in a minute.")
             self._waiting += 1
         try:
-            generator = self.wait_until_loaded()
-            try:
-                return generator.generate(prompt, negative_prompt=negative_prompt, num_images=num_images,
-                                          steps=steps, guidance_scale=guidance, seed=seed, width=width,
-                                          height=height)
-            except _out_of_memory_errors() as error:
-                _free_gpu_memory()
-                raise DreamBoothError("The GPU ran out of memory; ask for fewer images or a smaller size, or "
-                                      "restart the demo with attention slicing / VAE tiling.") from error
+            # Running out of GPU memory comes back as a GenerationError whose message says what to change.
+            return self.wait_until_loaded().generate(prompt, negative_prompt=negative_prompt, num_images=num_images,
+                                                     steps=steps, guidance_scale=guidance, seed=seed, width=width,
+                                                     height=height)
         finally:
             with self._waiting_lock:
                 self._waiting -= 1
@@ -220,19 +215,6 @@ class DemoService:
     def cleanup(self) -> None:
         if self.owns_output_dir:
             shutil.rmtree(self.output_dir, ignore_errors=True)
-
-
-def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
-    import torch
-
-    return (torch.OutOfMemoryError,)
-
-
-def _free_gpu_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------- the page

@@ -28,8 +28,8 @@ from PIL import Image
 
 from .data import DatasetReport, ImageRecord, read_images
 from .errors import ConfigError
+from .subject import SUBJECT_KINDS
 
-DATASET_KINDS = ("object", "person", "style")
 SEVERITIES = ("error", "warning", "info")  # error: training cannot use this; warning: hurts results; info: FYI
 
 # Recommended photo counts per kind: (fewest, most). Faces want more angles and expressions; styles need
@@ -329,7 +329,7 @@ _ORDER = {severity: i for i, severity in enumerate(SEVERITIES)}
 
 def diagnose(source: Any, *, kind: str = "object", resolution: int = 512) -> DoctorReport:
     """Read `source` (folder, paths, uploads, or a DatasetReport) and check it. Findings are sorted worst first."""
-    if kind not in DATASET_KINDS:
+    if kind not in SUBJECT_KINDS:
         raise ConfigError(f"--kind {kind!r}: choose object (a thing or a pet), person (a face) or style.")
     dataset = source if isinstance(source, DatasetReport) else read_images(source)
     report = DoctorReport(dataset, kind, resolution)
@@ -340,4 +340,15 @@ def diagnose(source: Any, *, kind: str = "object", resolution: int = 512) -> Doc
     if kind == "style":
         _check_style_repeats(report)
     report.findings.sort(key=lambda f: _ORDER[f.severity])
+    return report
+
+
+def check_images(source: Any, resolution: int = 512, kind: str = "object") -> DatasetReport:
+    """Read `source` and add the doctor's findings to the report's warnings (one line each).
+
+    For code that wants the plain `DatasetReport` with advice attached; `diagnose` gives the findings
+    as structured `Finding`s.
+    """
+    report = source if isinstance(source, DatasetReport) else read_images(source)
+    report.warnings.extend(f.format() for f in diagnose(report, kind=kind, resolution=resolution).findings)
     return report

@@ -24,3 +24,11 @@ class ModelLoadError(DreamBoothError):
 
 class TrainingError(DreamBoothError):
     """Training stopped for a reason the user can act on (out of memory, NaN loss, full disk)."""
+
+
+class GenerationError(DreamBoothError):
+    """Image generation failed for a reason the user can act on (out of GPU memory)."""
+
+
+class HubError(DreamBoothError):
+    """Publishing failed for a reason the user can act on (login, permissions, repository name)."""

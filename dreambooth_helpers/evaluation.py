@@ -28,16 +28,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from .checkpoints import list_checkpoints, pipeline_from_checkpoint
+from .data import read_images, require_usable
 from .errors import ConfigError, ModelLoadError
+from .files import LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SUMMARY_FILE
+from .grids import labelled_grid
+from .inference import (
+    DEFAULT_SCHEDULER,
+    Generator,
+    load_generator,
+    make_scheduler,
+    read_training_summary,
+    subject_from_prompts,
+)
 
 DINO_MODEL = "facebook/dino-vits16"
 # The paper does not name its CLIP variant; ViT-B/32 is the usual choice when its table is reproduced.
 # Larger CLIPs give lower raw CLIP-T, so compare numbers only between runs that used the same encoder.
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 ENCODER_CHOICES = ("paper", "tiny")
-SUBJECT_KINDS = ("object", "live")
+PROMPT_SETS = ("object", "live")  # the paper's two prompt lists: things, and pets and people
 DEFAULT_IDENTIFIER = "sks"
 
 # Table 1 of the paper. "Real images" compares real photos of a subject with each other: the ceiling.
@@ -192,7 +204,7 @@ class Encoders:
 
     dino: DinoImageEncoder
     clip: ClipEncoder
-    kind: str  # "paper" (real Hub models) or "tiny" (random weights: tests the pipeline, numbers mean nothing)
+    weights: str  # "paper" (real Hub models) or "tiny" (random weights: tests the pipeline, numbers mean nothing)
 
     @property
     def description(self) -> str:
@@ -219,7 +231,7 @@ def build_tiny_encoders(seed: int = 0, *, device=None, dtype=None, image_size: i
             projection_dim=32,
         ))
     return Encoders(DinoImageEncoder(dino, name="tiny-random-dino", device=device, dtype=dtype),
-                    ClipEncoder(clip, tokenizer, name="tiny-random-clip", device=device, dtype=dtype), kind="tiny")
+                    ClipEncoder(clip, tokenizer, name="tiny-random-clip", device=device, dtype=dtype), weights="tiny")
 
 
 def load_encoders(which: str = "paper", *, device=None, dtype=None, dino_model: str = DINO_MODEL,
@@ -244,7 +256,7 @@ def load_encoders(which: str = "paper", *, device=None, dtype=None, dino_model: 
         ) from None
     return Encoders(DinoImageEncoder(dino, name=dino_model, device=device, dtype=dtype, batch_size=batch_size),
                     ClipEncoder(clip, tokenizer, name=clip_model, device=device, dtype=dtype, batch_size=batch_size),
-                    kind="paper")
+                    weights="paper")
 
 
 def _as_encoders(encoders: Encoders | str | None) -> Encoders:
@@ -265,14 +277,15 @@ class EvalPrompt:
     clip_text: str
 
 
-def paper_prompts(class_noun: str, *, kind: str = "object", identifier: str = DEFAULT_IDENTIFIER,
+def paper_prompts(class_noun: str, *, prompt_set: str = "object", identifier: str = DEFAULT_IDENTIFIER,
                   count: int | None = None) -> list[EvalPrompt]:
     """The paper's 25 prompts for an object or a live subject; `count` takes the first N (quick looks)."""
-    if kind not in SUBJECT_KINDS:
-        raise ConfigError(f"--kind {kind!r}: use \"object\" for things, \"live\" for pets and people.")
+    if prompt_set not in PROMPT_SETS:
+        raise ConfigError(f"Prompt set (--kind) {prompt_set!r}: use \"object\" for things, \"live\" for pets and "
+                          "people.")
     if not class_noun or not class_noun.strip():
         raise ConfigError("--class-noun is empty: give the class of your subject, e.g. dog, backpack, man.")
-    templates = OBJECT_PROMPTS if kind == "object" else LIVE_SUBJECT_PROMPTS
+    templates = OBJECT_PROMPTS if prompt_set == "object" else LIVE_SUBJECT_PROMPTS
     if count is not None and not 1 <= count <= len(templates):
         raise ConfigError(f"Number of prompts must be from 1 to {len(templates)} (got {count}).")
     subject = f"{identifier} {class_noun}".strip()
@@ -386,9 +399,6 @@ def generate_images(generate: GenerateFn, prompts: Sequence[EvalPrompt], images_
 
 def _checkpoint_generator(checkpoint: Path, base_model: str | None, resolution: int | None = None, device=None):
     """An `inference.Generator` over one training checkpoint (the training module knows its layout)."""
-    from .checkpoints import pipeline_from_checkpoint
-    from .inference import DEFAULT_SCHEDULER, Generator, make_scheduler
-
     pipe = pipeline_from_checkpoint(checkpoint, base_model)
     pipe.scheduler = make_scheduler(DEFAULT_SCHEDULER, pipe.scheduler.config)
     device = torch.device(device) if device is not None else default_device()
@@ -400,23 +410,19 @@ def _checkpoint_generator(checkpoint: Path, base_model: str | None, resolution: 
 
 
 def _summary(folder: Any) -> dict[str, Any]:
-    from .inference import read_training_summary
-
     path = Path(str(folder)).expanduser()
     return (read_training_summary(path) or {}) if isinstance(folder, (str, Path)) and path.is_dir() else {}
 
 
 def _identifier_for(summary: dict[str, Any], identifier: str | None) -> tuple[str, str]:
     """The identifier to put in prompts, and where it came from (shown in the report)."""
-    from .inference import subject_from_prompts
-
     if identifier:
         return identifier, "given"
     concepts = (summary.get("config") or {}).get("concepts") or []
     if concepts:
         token, _ = subject_from_prompts(concepts[0].get("instance_prompt", ""), concepts[0].get("class_prompt"))
         if token:
-            return token, "training_summary.json"
+            return token, SUMMARY_FILE
     return DEFAULT_IDENTIFIER, f"assumed {DEFAULT_IDENTIFIER!r} (pass identifier= / --identifier if yours differs)"
 
 
@@ -432,7 +438,7 @@ class EvaluationReport:
     settings: dict[str, Any]
     timings: dict[str, float]
     encoders: str
-    encoder_kind: str
+    encoder_weights: str
     paper: dict[str, dict[str, float | None]] = field(default_factory=lambda: dict(PAPER_FIGURES))
     json_path: str | None = None
     markdown_path: str | None = None
@@ -445,8 +451,8 @@ class EvaluationReport:
     def to_dict(self) -> dict[str, Any]:
         return {"figures": self.figures, "scores": self.scores.to_dict(), "real_images": self.real_images,
                 "paper": self.paper, "settings": self.settings, "timings": self.timings, "encoders": self.encoders,
-                "encoder_kind": self.encoder_kind, "files": {"json": self.json_path, "markdown": self.markdown_path,
-                                                             "grid": self.grid_path}}
+                "encoder_weights": self.encoder_weights,
+                "files": {"json": self.json_path, "markdown": self.markdown_path, "grid": self.grid_path}}
 
     def to_markdown(self) -> str:
         def cell(value):
@@ -456,12 +462,12 @@ class EvaluationReport:
         lines = [
             "# DreamBooth evaluation",
             "",
-            f"Model `{s['model']}`, subject \"{s['identifier']} {s['class_noun']}\" ({s['kind']}), "
+            f"Model `{s['model']}`, subject \"{s['identifier']} {s['class_noun']}\" ({s['prompt_set']}), "
             f"{s['num_prompts']} prompts x {s['images_per_prompt']} images, seed {s['seed']}, "
             f"{s['num_inference_steps']} steps, guidance {s['guidance_scale']}. Encoders: {self.encoders}.",
             "",
         ]
-        if self.encoder_kind == "tiny":
+        if self.encoder_weights == "tiny":
             lines += ["**Tiny random encoders: these numbers test the pipeline and mean nothing about the model.**",
                       ""]
         lines += ["| | DINO | CLIP-I | CLIP-T |", "| --- | --- | --- | --- |",
@@ -501,28 +507,10 @@ def image_grid(generated: Sequence[Sequence[Image.Image]], prompts: Sequence[Eva
     """One row per prompt (label on the left), real photos in the first row."""
     rows = ([("your photos", list(real_images))] if real_images else []) + [
         (p.prompt, list(g)) for p, g in zip(prompts, generated, strict=True)]
-    columns = max(len(images) for _, images in rows)
-    grid = Image.new("RGB", (label_width + columns * cell, len(rows) * cell), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (label, images) in enumerate(rows):
-        words, line, text_lines = label.split(), "", []
-        for word in words:  # wrap at ~34 characters, the width of the label column in the default font
-            if line and len(line) + len(word) + 1 > label_width // 6 - 2:
-                text_lines.append(line)
-                line = word
-            else:
-                line = f"{line} {word}".strip()
-        text_lines.append(line)
-        draw.multiline_text((6, r * cell + 6), "\n".join(text_lines), fill="black")
-        for c, image in enumerate(images[:columns]):
-            thumb = image.convert("RGB").resize((cell, cell), Image.Resampling.LANCZOS)
-            grid.paste(thumb, (label_width + c * cell, r * cell))
-    return grid
+    return labelled_grid(rows, cell=cell, label_width=label_width)
 
 
 def _real_images(instance_dir: Any) -> list[Image.Image]:
-    from .data import read_images, require_usable
-
     return [record.image for record in require_usable(read_images(instance_dir)).images]
 
 
@@ -531,12 +519,12 @@ def _instance_dir_for(summary: dict[str, Any], instance_dir: Any) -> Any:
     concepts = (summary.get("config") or {}).get("concepts") or []
     instance_dir = instance_dir or (concepts[0].get("instance_dir") if concepts else None)
     if not instance_dir:
-        raise ConfigError("No instance photos given and none recorded in training_summary.json: pass the folder "
+        raise ConfigError(f"No instance photos given and none recorded in {SUMMARY_FILE}: pass the folder "
                           "with your subject's photos (instance_dir= / --instance-dir).")
     return instance_dir
 
 
-def evaluate_model(model: Any, class_noun: str, *, instance_dir: Any = None, kind: str = "object",
+def evaluate_model(model: Any, class_noun: str, *, instance_dir: Any = None, prompt_set: str = "object",
                    identifier: str | None = None, images_per_prompt: int = 4, num_prompts: int | None = None,
                    seed: int = 0, num_inference_steps: int = 25, guidance_scale: float = 7.5,
                    resolution: int | None = None, encoders: Encoders | str | None = "paper",
@@ -554,10 +542,9 @@ def evaluate_model(model: Any, class_noun: str, *, instance_dir: Any = None, kin
     instance_dir = _instance_dir_for(summary, instance_dir)
     encoders = _as_encoders(encoders)  # before generating: a missing encoder should fail before minutes of work
     identifier, identifier_source = _identifier_for(summary, identifier)
-    prompts = paper_prompts(class_noun, kind=kind, identifier=identifier, count=num_prompts)
+    prompts = paper_prompts(class_noun, prompt_set=prompt_set, identifier=identifier, count=num_prompts)
     real = _real_images(instance_dir)
     if generate is None:
-        from .inference import load_generator
 
         loaded = model if hasattr(model, "generate") else load_generator(str(model), lora)
         generate = generator_fn(loaded, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -570,12 +557,12 @@ def evaluate_model(model: Any, class_noun: str, *, instance_dir: Any = None, kin
     real_scores = real_image_scores(real, encoders)
     metrics_s = time.perf_counter() - started
     settings = {"model": str(model) if isinstance(model, (str, Path)) else getattr(model, "model", "custom"),
-                "lora": lora, "instance_dir": str(instance_dir), "class_noun": class_noun, "kind": kind,
+                "lora": lora, "instance_dir": str(instance_dir), "class_noun": class_noun, "prompt_set": prompt_set,
                 "identifier": identifier, "identifier_source": identifier_source, "num_prompts": len(prompts),
                 "images_per_prompt": images_per_prompt, "seed": seed, "num_inference_steps": num_inference_steps,
                 "guidance_scale": guidance_scale, "resolution": resolution}
     report = EvaluationReport(scores, real_scores, settings, {"generation_s": generation_s, "metrics_s": metrics_s},
-                              encoders.description, encoders.kind)
+                              encoders.description, encoders.weights)
     if output_dir is not None:
         report.save(output_dir, image_grid(generated, prompts, real))
     return report
@@ -681,7 +668,7 @@ def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("checkpoint-"))
 
 
-def evaluate_checkpoints(run_dir: str | Path, class_noun: str, *, instance_dir: Any = None, kind: str = "object",
+def evaluate_checkpoints(run_dir: str | Path, class_noun: str, *, instance_dir: Any = None, prompt_set: str = "object",
                          identifier: str | None = None, images_per_prompt: int = 2, num_prompts: int | None = 8,
                          seed: int = 0, num_inference_steps: int = 25, guidance_scale: float = 7.5,
                          resolution: int | None = None, encoders: Encoders | str | None = "paper",
@@ -695,17 +682,13 @@ def evaluate_checkpoints(run_dir: str | Path, class_noun: str, *, instance_dir: 
     `instance_dir`, `base_model` and the identifier default to what the run recorded. Writes
     checkpoint_metrics.png, checkpoints.json and checkpoints.md to `output_dir` (default RUN/evaluation).
     """
-    from .checkpoints import list_checkpoints
-    from .inference import load_generator
-
     run = Path(run_dir).expanduser()
     if not run.is_dir():
         raise ConfigError(f"Run folder {str(run)!r} does not exist: give the --output-dir of a training run.")
     summary = _summary(run)
     instance_dir = _instance_dir_for(summary, instance_dir)
     checkpoints = list_checkpoints(run)
-    has_final = include_final and ((run / "model_index.json").is_file()
-                                   or (run / "pytorch_lora_weights.safetensors").is_file())
+    has_final = include_final and ((run / MODEL_INDEX_FILE).is_file() or (run / LORA_WEIGHTS_FILE).is_file())
     if len(checkpoints) + has_final < 2:
         raise ConfigError(
             f"{str(run)!r} has {len(checkpoints)} checkpoint(s){' and the final model' if has_final else ''}: "
@@ -714,7 +697,7 @@ def evaluate_checkpoints(run_dir: str | Path, class_noun: str, *, instance_dir: 
         )
     encoders = _as_encoders(encoders)
     identifier, _ = _identifier_for(summary, identifier)
-    prompts = paper_prompts(class_noun, kind=kind, identifier=identifier, count=num_prompts)
+    prompts = paper_prompts(class_noun, prompt_set=prompt_set, identifier=identifier, count=num_prompts)
     real = _real_images(instance_dir)
     trained_at = summary.get("resolution")  # checkpoints generate at the run's size, like the final model
     targets = [(_step_of(c), c, lambda c=c: _checkpoint_generator(c, base_model, trained_at)) for c in checkpoints]
@@ -728,7 +711,7 @@ def evaluate_checkpoints(run_dir: str | Path, class_noun: str, *, instance_dir: 
         generated = generate_images(generate, prompts, images_per_prompt, seed)
         points.append(CheckpointScore(step, str(folder), score_images(generated, prompts, real, encoders)))
     recommended, reason = choose_checkpoint(points, clip_t_tolerance)
-    settings = {"run_dir": str(run), "class_noun": class_noun, "kind": kind, "identifier": identifier,
+    settings = {"run_dir": str(run), "class_noun": class_noun, "prompt_set": prompt_set, "identifier": identifier,
                 "num_prompts": len(prompts), "images_per_prompt": images_per_prompt, "seed": seed,
                 "clip_t_tolerance": clip_t_tolerance, "encoders": encoders.description}
     comparison = CheckpointComparison(points, recommended, reason, settings=settings)

@@ -13,16 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import DreamBoothError, TrainingError
+from .errors import GenerationError, TrainingError
 
 if TYPE_CHECKING:
     from .config import TrainConfig
 
 _OUT_OF_MEMORY_TEXTS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
-
-
-class GenerationError(DreamBoothError):
-    """Image generation failed for a reason the user can act on (out of GPU memory)."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -39,6 +35,11 @@ def release(error: BaseException) -> None:
     notebook keeps the last exception around: dropping the traceback lets those tensors go.
     """
     error.__traceback__ = None
+    free_gpu_memory()
+
+
+def free_gpu_memory() -> None:
+    """Give the memory of tensors nothing refers to any more back to the GPU (before the next model loads)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -12,6 +12,7 @@ The token comes from the saved login (`hf auth login`, `huggingface_hub.login()`
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,12 +24,12 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 
-from .errors import ConfigError, DreamBoothError, ModelLoadError
-from .inference import LORA_WEIGHTS_FILE, example_prompts, image_grid, read_training_summary, subject_from_prompts
+from .config import TrainConfig
+from .errors import ConfigError, HubError, ModelLoadError
+from .files import CARD_FILE, GRID_FILE, LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SAMPLES_DIR
+from .inference import example_prompts, image_grid, read_training_summary, subject_from_prompts
 from .models import MOVED_REPOS, SD15_RANDOM, TINY_MODEL, TOY_MODEL
 
-GRID_FILE = "grid.png"
-CARD_FILE = "README.md"
 SD1_LICENSE = "creativeml-openrail-m"  # the license every Stable Diffusion 1.x release ships under
 # Models this project builds from random weights in its own code carry the project's license.
 BUILT_IN_LICENSES = {TINY_MODEL: "apache-2.0", TOY_MODEL: "apache-2.0", SD15_RANDOM: "apache-2.0"}
@@ -37,10 +38,6 @@ PUBLISHED_SUFFIXES = {".json", ".txt", ".safetensors", ".model"}
 UNSAFE_WEIGHT_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth"}
 REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 MAX_GRID_IMAGES = 4
-
-
-class HubError(DreamBoothError):
-    """Publishing failed for a reason the user can act on (login, permissions, repository name)."""
 
 
 def token_from_env(variable: str = "HF_TOKEN") -> str:
@@ -72,12 +69,13 @@ def check_repo_id(repo_id: str) -> str:
 # ---------------------------------------------------------------------------- what was trained
 
 
-def _model_kind(model_dir: Path) -> str:
-    if (model_dir / "model_index.json").is_file():
-        return "full"
+def _is_lora_run(model_dir: Path) -> bool:
+    """True for a LoRA run's folder, False for a full fine-tune's; anything else is refused."""
+    if (model_dir / MODEL_INDEX_FILE).is_file():
+        return False
     if (model_dir / LORA_WEIGHTS_FILE).is_file():
-        return "lora"
-    raise ModelLoadError(f"{str(model_dir)!r} is not a trained model folder: it has neither model_index.json "
+        return True
+    raise ModelLoadError(f"{str(model_dir)!r} is not a trained model folder: it has neither {MODEL_INDEX_FILE} "
                          f"(a full fine-tune) nor {LORA_WEIGHTS_FILE} (a LoRA run). Pass the --output-dir of train.")
 
 
@@ -92,7 +90,7 @@ def base_model_license(base_model: str | None) -> str:
 def describe_training(model_dir: str | Path) -> dict[str, Any]:
     """The facts a model card states, read from the output folder and its training summary."""
     model_dir = Path(model_dir)
-    kind = _model_kind(model_dir)
+    lora = _is_lora_run(model_dir)
     summary = read_training_summary(model_dir) or {}
     config = summary.get("config") or {}
     base = summary.get("base_model") or config.get("model")
@@ -104,7 +102,7 @@ def describe_training(model_dir: str | Path) -> dict[str, Any]:
     tokens = [subject_from_prompts(p, c.get("class_prompt"))[0]
               for p, c in zip(instance_prompts, concepts or [{}] * len(instance_prompts), strict=False)]
     return {
-        "kind": kind,
+        "lora": lora,
         "summary": summary,
         "config": config,
         "base_model": base,
@@ -120,9 +118,18 @@ def describe_training(model_dir: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the model card
 
 
+def _run_config(config: dict[str, Any]) -> TrainConfig | None:
+    """The run's TrainConfig, whose recipe fills the settings left at None; None for a summary it cannot read."""
+    try:
+        return TrainConfig.from_dict(config)
+    except (TypeError, ValueError):  # a summary written by another version of this library
+        return None
+
+
 def _settings_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
     config = facts["config"]
-    lora = facts["kind"] == "lora"
+    lora = facts["lora"]
+    run = _run_config(config)
 
     def known(value: Any) -> bool:
         return value is not None and value != ""
@@ -131,12 +138,12 @@ def _settings_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
         ("Method", f"DreamBooth, LoRA rank {config.get('lora_rank')}" if lora else "DreamBooth, full fine-tune"),
         ("Training steps", facts["steps"]),
         ("Resolution", f"{facts['resolution']} px" if facts["resolution"] else None),
-        ("Learning rate", config.get("learning_rate") or ("1e-4 (default)" if lora else "2e-6 (default)")),
+        ("Learning rate", run.effective_learning_rate if run else config.get("learning_rate")),
         ("Learning-rate schedule", config.get("lr_scheduler")),
         ("Batch size", config.get("train_batch_size")),
         ("Gradient accumulation", config.get("gradient_accumulation_steps")),
         ("Text encoder trained", _yes_no(config.get("train_text_encoder"))),
-        ("Prior preservation", _prior_text(config)),
+        ("Prior preservation", _prior_text(config, run)),
         ("Mixed precision", config.get("mixed_precision")),
         ("8-bit Adam", _yes_no(config.get("use_8bit_adam"))),
         ("Preset", config.get("preset")),
@@ -149,12 +156,13 @@ def _yes_no(value: Any) -> str | None:
     return None if value is None else ("yes" if value else "no")
 
 
-def _prior_text(config: dict[str, Any]) -> str | None:
+def _prior_text(config: dict[str, Any], run: TrainConfig | None) -> str | None:
     if config.get("with_prior_preservation") is None:
         return None
     if not config["with_prior_preservation"]:
         return "no"
-    return f"yes, {config.get('num_class_images')} class images, weight {config.get('prior_loss_weight')}"
+    count = run.effective_num_class_images if run else config.get("num_class_images")
+    return f"yes, {count} class images, weight {config.get('prior_loss_weight')}"
 
 
 def _base_model_text(base: str | None, is_hub_id: bool) -> str:
@@ -175,7 +183,7 @@ def _base_model_text(base: str | None, is_hub_id: bool) -> str:
 
 def _usage_snippet(repo_id: str, facts: dict[str, Any], prompt: str) -> str:
     resolution = facts["resolution"] or 512
-    if facts["kind"] == "lora":
+    if facts["lora"]:
         known_base = facts["base_model_is_hub_id"]
         base = facts["base_model"] if known_base else "stable-diffusion-v1-5/stable-diffusion-v1-5"
         load = ("" if known_base else "# Use the Stable Diffusion 1.x model these weights were trained on.\n") + (
@@ -197,7 +205,7 @@ def _usage_snippet(repo_id: str, facts: dict[str, Any], prompt: str) -> str:
         "```\n\n"
         "With dreambooth-helpers"
         + (" (after `hf download " + repo_id + " --local-dir ./" + repo_id.split("/")[1] + "`)"
-           if facts["kind"] == "lora" else "")
+           if facts["lora"] else "")
         + ":\n\n"
         "```bash\n"
         f'{cli} --prompt "{prompt}" --num-images 4 --out images/\n'
@@ -215,7 +223,7 @@ def build_model_card(model_dir: str | Path, repo_id: str, *, has_grid: bool = Tr
     """
     check_repo_id(repo_id)
     facts = describe_training(model_dir)
-    lora = facts["kind"] == "lora"
+    lora = facts["lora"]
     base = facts["base_model"]
     license = license or base_model_license(base)
     prompt = facts["instance_prompts"][0] if facts["instance_prompts"] else "a photo of sks dog"
@@ -292,17 +300,15 @@ def _place(source: Path, target: Path) -> None:
 
 
 def _stage_full_model(model_dir: Path, staging: Path) -> None:
-    import json
-
-    index = json.loads((model_dir / "model_index.json").read_text())
+    index = json.loads((model_dir / MODEL_INDEX_FILE).read_text())
     # Components are the entries that name a (library, class) pair; the others are pipeline settings.
     components = [name for name, value in index.items()
                   if not name.startswith("_") and isinstance(value, list) and value[0] is not None]
-    _place(model_dir / "model_index.json", staging / "model_index.json")
+    _place(model_dir / MODEL_INDEX_FILE, staging / MODEL_INDEX_FILE)
     for component in components:
         folder = model_dir / component
         if not folder.is_dir():
-            raise ModelLoadError(f"{str(folder)!r} is missing but model_index.json lists it: the model folder is "
+            raise ModelLoadError(f"{str(folder)!r} is missing but {MODEL_INDEX_FILE} lists it: the model folder is "
                                  "incomplete. Save the model again (training writes it at the end).")
         files = [f for f in folder.rglob("*") if f.is_file()]
         has_safetensors = any(f.suffix == ".safetensors" for f in files)
@@ -316,7 +322,7 @@ def _stage_full_model(model_dir: Path, staging: Path) -> None:
 
 def _sample_images(model_dir: Path) -> list[Path]:
     """The newest sample images (those from the end of training), oldest first."""
-    samples = sorted((model_dir / "samples").glob("*.png"), key=lambda p: (p.stat().st_mtime, p.name))
+    samples = sorted((model_dir / SAMPLES_DIR).glob("*.png"), key=lambda p: (p.stat().st_mtime, p.name))
     return samples[-MAX_GRID_IMAGES:]
 
 
@@ -324,12 +330,11 @@ def stage_for_upload(model_dir: str | Path, staging_dir: str | Path, repo_id: st
                      license: str | None = None) -> list[str]:
     """Fill `staging_dir` with exactly what the repository gets; returns the relative paths, sorted."""
     model_dir, staging = Path(model_dir), Path(staging_dir)
-    kind = _model_kind(model_dir)
     staging.mkdir(parents=True, exist_ok=True)
-    if kind == "full":
-        _stage_full_model(model_dir, staging)
-    else:
+    if _is_lora_run(model_dir):
         _place(model_dir / LORA_WEIGHTS_FILE, staging / LORA_WEIGHTS_FILE)
+    else:
+        _stage_full_model(model_dir, staging)
     samples = _sample_images(model_dir)
     if samples:
         images = []
@@ -349,7 +354,7 @@ def push_to_hub(model_dir: str | Path, repo_id: str, private: bool = False, toke
     Without `token`, the saved login is used; with neither, this refuses before touching the network.
     """
     check_repo_id(repo_id)
-    _model_kind(Path(model_dir))  # a wrong folder is reported before anything is created on the Hub
+    _is_lora_run(Path(model_dir))  # a wrong folder is reported before anything is created on the Hub
     token = _require_token(token)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="dreambooth-push-") as staging:

@@ -28,10 +28,10 @@ from PIL.PngImagePlugin import PngInfo
 
 from .errors import ConfigError, ModelLoadError
 from .failures import generation_out_of_memory, is_out_of_memory
+from .files import LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SUMMARY_FILE
+from .grids import labelled_grid
 from .models import load_components, make_pipeline
 
-SUMMARY_FILE = "training_summary.json"
-LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 DEFAULT_SCHEDULER = "dpm++"
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
@@ -184,17 +184,11 @@ def save_images(results: Sequence[GeneratedImage], out_dir: str | Path, prefix: 
 
 def image_grid(images: Sequence[Image.Image], cols: int | None = None, background: str = "white") -> Image.Image:
     """Images side by side in rows of `cols` (default: as square as possible), each cell the largest size."""
-    if not images:
-        raise ValueError("image_grid needs at least one image.")
-    cols = cols or max(1, round(len(images) ** 0.5 + 0.49))
-    cols = min(cols, len(images))
-    rows = -(-len(images) // cols)
-    cell_w = max(im.width for im in images)
-    cell_h = max(im.height for im in images)
-    grid = Image.new("RGB", (cols * cell_w, rows * cell_h), background)
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB"), ((i % cols) * cell_w, (i // cols) * cell_h))
-    return grid
+    images = list(images)
+    cols = min(cols or max(1, round(len(images) ** 0.5 + 0.49)), max(1, len(images)))
+    cell = (max((im.width for im in images), default=1), max((im.height for im in images), default=1))
+    rows = [("", images[start:start + cols]) for start in range(0, len(images), cols)]
+    return labelled_grid(rows, cell=cell, background=background)
 
 
 # ---------------------------------------------------------------------------- the generator
@@ -298,7 +292,7 @@ def resolve_model(model: str, lora: str | None = None) -> tuple[str, str | None,
                                  "training run (or the .safetensors file itself).")
         summary = summary or read_training_summary(lora_path if lora_path.is_dir() else lora_path.parent)
         return model, str(lora_path), summary
-    if path.is_dir() and Path(path, LORA_WEIGHTS_FILE).is_file() and not Path(path, "model_index.json").is_file():
+    if path.is_dir() and Path(path, LORA_WEIGHTS_FILE).is_file() and not Path(path, MODEL_INDEX_FILE).is_file():
         base = (summary or {}).get("base_model") or ((summary or {}).get("config") or {}).get("model")
         if not base:
             raise ModelLoadError(

@@ -24,8 +24,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import TrainConfig
+from .config import TINY_MODEL, TOY_MODEL, TrainConfig, step_in_backward_allowed
 from .errors import ConfigError
+from .models import load_components
 
 GIB = 2**30
 
@@ -183,15 +184,6 @@ def estimate_memory(config: TrainConfig, settings: MemorySettings, *, precision:
                           int(reserved))
 
 
-def step_in_backward_allowed(config: TrainConfig) -> str | None:
-    """None when the optimizer step may run inside the backward pass; else the reason it may not."""
-    if config.max_grad_norm > 0:
-        return "gradient clipping needs the norm of all gradients before any parameter changes"
-    if config.gradient_accumulation_steps > 1:
-        return "gradient accumulation needs the gradients of several backward passes"
-    return None
-
-
 def candidate_settings(config: TrainConfig) -> list[MemorySettings]:
     """The settings `config.memory_plan` allows, fastest first.
 
@@ -207,8 +199,6 @@ def candidate_settings(config: TrainConfig) -> list[MemorySettings]:
 
 def planning_size(model: str) -> ModelSize:
     """Sizes to plan with before the model loads: the offline models' own (both load in a second), else SD 1.x's."""
-    from .models import TINY_MODEL, TOY_MODEL, load_components
-
     return model_size(load_components(model)) if model in (TINY_MODEL, TOY_MODEL) else SD1_SIZE
 
 

@@ -12,13 +12,17 @@ import contextlib
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS
-from .failures import class_images_out_of_memory, is_out_of_memory
+from .failures import class_images_out_of_memory, free_gpu_memory, is_out_of_memory
+
+if TYPE_CHECKING:
+    from .config import Concept, TrainConfig
 
 CLASS_IMAGE_PATTERN = re.compile(r"^class-(\d{5})\.png$")
 
@@ -26,6 +30,46 @@ CLASS_IMAGE_PATTERN = re.compile(r"^class-(\d{5})\.png$")
 def default_class_dir(output_dir: str | Path, class_prompt: str) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", class_prompt.lower()).strip("-")[:60] or "class"
     return Path(output_dir) / "class_images" / slug
+
+
+def class_dir_for(config: TrainConfig, concept: Concept) -> Path:
+    """Where `concept`'s class images live: its own class_dir, else a folder per class prompt in the output folder."""
+    return Path(concept.class_dir) if concept.class_dir else default_class_dir(config.output_dir, concept.class_prompt)
+
+
+def prepare_class_images(config: TrainConfig, components=None, *, device=None, progress: bool = True) -> list[Path]:
+    """Make sure every concept's class folder holds its class images; return the folders, one per concept.
+
+    Training and the notebook both call this (the notebook before training, to show them). Only missing images
+    are generated; an empty list means prior preservation is off. Without `components` the base model is loaded
+    here, and only when an image is missing, then freed; `device` defaults to the GPU when there is one.
+    """
+    if not config.with_prior_preservation:
+        return []
+    from .models import load_components, make_pipeline
+
+    wanted = config.effective_num_class_images
+    folders = [class_dir_for(config, concept) for concept in config.concepts]
+    missing = [(c, f) for c, f in zip(config.concepts, folders) if len(existing_class_images(f)) < wanted]
+    if not missing:
+        return folders
+    loaded_here = components is None
+    if loaded_here:
+        components = load_components(config.model, seed=config.seed)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipeline = make_pipeline(components).to(device)
+    try:
+        for concept, folder in missing:
+            ensure_class_images(pipeline, concept.class_prompt, folder, wanted,
+                                resolution=config.resolution or components.native_resolution, seed=config.seed,
+                                batch_size=config.class_images_batch_size, steps=config.class_images_steps,
+                                progress=progress)
+    finally:
+        del pipeline
+        if loaded_here:  # give the GPU back before training (or the next cell) loads its own copy
+            del components
+            free_gpu_memory()
+    return folders
 
 
 def existing_class_images(class_dir: str | Path) -> list[Path]:

@@ -3,7 +3,7 @@
 - `StepInBackward`: the optimizer steps each parameter as soon as its gradient is complete, inside the
   backward pass, and frees that gradient; the full set of gradients (3.7 GiB for SD 1.x's UNet and text
   encoder in fp32) never exists. Gradient clipping and accumulation need every gradient before any parameter
-  may change, so they rule it out (memory.step_in_backward_allowed). With fp16 it does its own loss scaling,
+  may change, so they rule it out (config.step_in_backward_allowed). With fp16 it does its own loss scaling,
   per parameter (see the class).
 - `TextEmbeddingCache`: a frozen text encoder gives the same output for the same prompt every step, and
   a run has only a few prompts (instance and class prompt per subject), so each is encoded once.

@@ -1,10 +1,18 @@
 """DreamBooth fine-tuning: the whole training loop, readable top to bottom.
 
-`train(config)` does, in order: pick the device and precision; load the base model; read and
-prepare the subject's photos; generate class images for prior preservation; encode images once
-(cached VAE latents); set up which weights train (all of UNet/text encoder, or LoRA adapters); then
-loop: noise a latent, predict the noise, mean-squared error for the subject plus weighted error for
-the class, step the optimizer. Checkpoints, samples and a JSON summary are written along the way.
+`train(config)` walks these phases, each a function in the order below:
+
+    _run_config          a private, validated copy of the config; the photos read (a wrong folder fails in a second)
+    _finished_run        with --resume, a run that already finished is returned as it is, not trained again
+    resolve_runtime      device, precision, 8-bit Adam, memory plan; a real model on a CPU is refused here
+    _start               the accelerate Accelerator for this run's precision
+    _load_model          the base model, with the weights that train set up (all of them, or LoRA adapters)
+    _load_data           the subject's photos and the class images (prior.prepare_class_images), encoded once
+    _make_optimizer_and_schedule
+    _resume              the checkpoint's weights, optimizer state and loss history
+    the loop             _train_step (noise a latent, predict the noise, MSE for the subject plus weighted MSE
+                         for the class, optimizer step), then samples, on_step, checkpoint
+    _finish              the final model and training_summary.json (with every step's logs, resumed or not)
 
 Every random draw of step k (which images, flips, noise, timesteps) comes from a generator seeded by
 (seed, k), so a resumed run continues exactly as an uninterrupted one would.
@@ -13,9 +21,12 @@ Every random draw of step k (which images, flips, noise, timesteps) comes from a
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,19 +36,23 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoints as ckpt
-from .config import TrainConfig
+from . import prior
+from .config import TINY_MODEL, TOY_MODEL, TrainConfig
 from .data import images_to_tensor, load_instance_images, prepare_image, read_images
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, DreamBoothError, TrainingError
 from .failures import is_out_of_memory, training_out_of_memory
+from .files import SAMPLES_DIR
 from .memory import plan_memory, planning_size
-from .models import SDComponents, load_components, make_pipeline
-from .prior import default_class_dir, ensure_class_images
+from .models import SD15_RANDOM, SDComponents, load_components, make_pipeline
 from .speedups import StepInBackward, TextEmbeddingCache, live_text_embeddings, use_channels_last
 
 LORA_TARGETS_UNET = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_TARGETS_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
 NONFINITE_PATIENCE = 3  # steps in a row with a NaN/inf loss (never applied) before training stops
 OVERFLOW_PATIENCE = 25  # fp16 steps in a row the loss scaler skips (scale / 2**25) before it counts as divergence
+ALLOW_CPU_VARIABLE = "DREAMBOOTH_HELPERS_ALLOW_CPU"  # set to 1 to train a real model on a CPU anyway
+CPU_MODELS = (TINY_MODEL, TOY_MODEL, SD15_RANDOM)  # built-in models that train (or at least run) on a CPU
+CPU_WEIGHTS_LIMIT = 200 * 2**20  # a local model with more weight bytes than this is a real one (SD 1.x: ~2-4 GB)
 
 
 @dataclass
@@ -48,6 +63,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     global_step: int = 0
     peak_memory_gib: float | None = None
+    reused: bool = False  # True when the output folder already held this finished run and nothing was trained
 
 
 # ---------------------------------------------------------------------------- runtime choices
@@ -66,9 +82,14 @@ class Runtime:
     step_in_backward: bool = False
 
 
-def resolve_runtime(config: TrainConfig, cuda_available: bool | None = None) -> Runtime:
-    """Fit the config to this machine; say in one line each what was changed and why."""
+def resolve_runtime(config: TrainConfig, cuda_available: bool | None = None, *,
+                    allow_cpu: bool | None = None) -> Runtime:
+    """Fit the config to this machine; say in one line each what was changed and why.
+
+    Refuses (ConfigError) to train a real model without a GPU unless `allow_cpu` (see check_can_train).
+    """
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    check_can_train(config.model, cuda, allow_cpu=allow_cpu)
     notices = []
     if not config.lora and config.effective_learning_rate > 2e-5 and config.model not in ("tiny", "toy"):
         notices.append(f"--learning-rate {config.effective_learning_rate:g} is high for a full fine-tune of SD 1.x: "
@@ -103,6 +124,31 @@ def resolve_runtime(config: TrainConfig, cuda_available: bool | None = None) -> 
         checkpointing, in_backward = plan.settings.gradient_checkpointing, plan.settings.step_in_backward
         notices.append(plan.reason)
     return Runtime("cuda" if cuda else "cpu", precision, adam8, xformers, notices, checkpointing, in_backward)
+
+
+def check_can_train(model: str, cuda_available: bool | None = None, *, allow_cpu: bool | None = None) -> None:
+    """Refuse, before anything loads, to train a real model on a CPU, where it would run for days.
+
+    The built-in models (toy, tiny, sd15-random) and small local models train on a CPU. `allow_cpu`
+    (default: the DREAMBOOTH_HELPERS_ALLOW_CPU environment variable set to 1) trains anyway.
+    """
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if allow_cpu is None:
+        allow_cpu = os.environ.get(ALLOW_CPU_VARIABLE, "") not in ("", "0")
+    if cuda or allow_cpu or model in CPU_MODELS:
+        return
+    local = Path(model)
+    if local.exists():
+        files = [local] if local.is_file() else [f for f in local.rglob("*") if f.is_file()]
+        if sum(f.stat().st_size for f in files if f.suffix in (".safetensors", ".bin", ".ckpt", ".pt")) \
+                <= CPU_WEIGHTS_LIMIT:
+            return
+    raise ConfigError(
+        f"This machine has no GPU, and training {model!r} on a CPU would take days. In Colab: Runtime > Change "
+        "runtime type > T4 GPU > Save, then run the notebook again from the top. To try the whole pipeline "
+        f"without a GPU, use --model {TOY_MODEL} (a small offline model). To train on the CPU anyway, set "
+        f"{ALLOW_CPU_VARIABLE}=1."
+    )
 
 
 def _xformers_works() -> bool:
@@ -174,7 +220,11 @@ def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance
 
 
 def train(config: TrainConfig, *, progress: bool = True, on_step=None) -> TrainResult:
-    """Fine-tune `config.model` on `config.concepts`. `on_step(step, logs)` is called after each step."""
+    """Fine-tune `config.model` on `config.concepts`; `config` itself is left as it was.
+
+    `on_step(step, logs)` is called after each step; `logs["samples"]` lists the sample images drawn at that step
+    (paths as strings, so the history stays JSON; empty at most steps), the last step's included.
+    """
     with quiet_library_logs():
         try:
             return _train(config, progress=progress, on_step=on_step)
@@ -205,20 +255,136 @@ def quiet_library_logs():
 
 
 def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import GradScalerKwargs
-    from diffusers.optimization import get_scheduler
+    config, num_photos = _run_config(config)
+    max_steps = config.steps_for(num_photos)
+    finished = _finished_run(config, max_steps)
+    if finished is not None:
+        return finished
+    run = _start(config, resolve_runtime(config), max_steps, progress)
+    model = _load_model(run)
+    data = _load_data(run, model)
+    optim = _make_optimizer_and_schedule(run, model)
+    # Now, not after an hour of training: the checkpoints and the final model must fit on the disk.
+    kept = min(config.checkpoints_total_limit + 1, len(ckpt.checkpoint_steps(max_steps, config.checkpoint_every)))
+    frozen = (model.vae, None if config.train_text_encoder else model.text_encoder)
+    ckpt.check_free_disk(run.output_dir, ckpt.run_bytes_needed(optim.state, frozen, kept))
+    start_step, history = _resume(run, optim)
 
-    config = config.validate()
-    runtime = resolve_runtime(config)
-    output_dir = Path(config.output_dir)
-    # Read the photos before loading a multi-GB model, so a wrong folder fails in a second.
-    for concept in config.concepts:
-        load_instance_images(concept.instance_dir, 8)
-    # accelerate remembers the first run's mixed precision for the whole process and refuses another; a notebook
-    # may train twice (fp16, then bf16 or fp32). Forget it; the distributed state (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
+    # --- the loop
+    bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="Training",
+               disable=not (progress and run.accelerator.is_main_process))
+    bad_steps = overflow_streak = 0
+    for step in bar:
+        outcome = _train_step(run, model, data, optim, step)
+        done = step + 1
+        bad_steps = bad_steps + 1 if outcome.skipped else 0
+        if bad_steps >= NONFINITE_PATIENCE:
+            raise TrainingError(_diverged_message(done, outcome.skipped, config, run.output_dir))
+        # fp16 gradients that overflow are normal: the scaler skips that update and halves its scale. Only a
+        # long run of them (the scale collapsing) means training itself went wrong.
+        overflow_streak = overflow_streak + 1 if outcome.overflowed else 0
+        if overflow_streak >= OVERFLOW_PATIENCE:
+            raise TrainingError(_diverged_message(done, "fp16 gradients overflowed", config, run.output_dir,
+                                                  OVERFLOW_PATIENCE))
+        logs = {"step": done, "loss": outcome.loss, "instance_loss": outcome.instance_loss,
+                "prior_loss": outcome.prior_loss, "lr": optim.lr_scheduler.get_last_lr()[0],
+                "text_encoder_training": outcome.text_training, "time": round(time.time() - run.started, 3),
+                "skipped": outcome.skipped or ("fp16 overflow: loss scale lowered" if outcome.overflowed else None)}
+        # Samples before on_step, so the caller sees them with the step that drew them; the last step always draws.
+        sampling = config.sample_every and (done % config.sample_every == 0 or done == max_steps)
+        drawn = _save_samples(run, model, done) if sampling and run.accelerator.is_main_process else []
+        logs["samples"] = [str(path) for path in drawn]
+        history.append(logs)
+        bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{logs['lr']:.2e}")
+        if on_step is not None:
+            on_step(done, logs)
+        # Not while updates are being skipped: the checkpoint before the trouble is the one to keep.
+        if ckpt.is_checkpoint_step(done, max_steps, config.checkpoint_every) and not bad_steps:
+            run.accelerator.wait_for_everyone()
+            if run.accelerator.is_main_process:
+                ckpt.save_checkpoint(run.output_dir, done, optim.state, _checkpoint_metadata(config),
+                                     config.checkpoints_total_limit, history)
+    bar.close()
+    return _finish(run, model, data, optim, history, start_step)
+
+
+# ---------------------------------------------------------------------------- the phases, in order
+
+
+@dataclass
+class _Run:
+    """What every phase needs: the run's own config, the machine's settings, where the outputs go."""
+
+    config: TrainConfig
+    runtime: Runtime
+    accelerator: Any
+    max_steps: int
+    output_dir: Path
+    progress: bool
+    say: Callable[[str], None]
+    started: float  # time.time() at step 0: a resumed run counts on from the checkpoint's time
+    weight_dtype: torch.dtype  # of the frozen weights: fp16/bf16 under mixed precision, else fp32
+
+
+@dataclass
+class _Model:
+    components: SDComponents
+    unet: Any  # wrapped by accelerate once the optimizer is made
+    text_encoder: Any
+    vae: Any
+    resolution: int
+
+
+@dataclass
+class _Data:
+    instances: list[Example]
+    classes: list[Example]  # empty without prior preservation
+    frozen_text: Any  # prompt -> embeddings for a frozen text encoder (cached, or computed live)
+
+
+@dataclass
+class _Optim:
+    optimizer: Any
+    lr_scheduler: Any
+    in_backward: StepInBackward | None  # the optimizer when it steps inside backward (speedups.StepInBackward)
+    state: ckpt.TrainingState  # what a checkpoint saves and a resume restores
+
+
+def _run_config(config: TrainConfig) -> tuple[TrainConfig, int]:
+    """A validated private copy of `config` (the caller's object is never changed) and the number of photos.
+
+    The photos are read now, before a multi-GB model loads, so a wrong folder fails in a second.
+    """
+    config = copy.deepcopy(config).validate()
+    return config, sum(len(load_instance_images(c.instance_dir, 8)[0]) for c in config.concepts)
+
+
+def _finished_run(config: TrainConfig, max_steps: int) -> TrainResult | None:
+    """With --resume, a run already finished in the output folder: returned as it is, nothing rewritten.
+
+    "latest" reuses a finished run of this config (find_finished_run). A checkpoint saved at or after the last
+    step (older versions saved one there) reuses the finished model whatever it is; when the model is missing
+    (a crash between that checkpoint and the model's save), None: the run resumes at the end, trains no step,
+    and saves the model and the summary from the checkpoint.
+    """
+    if config.resume is None:
+        return None
+    found = find_finished_run(config, max_steps=max_steps) if config.resume == "latest" else None
+    checkpoint = ckpt.resolve_resume(config.resume, config.output_dir)
+    if found is None and checkpoint is not None and ckpt.checkpoint_step(checkpoint) >= max_steps:
+        found = _finished_in(Path(config.output_dir), config.lora, max_steps)
+    if found is not None:
+        tqdm.write(f"{config.output_dir} already holds this run, finished ({max_steps} steps): reusing it. To train "
+                   "again, run without --resume, or into a new --output-dir.")
+    return found
+
+
+def _start(config: TrainConfig, runtime: Runtime, max_steps: int, progress: bool) -> _Run:
+    """The Accelerator for this run's precision, and a `say` that prints once (on the main process)."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradScalerKwargs
+
+    _allow_another_mixed_precision(runtime.mixed_precision)
     # The step inside backward scales the fp16 loss itself, per parameter (speedups.StepInBackward).
     own_loss_scaling = runtime.step_in_backward and runtime.mixed_precision == "fp16"
     accelerator = Accelerator(mixed_precision=runtime.mixed_precision,
@@ -229,196 +395,283 @@ def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
     for notice in runtime.notices:
         say(notice)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(runtime.mixed_precision, torch.float32)
-    device = accelerator.device
-    started = time.time()
+    return _Run(config, runtime, accelerator, max_steps, Path(config.output_dir), progress, say, time.time(),
+                weight_dtype)
 
+
+def _allow_another_mixed_precision(precision: str) -> None:
+    """Let this process make an Accelerator with another mixed precision than its last one.
+
+    accelerate keeps one AcceleratorState per process and refuses a second precision, yet a notebook may
+    train twice (fp16, then bf16 or fp32). accelerate has no public way to change it (checked in 1.15: only
+    the private `AcceleratorState._reset_state`, which transformers' Trainer calls for the same reason), so
+    that call lives here alone, made only when the precision really changes. The distributed state
+    (PartialState: processes, devices) is kept.
+    """
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if is_initialized() and AcceleratorState().mixed_precision != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def _load_model(run: _Run) -> _Model:
+    """The base model, with what trains in fp32 (fp16 master weights break loss scaling) and the rest frozen."""
+    config = run.config
     components = load_components(config.model, seed=config.seed)
     resolution = config.resolution or components.native_resolution
     if resolution % components.resolution_multiple:
         raise ConfigError(f"--resolution {resolution} does not fit this model: use a multiple of "
                           f"{components.resolution_multiple} (SD 1.x: 512).")
     unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
-    noise_scheduler = components.noise_scheduler
-    train_text = config.train_text_encoder
+    set_up_trainable(unet, text_encoder, vae, config, run.runtime, run.accelerator.device, run.weight_dtype)
+    return _Model(components, unet, text_encoder, vae, resolution)
 
-    # --- which weights train: fp32 for everything trained (fp16 masters break loss scaling)
-    set_up_trainable(unet, text_encoder, vae, config, runtime, device, weight_dtype)
 
-    # --- data: the subject's photos, and class images for prior preservation
-    instance_sets, class_sets = [], []
+def _load_data(run: _Run, model: _Model) -> _Data:
+    """The subject's photos and the class images, as examples with cached latents (and prompt embeddings)."""
+    config, accelerator, device = run.config, run.accelerator, run.accelerator.device
+    instances, classes = [], []
     for concept in config.concepts:
-        images, report = load_instance_images(concept.instance_dir, resolution, config.crop)
+        images, report = load_instance_images(concept.instance_dir, model.resolution, config.crop)
         if report.skipped:
-            say("Skipped: " + "; ".join(f"{s.name} ({s.reason})" for s in report.skipped))
-        instance_sets.append(_make_examples(images, concept.instance_prompt, components, config, runtime, weight_dtype))
-        if config.with_prior_preservation:
-            class_dir = Path(concept.class_dir or default_class_dir(output_dir, concept.class_prompt))
-            concept.class_dir = str(class_dir)
-            if accelerator.is_main_process:
-                pipe = make_pipeline(components).to(device)
-                ensure_class_images(pipe, concept.class_prompt, class_dir, config.num_class_images,
-                                    resolution=resolution, seed=config.seed, batch_size=config.class_images_batch_size,
-                                    steps=config.class_images_steps, progress=progress)
-                del pipe
-            accelerator.wait_for_everyone()
-            class_report = read_images(class_dir)
-            class_images = [prepare_image(r.image, resolution, "center") for r in class_report.images]
-            class_sets.append(_make_examples(class_images[:config.num_class_images], concept.class_prompt,
-                                             components, config, runtime, weight_dtype))
-    instances = [e for s in instance_sets for e in s]
-    classes = [e for s in class_sets for e in s]
-    if config.with_prior_preservation and not classes:
-        raise TrainingError("Prior preservation is on but no class image could be made or read; "
-                            "check --class-dir, or pass --no-prior-preservation.")
+            run.say("Skipped: " + "; ".join(f"{s.name} ({s.reason})" for s in report.skipped))
+        instances += _make_examples(images, concept.instance_prompt, model.components, config, run.runtime,
+                                    run.weight_dtype)
+    if config.with_prior_preservation:
+        if accelerator.is_main_process:  # one process draws them; the others wait, then read the same files
+            prior.prepare_class_images(config, model.components, device=device, progress=run.progress)
+        accelerator.wait_for_everyone()
+        for concept in config.concepts:
+            found = read_images(prior.class_dir_for(config, concept)).images[:config.effective_num_class_images]
+            class_images = [prepare_image(record.image, model.resolution, "center") for record in found]
+            classes += _make_examples(class_images, concept.class_prompt, model.components, config, run.runtime,
+                                      run.weight_dtype)
+        if not classes:
+            raise TrainingError("Prior preservation is on but no class image could be made or read; "
+                                "check --class-dir, or pass --no-prior-preservation.")
     frozen_text = TextEmbeddingCache() if config.cache_text_embeddings else live_text_embeddings
-    if config.cache_text_embeddings and not train_text and runtime.device == "cuda":
+    on_gpu = run.runtime.device == "cuda"
+    if config.cache_text_embeddings and not config.train_text_encoder and on_gpu:
         with accelerator.autocast():  # as in the loop, so cached and live embeddings are the same
-            frozen_text.fill(text_encoder, [e.input_ids for e in instances + classes], device)
-        text_encoder.to("cpu")  # only needed again for samples
-    if config.cache_latents and runtime.device == "cuda":
-        vae.to("cpu")  # the VAE is only needed again for samples; its memory goes to training
+            frozen_text.fill(model.text_encoder, [e.input_ids for e in instances + classes], device)
+        model.text_encoder.to("cpu")  # only needed again for samples
+    if config.cache_latents and on_gpu:
+        model.vae.to("cpu")  # the VAE is only needed again for samples; its memory goes to training
         torch.cuda.empty_cache()
+    return _Data(instances, classes, frozen_text)
 
-    # --- optimizer and schedule
-    max_steps = config.steps_for(len(instances))
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.effective_learning_rate}]
+
+def _make_optimizer_and_schedule(run: _Run, model: _Model) -> _Optim:
+    """AdamW (8-bit, fused, or one per parameter inside backward) over what trains, and the learning-rate schedule."""
+    from diffusers.optimization import get_scheduler
+
+    config, accelerator, train_text = run.config, run.accelerator, run.config.train_text_encoder
+    groups = [{"params": [p for p in model.unet.parameters() if p.requires_grad], "lr": config.effective_learning_rate}]
     if train_text:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+        groups.append({"params": [p for p in model.text_encoder.parameters() if p.requires_grad],
                        "lr": config.effective_text_encoder_learning_rate})
-    optimizer = _make_optimizer(groups, config, runtime)
+    optimizer = _make_optimizer(groups, config, run.runtime)
     in_backward = optimizer if isinstance(optimizer, StepInBackward) else None  # steps inside backward
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_steps * accelerator.num_processes)
+                                 num_training_steps=run.max_steps * accelerator.num_processes)
     if train_text:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+        model.unet, model.text_encoder, optimizer, lr_scheduler = accelerator.prepare(
+            model.unet, model.text_encoder, optimizer, lr_scheduler)
     else:
-        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    state = ckpt.TrainingState(unet, text_encoder if train_text else None, optimizer, lr_scheduler,
-                               accelerator.scaler, config.lora)
-    # Now, not after an hour of training: the checkpoints and the final model must fit on the disk.
-    kept = config.checkpoints_total_limit + 1 if config.checkpoint_every else 0
-    ckpt.check_free_disk(output_dir, ckpt.run_bytes_needed(state, (vae, None if train_text else text_encoder), kept))
-    start_step = 0
-    resume_from = ckpt.resolve_resume(config.resume, output_dir)
-    if resume_from is not None:
-        start_step = ckpt.load_checkpoint(resume_from, state)
-        say(f"Resuming from {resume_from} (step {start_step} of {max_steps}).")
-    elif config.resume == "latest":
-        say(f"No checkpoint in {output_dir / ckpt.CHECKPOINTS_DIR} yet: starting from step 0.")
+        model.unet, optimizer, lr_scheduler = accelerator.prepare(model.unet, optimizer, lr_scheduler)
+    state = ckpt.TrainingState(model.unet, model.text_encoder if train_text else None, optimizer, lr_scheduler,
+                               accelerator.scaler, config.lora, run.runtime.use_8bit_adam)
+    return _Optim(optimizer, lr_scheduler, in_backward, state)
 
-    # --- the loop
-    history: list[dict[str, Any]] = []
-    samples: list[Path] = []
-    metadata = {"base_model": config.model, "train_text_encoder": train_text, "config": config.to_dict()}
-    bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="Training",
-               disable=not (progress and accelerator.is_main_process))
-    bad_steps = overflow_streak = 0
-    for step in bar:
-        text_training = train_text and (config.stop_text_encoder_training_at is None
-                                        or step < config.stop_text_encoder_training_at)
-        unet.train()
-        text_encoder.train(text_training)
-        skipped = None  # why this step's update was not applied, if it was not
-        for micro in range(config.gradient_accumulation_steps):
-            position = (step * config.gradient_accumulation_steps + micro) * accelerator.num_processes \
-                + accelerator.process_index
-            generator = torch.Generator(device.type).manual_seed(config.seed * 1_000_003 + position)
-            batch = _assemble(instances, classes, position, config, generator)
-            with accelerator.accumulate(unet):
-                with accelerator.autocast():  # the forward pass only, see the backward below
-                    latents = _latents(batch, vae, config, device, weight_dtype, generator)
-                    noise = torch.randn(latents.shape, generator=generator, device=device)
-                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                              generator=generator, device=device)
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                    hidden = text_encoder(batch["input_ids"].to(device))[0] if text_training \
-                        else frozen_text(text_encoder, batch["input_ids"], device)
-                    prediction = unet(noisy, timesteps, hidden).sample
-                    target = noise if noise_scheduler.config.prediction_type == "epsilon" \
-                        else noise_scheduler.get_velocity(latents, noise, timesteps)
-                    loss, instance_loss, prior_loss = dreambooth_loss(prediction, target, batch["num_instance"],
-                                                                      config.prior_loss_weight)
-                # A NaN/inf forward loss is never applied (no backward, no step), so the weights stay those
-                # of the last good step. The fp16 loss scaler cannot catch this: it only inspects gradients.
-                if not torch.isfinite(loss.detach()):
-                    skipped = "the loss was NaN/inf"
-                    optimizer.zero_grad(set_to_none=True)
-                    lr_scheduler.step()
-                    continue
-                # Outside autocast, as PyTorch advises: its cache of half-precision weight copies lives as long
-                # as the autocast block, so a backward pass inside it holds a copy of every trained weight until
-                # the end (UNet + text encoder: 1.8 GiB); out here each copy is freed once its layer is done.
-                accelerator.backward(in_backward.scale_loss(loss) if in_backward else loss)
-                grad_norm = None
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                            config.max_grad_norm)
-                if accelerator.scaler is None and grad_norm is not None and not torch.isfinite(
-                        torch.as_tensor(grad_norm)):
-                    # Without a loss scaler (fp32, bf16) nothing else keeps inf gradients out of the weights.
-                    skipped = "the gradients were NaN/inf"
-                    optimizer.zero_grad(set_to_none=True)
-                    lr_scheduler.step()
-                    continue
-                optimizer.step()
-                if in_backward and in_backward.last_step_nonfinite and in_backward.loss_scale is None:
-                    skipped = f"the gradients of {in_backward.last_step_nonfinite} weights were NaN/inf"
-                lr_scheduler.step()
+
+def _resume(run: _Run, optim: _Optim) -> tuple[int, list[dict[str, Any]]]:
+    """The step to start from and the history so far: from --resume's checkpoint, else step 0 and none."""
+    resume_from = ckpt.resolve_resume(run.config.resume, run.output_dir)
+    if resume_from is None:
+        if run.config.resume == "latest":
+            run.say(f"No checkpoint in {run.output_dir / ckpt.CHECKPOINTS_DIR} yet: starting from step 0.")
+        return 0, []
+    start_step = ckpt.load_checkpoint(resume_from, optim.state)
+    history = [h for h in ckpt.read_history(resume_from) if h.get("step", 0) <= start_step]
+    if history and history[-1].get("time") is not None:
+        run.started -= float(history[-1]["time"])  # times count on from the first part's, for speed estimates
+    run.say(f"Resuming from {resume_from} (step {start_step} of {run.max_steps}).")
+    return start_step, history
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    instance_loss: float
+    prior_loss: float | None
+    skipped: str | None  # why this step's update was not applied, if it was not
+    overflowed: bool  # the fp16 loss scaler skipped the update: normal, unless it goes on
+    text_training: bool
+
+
+def _train_step(run: _Run, model: _Model, data: _Data, optim: _Optim, step: int) -> StepOutcome:
+    """Step `step` (0-based): its micro-batches' forward and backward passes, and the optimizer step."""
+    config, accelerator, device = run.config, run.accelerator, run.accelerator.device
+    unet, text_encoder, noise_scheduler = model.unet, model.text_encoder, model.components.noise_scheduler
+    optimizer, lr_scheduler, in_backward = optim.optimizer, optim.lr_scheduler, optim.in_backward
+    text_training = config.train_text_encoder and (config.stop_text_encoder_training_at is None
+                                                   or step < config.stop_text_encoder_training_at)
+    unet.train()
+    text_encoder.train(text_training)
+    skipped = None
+    for micro in range(config.gradient_accumulation_steps):
+        position = (step * config.gradient_accumulation_steps + micro) * accelerator.num_processes \
+            + accelerator.process_index
+        generator = torch.Generator(device.type).manual_seed(config.seed * 1_000_003 + position)
+        batch = _assemble(data.instances, data.classes, position, config, generator)
+        with accelerator.accumulate(unet):
+            with accelerator.autocast():  # the forward pass only, see the backward below
+                latents = _latents(batch, model.vae, config, device, run.weight_dtype, generator)
+                noise = torch.randn(latents.shape, generator=generator, device=device)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          generator=generator, device=device)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                hidden = text_encoder(batch["input_ids"].to(device))[0] if text_training \
+                    else data.frozen_text(text_encoder, batch["input_ids"], device)
+                prediction = unet(noisy, timesteps, hidden).sample
+                target = noise if noise_scheduler.config.prediction_type == "epsilon" \
+                    else noise_scheduler.get_velocity(latents, noise, timesteps)
+                loss, instance_loss, prior_loss = dreambooth_loss(prediction, target, batch["num_instance"],
+                                                                  config.prior_loss_weight)
+            # A NaN/inf forward loss is never applied (no backward, no step), so the weights stay those
+            # of the last good step. The fp16 loss scaler cannot catch this: it only inspects gradients.
+            if not torch.isfinite(loss.detach()):
+                skipped = "the loss was NaN/inf"
                 optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())
-        bad_steps = bad_steps + 1 if skipped else 0
-        if bad_steps >= NONFINITE_PATIENCE:
-            raise TrainingError(_diverged_message(step + 1, skipped, config, output_dir))
-        # fp16 gradients that overflow are normal: the scaler skips that update and halves its scale. Only a
-        # long run of them (the scale collapsing) means training itself went wrong.
-        overflowed = skipped is None and (bool(getattr(optimizer, "step_was_skipped", False)) or bool(
-            in_backward and in_backward.loss_scale is not None and in_backward.last_step_nonfinite))
-        overflow_streak = overflow_streak + 1 if overflowed else 0
-        if overflow_streak >= OVERFLOW_PATIENCE:
-            raise TrainingError(_diverged_message(step + 1, "fp16 gradients overflowed", config, output_dir,
-                                                  OVERFLOW_PATIENCE))
-        logs = {"step": step + 1, "loss": loss_value, "instance_loss": float(instance_loss.detach()),
-                "prior_loss": None if prior_loss is None else float(prior_loss.detach()),
-                "lr": lr_scheduler.get_last_lr()[0], "text_encoder_training": text_training,
-                "time": round(time.time() - started, 3),
-                "skipped": skipped or ("fp16 overflow: loss scale lowered" if overflowed else None)}
-        history.append(logs)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}")
-        if on_step is not None:
-            on_step(step + 1, logs)
-        done = step + 1
-        # Not while updates are being skipped: the checkpoint before the trouble is the one to keep.
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < max_steps and not bad_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                ckpt.save_checkpoint(output_dir, done, state, metadata, config.checkpoints_total_limit)
-        if config.sample_every and done % config.sample_every == 0 and accelerator.is_main_process:
-            samples += _save_samples(components, accelerator, unet, text_encoder, config, resolution, done, output_dir)
-    bar.close()
+                lr_scheduler.step()
+                continue
+            # Outside autocast, as PyTorch advises: its cache of half-precision weight copies lives as long
+            # as the autocast block, so a backward pass inside it holds a copy of every trained weight until
+            # the end (UNet + text encoder: 1.8 GiB); out here each copy is freed once its layer is done.
+            accelerator.backward(in_backward.scale_loss(loss) if in_backward else loss)
+            grad_norm = None
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                        config.max_grad_norm)
+            if accelerator.scaler is None and grad_norm is not None and not torch.isfinite(
+                    torch.as_tensor(grad_norm)):
+                # Without a loss scaler (fp32, bf16) nothing else keeps inf gradients out of the weights.
+                skipped = "the gradients were NaN/inf"
+                optimizer.zero_grad(set_to_none=True)
+                lr_scheduler.step()
+                continue
+            optimizer.step()
+            if in_backward and in_backward.last_step_nonfinite and in_backward.loss_scale is None:
+                skipped = f"the gradients of {in_backward.last_step_nonfinite} weights were NaN/inf"
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    overflowed = skipped is None and (bool(getattr(optimizer, "step_was_skipped", False)) or bool(
+        in_backward and in_backward.loss_scale is not None and in_backward.last_step_nonfinite))
+    return StepOutcome(float(loss.detach()), float(instance_loss.detach()),
+                       None if prior_loss is None else float(prior_loss.detach()), skipped, overflowed, text_training)
 
-    # --- outputs
+
+def _finish(run: _Run, model: _Model, data: _Data, optim: _Optim, history: list[dict[str, Any]],
+            start_step: int) -> TrainResult:
+    """The final model (atomically) and training_summary.json, whose history covers every step from 1."""
+    config, accelerator = run.config, run.accelerator
     accelerator.wait_for_everyone()
-    result = TrainResult(output_dir, output_dir / ckpt.SUMMARY_FILE, samples, [h["loss"] for h in history],
-                         max_steps, _peak_memory_gib())
+    samples = [Path(path) for h in history for path in h.get("samples") or []]
+    result = TrainResult(run.output_dir, run.output_dir / ckpt.SUMMARY_FILE, samples, [h["loss"] for h in history],
+                         run.max_steps, _peak_memory_gib())
     if accelerator.is_main_process:
-        if config.checkpoint_every:  # the last step too, so a later --resume latest has it
-            ckpt.save_checkpoint(output_dir, max_steps, state, metadata, config.checkpoints_total_limit)
-        if config.sample_every and max_steps % config.sample_every:
-            samples += _save_samples(components, accelerator, unet, text_encoder, config, resolution, max_steps,
-                                     output_dir)
-        _save_final_model(components, accelerator, unet, text_encoder if train_text else None, config, output_dir)
-        summary = {**metadata, "lora": config.lora, "resolution": resolution, "steps": max_steps,
-                   "resumed_from_step": start_step, "instance_prompts": [c.instance_prompt for c in config.concepts],
-                   "class_prompts": [c.class_prompt for c in config.concepts], "num_instance_images": len(instances),
-                   "num_class_images": len(classes), "device": runtime.device,
-                   "mixed_precision": runtime.mixed_precision, "optimizer": type(optimizer.optimizer).__name__,
-                   "notices": runtime.notices, "wall_time_s": round(time.time() - started, 2),
-                   "peak_gpu_memory_gib": result.peak_memory_gib, "history": history,
-                   "losses": result.losses, "versions": _versions()}
+        trained_text = model.text_encoder if config.train_text_encoder else None
+        _save_final_model(model.components, accelerator, model.unet, trained_text, config, run.output_dir)
+        summary = {**_checkpoint_metadata(config), "lora": config.lora, "resolution": model.resolution,
+                   "steps": run.max_steps, "resumed_from_step": start_step, "identity": _run_identity(config),
+                   "instance_prompts": [c.instance_prompt for c in config.concepts],
+                   "class_prompts": [c.class_prompt for c in config.concepts],
+                   "num_instance_images": len(data.instances), "num_class_images": len(data.classes),
+                   "device": run.runtime.device, "mixed_precision": run.runtime.mixed_precision,
+                   "optimizer": type(getattr(optim.optimizer, "optimizer", optim.optimizer)).__name__,
+                   "notices": run.runtime.notices, "wall_time_s": round(time.time() - run.started, 2),
+                   "peak_gpu_memory_gib": result.peak_memory_gib, "history": history, "losses": result.losses,
+                   "samples": [str(path) for path in samples], "versions": _versions()}
         ckpt.write_json_atomically(result.summary_path, summary)
-    result.sample_images = samples
     return result
+
+
+def _checkpoint_metadata(config: TrainConfig) -> dict[str, Any]:
+    return {"base_model": config.model, "train_text_encoder": config.train_text_encoder, "config": config.to_dict()}
+
+
+# ---------------------------------------------------------------------------- a finished run
+
+
+def _run_identity(config: TrainConfig) -> dict[str, Any]:
+    """What makes two configs the same model: base model, what trains and how, the prompts, the seed.
+
+    Rates are the effective ones, so a default that changes (the subject kind's recipe) counts as a change.
+    Output-only settings (samples, checkpoints, the memory plan, precision) do not make a different model.
+    """
+    return {"base_model": config.model, "lora": config.lora, "lora_rank": config.lora_rank if config.lora else None,
+            "train_text_encoder": config.train_text_encoder,
+            "stop_text_encoder_training_at": config.stop_text_encoder_training_at,
+            "learning_rate": config.effective_learning_rate,
+            "text_encoder_learning_rate": config.effective_text_encoder_learning_rate,
+            "resolution": config.resolution, "seed": config.seed,
+            "with_prior_preservation": config.with_prior_preservation,
+            "instance_prompts": [c.instance_prompt for c in config.concepts],
+            "class_prompts": [c.class_prompt for c in config.concepts] if config.with_prior_preservation else []}
+
+
+def find_finished_run(config: TrainConfig, *, max_steps: int | None = None) -> TrainResult | None:
+    """The finished run of `config` in `config.output_dir`, or None: then training it is needed.
+
+    Finished: training_summary.json and the model's marker file (model_index.json, or the LoRA weights) are
+    there, the summary's step count is this config's, and the run was of this config: the same base model,
+    LoRA setting and rank, text-encoder training, effective learning rates, resolution, seed, prior preservation
+    and prompts (see _run_identity). The notebook calls it to skip training unless asked to train again.
+    `max_steps` defaults to the config's step count for the photos in its instance folders.
+    """
+    output_dir = Path(config.output_dir)
+    if not (output_dir / ckpt.SUMMARY_FILE).is_file():
+        return None
+    if max_steps is None:
+        try:
+            max_steps = config.steps_for(sum(len(load_instance_images(c.instance_dir, 8)[0])
+                                             for c in config.concepts))
+        except DreamBoothError:  # the photos cannot be read: training will say why
+            return None
+    found = _finished_in(output_dir, config.lora, max_steps)
+    if found is None:
+        return None
+    summary = ckpt.read_json(found.summary_path)
+    return found if summary.get("identity") == _jsonable(_run_identity(config)) else None
+
+
+def _finished_in(output_dir: Path, lora: bool, steps: int) -> TrainResult | None:
+    """The run in `output_dir` if its model is saved and its summary says it trained `steps` steps."""
+    summary_path = output_dir / ckpt.SUMMARY_FILE
+    marker = ckpt.LORA_WEIGHTS if lora else ckpt.MODEL_INDEX_FILE
+    if not (summary_path.is_file() and (output_dir / marker).is_file()):
+        return None
+    try:
+        summary = ckpt.read_json(summary_path)
+    except ValueError:  # a summary cut short by hand or by a foreign tool: not a finished run
+        return None
+    if summary.get("steps") != steps or bool(summary.get("lora")) != lora:
+        return None
+    history = summary.get("history") or []
+    samples = [Path(p) for p in summary.get("samples") or [p for h in history for p in h.get("samples") or []]]
+    return TrainResult(output_dir, summary_path, samples, [h["loss"] for h in history], steps,
+                       summary.get("peak_gpu_memory_gib"), reused=True)
+
+
+def _jsonable(data: Any) -> Any:
+    """`data` as it reads back from JSON (tuples become lists), to compare with what a summary holds."""
+    import json
+
+    return json.loads(json.dumps(data, default=str))
+
+
+# ---------------------------------------------------------------------------- the loop's helpers
 
 
 def set_up_trainable(unet, text_encoder, vae, config: TrainConfig, runtime: Runtime, device, weight_dtype) -> None:
@@ -512,22 +765,23 @@ def _latents(batch, vae, config: TrainConfig, device, vae_dtype, generator) -> t
     return sample * vae.config.scaling_factor
 
 
-def _save_samples(components: SDComponents, accelerator, unet, text_encoder, config, resolution, step,
-                  output_dir: Path) -> list[Path]:
+def _save_samples(run: _Run, model: _Model, step: int) -> list[Path]:
     """Images from fixed prompts and seeds, to watch the subject appear (and overfitting start)."""
     from diffusers import DPMSolverMultistepScheduler
 
+    config, accelerator, components = run.config, run.accelerator, model.components
+    resolution, output_dir = model.resolution, run.output_dir
     prompts = config.sample_prompts or [c.instance_prompt for c in config.concepts]
     device = accelerator.device
     vae_device = next(components.vae.parameters()).device
     text_device = next(components.text_encoder.parameters()).device  # on the CPU when its embeddings are cached
     components.vae.to(device)
     components.text_encoder.to(device)
-    pipe = make_pipeline(components, unet=accelerator.unwrap_model(unet),
-                         text_encoder=accelerator.unwrap_model(text_encoder))
+    pipe = make_pipeline(components, unet=accelerator.unwrap_model(model.unet),
+                         text_encoder=accelerator.unwrap_model(model.text_encoder))
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(components.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    folder = output_dir / "samples"
+    folder = output_dir / SAMPLES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     with torch.no_grad(), accelerator.autocast():
@@ -562,7 +816,7 @@ def _save_final_model(components: SDComponents, accelerator, unet, text_encoder,
     pipe = make_pipeline(components, unet=unet, text_encoder=text_encoder or components.text_encoder)
     pipe.to(torch.float32)  # one dtype for every part, so a plain from_pretrained runs as is
     pipe.save_pretrained(staging, safe_serialization=True)
-    ckpt.replace_atomically(staging, output_dir, "model_index.json")
+    ckpt.replace_atomically(staging, output_dir, ckpt.MODEL_INDEX_FILE)
 
 
 def _peak_memory_gib() -> float | None:

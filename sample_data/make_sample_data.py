@@ -1,7 +1,7 @@
 """Draw the sample subject: five 512x512 photos of one toy robot, made by code so no photo is borrowed.
 
 The robot is chosen to be absent from the toy world the offline model is trained on
-(dreambooth_helpers/toyworld.py): world objects are single-coloured balls, cubes, cars, houses and
+(scripts/toyworld.py): world objects are single-coloured balls, cubes, cars, houses and
 trees, while the robot is two-coloured (teal body, magenta head) with a yellow antenna and white eyes,
 colours the world never uses for a whole object. DreamBooth therefore has something new to learn,
 and a colour histogram can tell the robot from anything the base model draws.

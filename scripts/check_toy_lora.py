@@ -1,4 +1,4 @@
-"""Check the toy model's default LoRA learning rate (config.TOY_LEARNING_RATES["lora"]).
+"""Check the toy model's default LoRA learning rate (subject.TOY_LEARNING_RATES["lora"]).
 
 LoRA DreamBooth (preset t4-lora) on the sample robot with prior preservation, measured as
 scripts/measure_toy_model.py measures full fine-tuning: "a sks toy" should move towards the photos, "a toy" not.
@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from dreambooth_helpers import toyworld
+import toyworld  # scripts/toyworld.py, next to this file
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dreambooth_helpers import toyworld  # noqa: E402
+import toyworld  # noqa: E402  (scripts/toyworld.py, next to this file)
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dreambooth_helpers import toyworld  # noqa: E402
+import toyworld  # noqa: E402  (scripts/toyworld.py, next to this file)
+
 from dreambooth_helpers.models import SD_SCHEDULE, build_tiny_tokenizer  # noqa: E402
 
 # SD 1.x's betas, rescaled so that the last step keeps none of the picture ("zero terminal SNR", Lin et al.,

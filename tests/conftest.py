@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The toy-world tooling (scripts/toyworld.py) is not part of the installed package; tests import it as
+# `toyworld`, the way the scripts next to it do.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+
+def pytest_configure(config):
+    # `pytest -m "not slow" -n 2` is the developer's fast loop; CI's plain `pytest` runs these too.
+    config.addinivalue_line("markers", "slow: takes over ~15 s on a CPU (whole trainings, the notebook, the demo "
+                                       "under load); left out by -m \"not slow\"")
 
 
 def draw_subject(path: Path, index: int, size: tuple[int, int] = (96, 96)) -> Path:

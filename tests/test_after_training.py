@@ -14,6 +14,7 @@ from dreambooth_helpers.training import train
 torch.set_num_threads(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_a_trained_output_folder_generates_publishes_and_exports(make_config, tmp_path, lora):
     config = make_config(lora=lora, sample_every=4, sample_prompts=["a photo of sks dog"])

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "train_memory_speed.py"
 
 
@@ -16,6 +18,7 @@ def _load_benchmark():
     return module
 
 
+@pytest.mark.slow
 def test_the_benchmark_reports_every_column_on_the_tiny_model(tmp_path):
     benchmark = _load_benchmark()
     result = benchmark.main(["--model", "tiny", "--steps", "3", "--warmup", "1", "--rows", "full-unet+text",
@@ -53,6 +56,7 @@ def _load_step_flops():
     return module
 
 
+@pytest.mark.slow
 def test_the_meta_flop_count_is_the_real_training_loops_count(tmp_path):
     """step_flops.py's step must be exactly the step train() runs (counted on the CPU, the same kernels)."""
     benchmark, step_flops = _load_benchmark(), _load_step_flops()
@@ -73,6 +77,7 @@ def test_the_meta_flop_count_is_the_real_training_loops_count(tmp_path):
         assert step_flops.count_step_flops(config, checkpointing, anchor=True, device="cpu") > measured
 
 
+@pytest.mark.slow
 def test_our_step_needs_at_most_085x_the_anchors_flops_on_the_tiny_model(tmp_path):
     step_flops = _load_step_flops()
     results = step_flops.main(["--model", "tiny", "--out", str(tmp_path)])

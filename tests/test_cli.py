@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
-from dreambooth_helpers.cli import main
+from dreambooth_helpers import subject
+from dreambooth_helpers.cli import _config_from_args, build_parser, main
+from dreambooth_helpers.config import Concept, TrainConfig, option_name
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data" / "toy_robot"
@@ -22,6 +26,7 @@ def _run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_readme_main_command_trains_the_sample_subject_end_to_end(tmp_path):
     """The same command as README.md, with fewer steps: a model folder, samples and a summary come out."""
     result = _run_module(
@@ -107,3 +112,105 @@ def test_console_entry_point_help_lists_commands(tmp_path):
     assert result.returncode == 0
     for command in ("train", "check-images"):
         assert command in result.stdout
+
+
+def _train_config(*flags: str, output_dir: str = "out") -> TrainConfig:
+    args = build_parser().parse_args(["train", "--instance-dir", str(SAMPLE), "--instance-prompt", "a photo of sks toy",
+                                      "--class-prompt", "a photo of toy", "--output-dir", output_dir, *flags])
+    return _config_from_args(args)
+
+
+def _a_value_unlike_the_default(option: dataclasses.Field, annotation) -> tuple[list[str], object]:
+    """Flags that set `option` to a value it does not have by default, and that value."""
+    flag = option_name(option.name)
+    choices = option.metadata["choices"]
+    if isinstance(option.default, bool):
+        return ([f"--no-{flag[2:]}"] if option.default else [flag]), not option.default
+    if choices:
+        value = next(c for c in reversed(choices) if c != option.default)
+        return [flag, value], value
+    if typing.get_origin(annotation) is list:
+        return [flag, "first prompt", flag, "second prompt"], ["first prompt", "second prompt"]
+    if float in typing.get_args(annotation) or annotation is float:
+        return [flag, "0.5"], 0.5
+    if int in typing.get_args(annotation) or annotation is int:
+        return [flag, "7"], 7
+    return [flag, "some/folder"], "some/folder"
+
+
+def test_every_config_field_is_a_train_flag_that_reaches_the_config(monkeypatch):
+    """The flags are generated from TrainConfig: a field added there is settable from the command line."""
+    monkeypatch.setattr(TrainConfig, "validate", lambda self: self)  # plumbing only: values need not make a run
+    annotations = typing.get_type_hints(TrainConfig)
+    changes = {option.name: _a_value_unlike_the_default(option, annotations[option.name])
+               for option in dataclasses.fields(TrainConfig) if option.name not in ("concepts", "output_dir")}
+    for name, (flags, value) in changes.items():
+        assert getattr(_train_config(*flags), name) == value, flags
+    config = _train_config(*[part for flags, _ in changes.values() for part in flags], output_dir="elsewhere")
+    assert config.output_dir == "elsewhere"
+    assert {name: getattr(config, name) for name in changes} == {name: value for name, (_, value) in changes.items()}
+
+
+def test_flags_left_out_take_the_preset_then_the_defaults():
+    config = _train_config("--preset", "low-memory")
+    assert config.to_dict() == TrainConfig.from_preset(
+        "low-memory", concepts=[Concept(str(SAMPLE), "a photo of sks toy", "a photo of toy")],
+        output_dir="out").to_dict()
+    assert config.max_grad_norm == 0 and config.memory_plan == "smallest" and config.class_images_batch_size == 1
+    assert _train_config().preset == "t4" and _train_config().kind == "object"
+
+
+def test_the_previously_missing_flags_exist_and_set_their_fields():
+    config = _train_config("--max-grad-norm", "0", "--class-images-batch-size", "2", "--class-images-steps", "10",
+                           "--lora", "--lora-alpha", "16", "--adam-weight-decay", "0", "--sample-steps", "5",
+                           "--sample-seed", "9")
+    assert (config.max_grad_norm, config.class_images_batch_size, config.class_images_steps) == (0.0, 2, 10)
+    assert (config.lora_alpha, config.adam_weight_decay, config.sample_steps, config.sample_seed) == (16, 0.0, 5, 9)
+
+
+def test_step_in_backward_advice_can_be_followed(tmp_path, capsys):
+    """`train --step-in-backward` names --max-grad-norm 0; giving it makes a valid run (the flag once did not exist)."""
+    code = main(["train", "--instance-dir", str(SAMPLE), "--instance-prompt", "a photo of sks toy", "--class-prompt",
+                 "a photo of toy", "--output-dir", str(tmp_path / "o"), "--step-in-backward"])
+    assert code == 2 and "Use --max-grad-norm 0" in capsys.readouterr().err
+    config = _train_config("--step-in-backward", "--max-grad-norm", "0")
+    assert config.step_in_backward and config.max_grad_norm == 0 and config.memory_plan == "as-set"
+
+
+@pytest.mark.parametrize("model", ["stable-diffusion-v1-5/stable-diffusion-v1-5", "toy"])
+def test_train_kind_person_with_t4_lora_gives_the_recipe_for_a_person(model):
+    """The CLI side of "the notebook and the CLI train the same recipe" (issue 15, item 1)."""
+    config = _train_config("--kind", "person", "--preset", "t4-lora", "--model", model)
+    toy = model == "toy"
+    photos = 12
+    assert config.steps_for(photos) == subject.default_steps(photos, "person")
+    assert config.effective_learning_rate == subject.default_learning_rate("person", lora=True, toy_model=toy)
+    assert config.effective_text_encoder_learning_rate == subject.default_text_encoder_learning_rate(
+        "person", lora=True, toy_model=toy)
+    assert config.effective_num_class_images == subject.recipe("person").num_class_images
+    assert config.train_text_encoder == subject.recipe("person").train_text_encoder
+    # The same inputs through the library (as the notebook's form does, None meaning "recommended") give the
+    # same config, field for field.
+    library = TrainConfig.from_preset(
+        "t4-lora", kind="person", model=model, output_dir="out", max_train_steps=None, learning_rate=None,
+        text_encoder_learning_rate=None, num_class_images=None,
+        concepts=[Concept(str(SAMPLE), "a photo of sks toy", "a photo of toy")]).validate()
+    assert config.to_dict() == library.to_dict()
+    # And the kind matters: 12 photos of an object get another step count than a person's.
+    as_object = _train_config("--kind", "object", "--preset", "t4-lora", "--model", model)
+    assert as_object.steps_for(photos) == subject.default_steps(photos, "object") != config.steps_for(photos)
+
+
+def test_kind_refuses_an_unknown_kind_at_the_parser(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--output-dir", "x", "--kind", "animal"])
+    assert exited.value.code == 2 and "object, person, style" in capsys.readouterr().err.replace("'", "")
+
+
+def test_train_help_shows_the_recipe_and_preset_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for kind in subject.SUBJECT_KINDS:
+        assert f"{kind}: {subject.recipe(kind).steps_per_image} steps per photo" in text
+    assert "(default 4; t4-lora: 8)" in text  # --lora-rank

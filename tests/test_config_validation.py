@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
 
-from dreambooth_helpers import Concept, ConfigError, TrainConfig
+from dreambooth_helpers import PRESETS, Concept, ConfigError, TrainConfig, subject
 from dreambooth_helpers.cli import main
+from dreambooth_helpers.config import step_in_backward_allowed
 
 # field -> (a bad value, the option name the message must contain, what the message must say is allowed)
 BAD_VALUES = {
     "output_dir": ("", "--output-dir", "give a folder"),
     "model": ("", "--model", "Hub id"),
     "preset": ("huge-gpu", "--preset", "t4, t4-lora, low-memory, large-gpu"),
+    "kind": ("animal", "--kind", "object, person, style"),
     "resolution": (4096, "--resolution", "from 16 to 2048"),
     "crop": ("stretch", "--crop", "center, pad"),
     "random_flip": ("false", "--random-flip", "true or false"),
@@ -53,7 +56,7 @@ BAD_VALUES = {
     "sample_every": (0, "--sample-every", "from 1 to 1000000"),
     "sample_prompts": (["a photo of sks dog", ""], "--sample-prompt", "non-empty prompts"),
     "sample_steps": (0, "--sample-steps", "from 1 to 500"),
-    "sample_seed": (2**40, "sample_seed", "from 0 to 4294967295"),
+    "sample_seed": (2**40, "--sample-seed", "from 0 to 4294967295"),
 }
 # Concept fields, checked through a config holding one concept.
 BAD_CONCEPTS = {
@@ -75,8 +78,78 @@ def test_the_table_covers_every_option():
     assert set(BAD_CONCEPTS) == {f.name for f in dataclasses.fields(Concept)}
 
 
-def test_the_good_config_is_valid():
-    good_config().validate()
+def test_the_good_config_is_valid_and_takes_the_object_recipe():
+    config = good_config()
+    assert config.validate() is config
+    assert config.kind == "object" and config.model == "toy"
+    assert config.steps_for(5) == subject.default_steps(5, "object")
+    assert config.effective_learning_rate == subject.TOY_LEARNING_RATES["full"]
+    assert config.effective_num_class_images == subject.recipe("object").num_class_images
+
+
+@pytest.mark.parametrize("kind", subject.SUBJECT_KINDS)
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("model", ["stable-diffusion-v1-5/stable-diffusion-v1-5", "toy"])
+def test_settings_left_at_none_take_the_recipe_of_the_kind(kind, lora, model):
+    config = good_config(kind=kind, lora=lora, model=model).validate()
+    toy = model == "toy"
+    for photos in (1, 4, 12, 40):
+        assert config.steps_for(photos) == subject.default_steps(photos, kind)
+    assert config.effective_learning_rate == subject.default_learning_rate(kind, lora, toy_model=toy)
+    assert config.effective_text_encoder_learning_rate == subject.default_text_encoder_learning_rate(
+        kind, lora, toy_model=toy)
+    assert config.effective_num_class_images == subject.recipe(kind).num_class_images
+    assert config.train_text_encoder == subject.recipe(kind).train_text_encoder
+
+
+def test_values_given_win_over_the_recipe():
+    config = good_config(kind="person", max_train_steps=123, learning_rate=3e-6, text_encoder_learning_rate=7e-7,
+                         num_class_images=9)
+    assert config.steps_for(12) == 123
+    assert (config.effective_learning_rate, config.effective_text_encoder_learning_rate) == (3e-6, 7e-7)
+    assert config.effective_num_class_images == 9
+    assert good_config(num_class_images=9, with_prior_preservation=False).effective_num_class_images == 0
+
+
+def test_the_text_encoder_rate_follows_a_given_learning_rate_in_the_recipes_proportion():
+    """The recipe halves the text encoder's rate under LoRA; a rate given for the UNet keeps that proportion."""
+    for lora in (False, True):
+        config = good_config(model="stable-diffusion-v1-5/stable-diffusion-v1-5", lora=lora, learning_rate=4e-5)
+        share = subject.default_text_encoder_learning_rate(lora=lora) / subject.default_learning_rate(lora=lora)
+        assert config.effective_text_encoder_learning_rate == pytest.approx(4e-5 * share)
+    assert good_config(lora=True, learning_rate=4e-5).effective_text_encoder_learning_rate < 4e-5
+
+
+def test_the_kind_changes_the_recommended_run():
+    person, style = good_config(kind="person", model="sd"), good_config(kind="style", model="sd")
+    assert person.steps_for(12) != style.steps_for(12)
+    assert person.effective_learning_rate != style.effective_learning_rate
+
+
+def test_presets_are_valid_and_distinct():
+    made = {name: TrainConfig.from_preset(name, concepts=[Concept("x", "a sks dog", "a dog")]).validate()
+            for name in PRESETS}
+    as_dicts = {name: config.to_dict() for name, config in made.items()}
+    for name, preset in PRESETS.items():
+        assert as_dicts[name]["preset"] == name
+        # Each setting a preset names takes effect, and each preset changes something besides its own name.
+        assert {key: as_dicts[name][key] for key in preset["settings"]} == preset["settings"]
+    settings_only = {name: {k: v for k, v in d.items() if k != "preset"} for name, d in as_dicts.items()}
+    distinct = {json.dumps(d, sort_keys=True) for d in settings_only.values()}
+    assert len(distinct) == len(PRESETS), "two presets produce the same settings"
+    assert made["t4"].to_dict() == TrainConfig(concepts=[Concept("x", "a sks dog", "a dog")]).to_dict()  # the defaults
+    assert made["t4-lora"].lora and not made["t4"].lora
+    assert made["large-gpu"].train_batch_size > made["t4"].train_batch_size
+    assert made["low-memory"].memory_plan == "smallest" and made["low-memory"].max_grad_norm == 0
+
+
+def test_step_in_backward_needs_no_clipping_and_no_accumulation():
+    with pytest.raises(ConfigError, match="--step-in-backward cannot be used here.*--max-grad-norm 0"):
+        good_config(step_in_backward=True).validate()
+    with pytest.raises(ConfigError, match="gradient accumulation"):
+        good_config(step_in_backward=True, max_grad_norm=0.0, gradient_accumulation_steps=2).validate()
+    good_config(step_in_backward=True, max_grad_norm=0.0).validate()
+    assert step_in_backward_allowed(TrainConfig.from_preset("low-memory")) is None
 
 
 @pytest.mark.parametrize("field", sorted(BAD_VALUES))

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from dreambooth_helpers.demo import DemoLimits, DemoService, launch_demo, parse_auth, parse_seed
-from dreambooth_helpers.errors import ConfigError, DreamBoothError
+from dreambooth_helpers.errors import ConfigError, DreamBoothError, GenerationError
 from tests.trained_fixtures import make_full_output
 
 torch.set_num_threads(1)
@@ -150,6 +150,21 @@ def test_loading_and_failure_messages(tmp_path):
     assert not owned.exists()  # a folder the demo made for itself goes away with it
 
 
+def test_running_out_of_gpu_memory_says_what_to_change_and_the_demo_keeps_serving(tmp_path):
+    service = DemoService("tiny", output_dir=tmp_path)
+    generator = service.wait_until_loaded(timeout=60)
+    working = generator.pipeline
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    generator.pipeline = out_of_memory
+    with pytest.raises(GenerationError, match="ran out of memory generating 2 image.*fewer images at once"):
+        service.generate("a dog", steps=2, num_images=2, seed=1)
+    generator.pipeline = working  # the failed request released its place in the queue
+    assert [r.seed for r in service.generate("a dog", steps=2, seed=1)] == [1]
+
+
 def test_form_parsing():
     assert parse_auth("friend:s3:cret") == ("friend", "s3:cret")
     for bad in ("friend", ":x", "friend:"):
@@ -160,6 +175,7 @@ def test_form_parsing():
         parse_seed("4.2")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_page_in_a_real_browser_generates_an_image(demo):
     from playwright.sync_api import expect, sync_playwright

@@ -10,8 +10,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from dreambooth_helpers.cli import main
-from dreambooth_helpers.data import check_images
-from dreambooth_helpers.doctor import diagnose, find_subject, hamming, perceptual_hash
+from dreambooth_helpers.doctor import check_images, diagnose, find_subject, hamming, perceptual_hash
 from dreambooth_helpers.errors import ConfigError
 
 
@@ -136,7 +135,7 @@ def test_empty_folder_is_an_error_and_kind_is_checked(tmp_path):
         diagnose(tmp_path / "empty", kind="landscape")
 
 
-def test_data_check_images_still_returns_warnings(tmp_path):
+def test_check_images_adds_the_findings_as_warnings(tmp_path):
     blurry = photo(10).filter(ImageFilter.GaussianBlur(6))
     folder = folder_of(tmp_path / "photos", {"blurry.png": blurry, "ok.png": photo(1)})
     report = check_images(folder, resolution=512)

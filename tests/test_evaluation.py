@@ -54,13 +54,13 @@ def test_paper_prompt_lists_have_25_prompts_with_and_without_the_identifier():
     assert len(OBJECT_PROMPTS) == len(LIVE_SUBJECT_PROMPTS) == 25
     objects = paper_prompts("backpack", identifier="zwx")
     assert objects[0].prompt == "a zwx backpack in the jungle" and objects[0].clip_text == "a backpack in the jungle"
-    live = paper_prompts("dog", kind="live")
+    live = paper_prompts("dog", prompt_set="live")
     assert "a sks dog wearing a santa hat" in [p.prompt for p in live]
     assert "a sks dog wearing a santa hat" not in [p.prompt for p in objects]
     assert all("sks" not in p.clip_text for p in live)
     assert len(paper_prompts("dog", count=5)) == 5
     with pytest.raises(ConfigError, match="--kind"):
-        paper_prompts("dog", kind="animal")
+        paper_prompts("dog", prompt_set="animal")
     with pytest.raises(ConfigError, match="class"):
         paper_prompts(" ")
     with pytest.raises(ConfigError, match="1 to 25"):

@@ -12,6 +12,7 @@ from PIL import Image
 from dreambooth_helpers import hub
 from dreambooth_helpers.cli import main
 from dreambooth_helpers.errors import ConfigError, ModelLoadError
+from dreambooth_helpers.subject import recipe
 from tests.trained_fixtures import INSTANCE_PROMPT, make_full_output, make_lora_output
 
 # Built at run time so the repository holds no string shaped like a real token.
@@ -91,7 +92,10 @@ def test_full_model_card_content_and_front_matter(full_dir):
     assert f"`{INSTANCE_PROMPT}`" in text and "`sks`" in text
     assert "![Samples from the end of training](grid.png)" in text
     assert "| Training steps | 10 |" in text and "| Resolution | 64 px |" in text
-    assert "| Prior preservation | yes, 100 class images, weight 1.0 |" in text
+    # Settings the run left to the subject kind's recipe are stated as the values it used.
+    object_recipe = recipe("object")
+    assert f"| Prior preservation | yes, {object_recipe.num_class_images} class images, weight 1.0 |" in text
+    assert f"| Learning rate | {object_recipe.learning_rate} |" in text
     assert 'StableDiffusionPipeline.from_pretrained("alice/sks-dog"' in text
     assert "/home/someone" not in text  # no local paths from the training config
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dreambooth_helpers.cli import main
-from dreambooth_helpers.errors import ConfigError, DreamBoothError, ModelLoadError
+from dreambooth_helpers.errors import ConfigError, DreamBoothError, ImageDataError, ModelLoadError
 from dreambooth_helpers.inference import (
     example_prompts,
     image_grid,
@@ -146,7 +146,7 @@ def test_image_grid_layout():
     assert grid.getpixel((70, 40)) == (255, 255, 255)  # row 2, column 2: the fourth image
     assert grid.getpixel((100, 80)) == (255, 255, 255)  # the empty last cell keeps the background
     assert image_grid(images[:4]).size == (128, 64)
-    with pytest.raises(ValueError):
+    with pytest.raises(ImageDataError, match="no images"):
         image_grid([])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -49,6 +50,7 @@ def cli_args(instance_dir: Path, output_dir: Path) -> list[str]:
             "--mixed-precision", "no", "--learning-rate", "1e-3", "--lr-scheduler", "linear", "--seed", "3"]
 
 
+@pytest.mark.slow
 def test_training_killed_at_a_random_moment_resumes_to_the_same_weights(instance_dir, make_config, tmp_path):
     seed = random.randrange(1_000_000)
     # A random moment in the first half of the run, whatever the machine's speed: after a random checkpoint
@@ -87,6 +89,12 @@ def test_training_killed_at_a_random_moment_resumes_to_the_same_weights(instance
     torch.set_num_threads(threads)
     for sub in ("unet", "text_encoder"):
         assert max_difference(weights(straight_dir, sub), weights(killed_dir, sub)) < 1e-5, (sub, seed)
+    # The loss history survives the kill: every step from 1, the killed part's from the checkpoint.
+    straight = json.loads((straight_dir / ckpt.SUMMARY_FILE).read_text())
+    assert [h["step"] for h in summary["history"]] == list(range(1, 21)), f"seed {seed}"
+    assert summary["losses"] == pytest.approx(straight["losses"], rel=1e-4), f"seed {seed}"
+    # No checkpoint at the last step (18 is the newest), and none half-written left behind.
+    assert newest_step(straight_dir) == 18
     assert not list((killed_dir / "checkpoints").glob(".*.partial"))
 
 
@@ -218,3 +226,73 @@ def test_training_checks_the_disk_before_the_first_step(make_config, monkeypatch
         train(make_config(with_prior_preservation=False, checkpoint_every=2), progress=False,
               on_step=lambda step, logs: steps.append(step))
     assert steps == []  # refused before training, not after it
+
+
+class PlantedPayload:
+    """Unpickling this creates `marker`: what a malicious pickle in a shared checkpoint could do (or worse)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("planted", ["optimizer.pt", "lr_scheduler.pt", "scaler.pt"])
+def test_a_checkpoint_with_a_planted_pickle_is_refused_without_running_it(training_state, tmp_path, planted):
+    state = training_state.state
+    state.scaler = torch.amp.GradScaler("cpu")
+    saved = ckpt.save_checkpoint(tmp_path / "run", 2, state, {"base_model": "tiny"}, keep=1)
+    marker = tmp_path / "payload-ran"
+    (saved / planted).write_bytes(pickle.dumps({"state": PlantedPayload(marker)}, protocol=2))
+    with pytest.raises(TrainingError, match=f"{planted} holds more than tensors and plain data, so it was not "
+                                            "loaded.*Resume from a checkpoint you made yourself"):
+        ckpt.load_checkpoint(saved, state)
+    assert not marker.exists()
+
+
+def test_checkpoints_skip_the_last_half_interval_and_the_last_step():
+    assert ckpt.checkpoint_steps(750, 187) == [187, 374, 561]  # not 748 and 750, two steps apart at the end
+    assert ckpt.checkpoint_steps(20, 2) == list(range(2, 20, 2))
+    assert ckpt.checkpoint_steps(10, None) == [] and ckpt.checkpoint_steps(4, 4) == []
+
+
+def test_the_checkpoint_size_estimate_matches_a_saved_checkpoint(training_state, tmp_path):
+    state = training_state.state  # fp32 AdamW: weights 4 bytes + two moments 8 bytes per parameter
+    state.optimizer.zero_grad()
+    for parameter in [*state.unet.parameters(), *state.text_encoder.parameters()]:
+        parameter.grad = torch.zeros_like(parameter)
+    state.optimizer.step()  # the moments exist after the first step
+    saved = ckpt.save_checkpoint(tmp_path, 1, state, {"base_model": "tiny"}, keep=1)
+    actual = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
+    parameters = sum(p.numel() for m in (state.unet, state.text_encoder) for p in m.parameters())
+    estimate = ckpt.checkpoint_bytes(parameters, lora=False, eight_bit_adam=False)
+    assert actual <= estimate <= actual + ckpt.SMALL_FILES_BYTES + actual // 10
+    # 8-bit AdamW: ~2 bytes of moments per parameter instead of 8.
+    assert ckpt.checkpoint_bytes(10**9, lora=False, eight_bit_adam=True) == pytest.approx(6.03e9, rel=0.01)
+
+
+def test_plan_checkpoints_fits_the_default_run_in_12_gb_of_drive_counting_every_checkpoint_written():
+    from dreambooth_helpers import Concept, TrainConfig
+    from dreambooth_helpers.memory import SD1_SIZE, planning_size
+
+    size = planning_size("sd15-random")  # SD 1.5's parameter counts, no weights loaded
+    assert size == SD1_SIZE
+    config = TrainConfig.from_preset("t4", model="sd15-random", concepts=[Concept("photos", "a sks dog", "a dog")],
+                                     max_train_steps=750, num_class_images=50)
+    plan = ckpt.plan_checkpoints(config, 12 * 10**9, size)
+    # Full UNet + text encoder with 8-bit AdamW: ~5.9 GB a checkpoint; the fp32 diffusers folder ~4.3 GB.
+    assert plan.checkpoint_bytes == pytest.approx(5.93e9, rel=0.02)
+    assert plan.model_bytes == pytest.approx(4.26e9, rel=0.02)
+    assert plan.checkpoints_written >= 1 and plan.fits and plan.total_bytes <= 12 * 10**9
+    assert plan.total_bytes == plan.checkpoints_written * plan.checkpoint_bytes + plan.model_bytes + plan.other_bytes
+    assert plan.checkpoint_steps == ckpt.checkpoint_steps(750, plan.checkpoint_every)
+    assert "This run writes about 10.2 GB" in plan.message and "trash" in plan.message
+
+    roomy = ckpt.plan_checkpoints(config, 40 * 10**9, size)
+    assert roomy.checkpoint_steps == [150, 300, 450, 600]  # at most four, evenly spaced, none near the end
+    cramped = ckpt.plan_checkpoints(config, 8 * 10**9, size)
+    assert cramped.checkpoint_every is None and cramped.fits and "no checkpoint" in cramped.message
+    assert not ckpt.plan_checkpoints(config, 2 * 10**9, size).fits
+    lora = ckpt.plan_checkpoints(config.replace(lora=True, lora_rank=8), 1 * 10**9, size)
+    assert lora.checkpoints_written == 4 and lora.model_bytes < 20 * 2**20

@@ -117,7 +117,7 @@ def test_the_notebook_login_cell_shows_no_token(monkeypatch, capsys, caplog):
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: logged_in[-1] if logged_in else None)
     monkeypatch.setattr(huggingface_hub, "login", lambda token, **kwargs: logged_in.append(token))
     monkeypatch.setattr(huggingface_hub, "whoami", lambda *args, **kwargs: {"name": "someone"})
-    cell_output = widgets.hub_login()
+    cell_output = widgets.hub_login(widgets.detect_runtime())
     print(cell_output)
     assert logged_in == [FAKE_TOKEN] and cell_output == "Logged in with the Colab secret HF_TOKEN as someone."
     assert FAKE_TOKEN not in capsys.readouterr().out + caplog.text

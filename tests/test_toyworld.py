@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import toyworld  # scripts/toyworld.py: conftest.py puts scripts/ on the path
 from PIL import Image
 
-from dreambooth_helpers import toyworld
-from dreambooth_helpers.data import check_images, load_instance_images
+from dreambooth_helpers.data import load_instance_images
+from dreambooth_helpers.doctor import check_images
 from dreambooth_helpers.models import TOY_MODEL, TOY_MODEL_DIR, load_components
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +108,17 @@ def test_sample_data_is_reproducible_and_passes_the_image_checks(tmp_path):
     assert report.warnings == []
 
 
+def test_the_toy_world_is_tooling_outside_the_package_and_the_toy_model_ships_inside_it():
+    import dreambooth_helpers
+
+    assert Path(toyworld.__file__).resolve().parent == ROOT / "scripts"
+    assert importlib.util.find_spec("dreambooth_helpers.toyworld") is None
+    assert "toyworld" not in dreambooth_helpers.__all__
+    assert all(hasattr(dreambooth_helpers, name) for name in dreambooth_helpers.__all__)
+    package = Path(dreambooth_helpers.__file__).resolve().parent
+    assert TOY_MODEL_DIR.resolve().parent == package and (TOY_MODEL_DIR / "model_index.json").is_file()
+
+
 # ---------------------------------------------------------------------------- the shipped model
 
 
@@ -128,6 +140,7 @@ def test_toy_model_is_a_small_standard_diffusers_folder(toy_pipeline):
     assert toy_pipeline.unet.dtype == torch.float32  # trainable as loaded
 
 
+@pytest.mark.slow
 def test_toy_model_follows_held_out_prompts(toy_pipeline):
     """(a) Captions of (colour, object, background) combinations never seen in training are drawn as said."""
     result = toyworld.measure_prompt_following(toy_pipeline, count=24, steps=15)
@@ -152,6 +165,7 @@ def dreambooth_measurements(tmp_path_factory):
     return measured
 
 
+@pytest.mark.slow
 def test_dreambooth_teaches_the_subject(dreambooth_measurements):
     """(b) After DreamBooth, "a sks toy" looks like the robot; before, it did not, and "a toy" does not."""
     m = dreambooth_measurements
@@ -160,6 +174,7 @@ def test_dreambooth_teaches_the_subject(dreambooth_measurements):
     assert m["sks_after_prior"] < m["toy_base"] - 0.3
 
 
+@pytest.mark.slow
 def test_prior_preservation_prevents_language_drift(dreambooth_measurements):
     """(c) Without prior preservation "a toy" collapses toward the robot; with it, it stays away from the robot
     and nearer the base model's "a toy"."""

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_helpers import Concept, ConfigError, TrainConfig, load_components
+from dreambooth_helpers import Concept, ConfigError, load_components, prior
+from dreambooth_helpers import checkpoints as ckpt
 from dreambooth_helpers.data import images_to_tensor, load_instance_images
-from dreambooth_helpers.training import _assemble, dreambooth_loss, resolve_runtime, train
+from dreambooth_helpers.training import _assemble, dreambooth_loss, find_finished_run, resolve_runtime, train
 
 
 def _weights(folder, sub):
@@ -58,7 +61,8 @@ def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(make_config
     prompt_kwargs = dict(prompt="a photo of sks dog", num_inference_steps=2, height=32, width=32, output_type="np")
     before = base_pipe(**prompt_kwargs, generator=torch.Generator().manual_seed(0)).images
     tuned = make_pipeline(_base())
-    tuned.load_lora_weights(str(result.output_dir))
+    # weight_name given: diffusers < 0.42 (Colab's 0.39) refuses to guess it under HF_HUB_OFFLINE, even for a folder.
+    tuned.load_lora_weights(str(result.output_dir), weight_name="pytorch_lora_weights.safetensors")
     after = tuned(**prompt_kwargs, generator=torch.Generator().manual_seed(0)).images
     assert abs(after - before).max() > 1e-4  # the adapters change what the model draws
     # Base weights untouched: the LoRA run leaves the UNet's own parameters as they were.
@@ -96,16 +100,19 @@ def test_training_optimises_the_held_out_instance_loss(make_config, instance_dir
 
 def test_prior_preservation_batches_hold_class_images_and_loss_uses_the_weight(make_config):
     config = make_config(prior_loss_weight=0.3, max_train_steps=3)
+    as_given = copy.deepcopy(config)
     logs = []
     result = train(config, progress=False, on_step=lambda step, entry: logs.append(entry))
+    assert config == as_given and config.concepts[0].class_dir is None  # train() never changes its caller's config
     assert len(logs) == 3
     for entry in logs:
         assert entry["prior_loss"] is not None
         assert entry["loss"] == pytest.approx(entry["instance_loss"] + 0.3 * entry["prior_loss"], rel=1e-5)
     summary = json.loads(result.summary_path.read_text())
     assert summary["num_class_images"] == 2
-    class_dir = config.concepts[0].class_dir
-    assert len(list(__import__("pathlib").Path(class_dir).glob("class-*.png"))) == 2
+    class_dir = prior.class_dir_for(config, config.concepts[0])
+    assert class_dir == prior.default_class_dir(config.output_dir, "a photo of dog")
+    assert len(list(class_dir.glob("class-*.png"))) == 2
 
     # A batch: instance examples first (instance prompt), then as many class examples (class prompt).
     tokenizer = _base().tokenizer
@@ -133,14 +140,21 @@ def test_loss_weighting_is_exact():
 def test_saved_folder_loads_in_plain_diffusers_and_generates(make_config):
     from diffusers import StableDiffusionPipeline
 
-    result = train(make_config(max_train_steps=2, sample_every=1), progress=False)
+    drawn = {}
+    result = train(make_config(max_train_steps=3, sample_every=2), progress=False,
+                   on_step=lambda step, logs: drawn.update({step: logs["samples"]}))
+    # Samples reach on_step with the step that drew them (every 2 steps, and always the last), as strings.
+    assert [len(drawn[step]) for step in (1, 2, 3)] == [0, 1, 1]
+    assert [Path(p) for p in drawn[2] + drawn[3]] == result.sample_images
+    assert all(Path(p).is_file() and Path(p).name.startswith(f"step-{s:06d}") for s in (2, 3) for p in drawn[s])
     pipe = StableDiffusionPipeline.from_pretrained(str(result.output_dir))
     image = pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32).images[0]
     assert image.size == (32, 32)
     summary = json.loads(result.summary_path.read_text())
-    assert summary["steps"] == 2 and len(summary["history"]) == 2 and summary["versions"]["torch"]
-    assert {"loss", "lr", "time"} <= set(summary["history"][0])
-    assert len(result.sample_images) == 2 and all(p.is_file() for p in result.sample_images)
+    assert summary["steps"] == 3 and len(summary["history"]) == 3 and summary["versions"]["torch"]
+    assert {"loss", "lr", "time", "samples"} <= set(summary["history"][0])
+    assert [h["samples"] for h in summary["history"]] == [drawn[1], drawn[2], drawn[3]]
+    assert summary["samples"] == drawn[2] + drawn[3]
     assert not (result.output_dir / ".saving-model").exists()
 
 
@@ -154,7 +168,14 @@ def test_resume_gives_the_same_weights_as_a_straight_run(make_config, tmp_path):
     shutil.copytree(tmp_path / "straight/checkpoints/checkpoint-000003", resumed_dir / "checkpoints/checkpoint-000003")
     shutil.copytree(tmp_path / "straight/class_images", resumed_dir / "class_images")
     result = train(straight.replace(output_dir=str(resumed_dir), resume="latest"), progress=False)
-    assert json.loads(result.summary_path.read_text())["resumed_from_step"] == 3
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["resumed_from_step"] == 3
+    # No checkpoint at the last step: the finished model stands for it.
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "straight")] == ["checkpoint-000003"]
+    # The history covers every step, the first part's from the checkpoint, and matches the straight run's.
+    straight_summary = json.loads((tmp_path / "straight" / ckpt.SUMMARY_FILE).read_text())
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]
+    assert result.losses == pytest.approx(straight_summary["losses"], rel=1e-4)
     for sub in ("unet", "text_encoder"):
         a, b = _weights(tmp_path / "straight", sub), _weights(resumed_dir, sub)
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, sub
@@ -210,16 +231,6 @@ def test_missing_instance_folder_fails_before_loading_the_model(make_config, tmp
         train(config, progress=False)
 
 
-def test_presets_are_valid_and_distinct():
-    from dreambooth_helpers import PRESETS
-
-    made = {name: TrainConfig.from_preset(name, concepts=[Concept("x", "a sks dog", "a dog")]).validate()
-            for name in PRESETS}
-    assert made["t4"].lora is False and made["t4"].train_text_encoder and made["t4"].gradient_checkpointing
-    assert made["t4"].mixed_precision == "fp16" and made["t4"].use_8bit_adam and made["t4"].with_prior_preservation
-    assert made["t4-lora"].lora and made["large-gpu"].gradient_checkpointing is False
-
-
 def test_one_process_can_train_twice_with_different_mixed_precision(make_config, tmp_path, monkeypatch):
     """A notebook session trains, changes its mind about precision, and trains again."""
     import dataclasses
@@ -233,3 +244,57 @@ def test_one_process_can_train_twice_with_different_mixed_precision(make_config,
         result = training.train(make_config(output_dir=str(tmp_path / f"run{run}"), max_train_steps=1,
                                              with_prior_preservation=False), progress=False)
         assert (result.output_dir / "model_index.json").exists()
+
+
+def test_rerunning_a_finished_run_reuses_it_and_find_finished_run_knows_it(make_config, tmp_path):
+    config = make_config(max_train_steps=2, checkpoint_every=1, with_prior_preservation=False, learning_rate=1e-3)
+    first = train(config, progress=False)
+    assert find_finished_run(config).losses == first.losses
+    summary_before = first.summary_path.read_bytes()
+    model_file = first.output_dir / "unet/diffusion_pytorch_model.safetensors"
+    written_at = model_file.stat().st_mtime_ns
+
+    # What the notebook's cells do after a disconnect: run again with resume "latest". Nothing trains or changes.
+    steps = []
+    again = train(config.replace(resume="latest"), progress=False, on_step=lambda step, logs: steps.append(step))
+    assert again.reused and steps == [] and again.losses == first.losses and again.global_step == 2
+    assert first.summary_path.read_bytes() == summary_before and model_file.stat().st_mtime_ns == written_at
+
+    # Another config is another model: not finished.
+    assert find_finished_run(config.replace(learning_rate=2e-3)) is None
+    assert find_finished_run(config.replace(max_train_steps=3)) is None
+    assert find_finished_run(config.replace(lora=True)) is None
+    (first.output_dir / "model_index.json").unlink()  # the model's marker: a half-saved model is not finished
+    assert find_finished_run(config) is None
+
+
+def test_a_checkpoint_at_the_last_step_without_its_model_saves_the_model_and_keeps_the_history(make_config,
+                                                                                               tmp_path):
+    longer = make_config(max_train_steps=4, checkpoint_every=2, with_prior_preservation=False, learning_rate=1e-3,
+                         output_dir=str(tmp_path / "longer"))
+    train(longer, progress=False)
+    # A 2-step run that crashed after its checkpoint at step 2 and before saving its model.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "longer/checkpoints/checkpoint-000002", crashed / "checkpoints/checkpoint-000002")
+    steps = []
+    result = train(longer.replace(max_train_steps=2, output_dir=str(crashed), resume="latest"), progress=False,
+                   on_step=lambda step, logs: steps.append(step))
+    assert steps == [] and not result.reused
+    checkpoint_unet = _weights(crashed / "checkpoints/checkpoint-000002", "unet")
+    assert _max_change(checkpoint_unet, _weights(crashed, "unet")) == 0
+    summary = json.loads(result.summary_path.read_text())
+    longer_losses = json.loads((tmp_path / "longer" / ckpt.SUMMARY_FILE).read_text())["losses"]
+    assert summary["steps"] == 2 and summary["losses"] == longer_losses[:2]
+
+
+def test_a_real_model_on_a_cpu_is_refused_up_front_unless_asked(make_config, tmp_path):
+    real = make_config(model="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512)
+    with pytest.raises(ConfigError, match="no GPU.*T4 GPU.*--model toy.*DREAMBOOTH_HELPERS_ALLOW_CPU=1"):
+        resolve_runtime(real, cuda_available=False)
+    assert resolve_runtime(real, cuda_available=False, allow_cpu=True).device == "cpu"
+    # The built-in models, and a small local model, train on a CPU.
+    from dreambooth_helpers.models import build_tiny_components, make_pipeline
+
+    make_pipeline(build_tiny_components()).save_pretrained(tmp_path / "small")
+    for model in ("tiny", "toy", "sd15-random", str(tmp_path / "small")):
+        assert resolve_runtime(make_config(model=model), cuda_available=False).device == "cpu"

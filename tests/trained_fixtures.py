@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from dreambooth_helpers.config import Concept, TrainConfig
+from dreambooth_helpers.files import LORA_WEIGHTS_FILE, SAMPLES_DIR, SUMMARY_FILE
 from dreambooth_helpers.models import build_tiny_components, make_pipeline
 
 INSTANCE_PROMPT = "a photo of sks dog"
@@ -29,8 +30,8 @@ def write_summary(out: Path, *, lora: bool, base_model: str = "tiny", resolution
         "config": config.to_dict(), "base_model": base_model, "lora": lora, "resolution": resolution,
         "instance_prompts": [INSTANCE_PROMPT], "steps": 10, "losses": [0.3, 0.2, 0.1],
     }
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
-    samples = out / "samples"
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    samples = out / SAMPLES_DIR
     samples.mkdir(exist_ok=True)
     for i, colour in enumerate(("red", "green", "blue", "yellow")):
         Image.new("RGB", (resolution, resolution), colour).save(samples / f"step-10-{i}.png")
@@ -70,6 +71,7 @@ def make_lora_output(out: Path, seed: int = 0) -> Path:
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True)
+    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=layers, weight_name=LORA_WEIGHTS_FILE,
+                                              safe_serialization=True)
     write_summary(out, lora=True)
     return out

@@ -14,17 +14,28 @@ same code to measure it:
   which is how the DreamBooth measurements say "closer to the subject".
 
 Everything is deterministic from a seed.
+
+This module lives in scripts/, not in the installed package: only the scripts next to it (which import
+it as `toyworld`, their own folder being on the path) and the tests (tests/conftest.py puts scripts/
+on the path) use it. The toy model's weights it measures ship in the package (dreambooth_helpers/toy_model/).
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+
+from dreambooth_helpers.config import Concept, TrainConfig
+from dreambooth_helpers.data import load_instance_images
+from dreambooth_helpers.inference import apply_lora, resolve_model
+from dreambooth_helpers.models import load_components, make_pipeline
+from dreambooth_helpers.training import train
 
 RESOLUTION = 32
 _SUPERSAMPLE = 4  # scenes are drawn 4x larger and shrunk, for clean edges at 32 px
@@ -308,17 +319,6 @@ def set_distance(images_a: Sequence, images_b: Sequence) -> float:
     return float(0.5 * np.abs(mean_a - mean_b).sum())
 
 
-def grid(images: Sequence, columns: int = 8, scale: int = 2) -> Image.Image:
-    """Pictures side by side, enlarged `scale` times without smoothing, for looking at results."""
-    images = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
-    size = images[0].width * scale
-    rows = math.ceil(len(images) / columns)
-    sheet = Image.new("RGB", (columns * size, rows * size), (128, 128, 128))
-    for i, im in enumerate(images):
-        sheet.paste(im.resize((size, size), Image.Resampling.NEAREST), ((i % columns) * size, (i // columns) * size))
-    return sheet
-
-
 # ---------------------------------------------------------------------------- measuring a model of this world
 
 SUBJECT_PROMPT, CLASS_PROMPT = "a sks toy", "a toy"  # what DreamBooth trains on, and what is then drawn
@@ -328,8 +328,6 @@ MEASURE_GUIDANCE = 5.0  # a small model follows prompts best with moderate guida
 def generate(pipeline, prompts: Sequence[str], seed: int = 0, steps: int = 20,
              guidance_scale: float = MEASURE_GUIDANCE, batch_size: int = 16) -> list[Image.Image]:
     """One picture per prompt; picture i always comes from seed + i, whatever the batching."""
-    import torch
-
     pipeline.set_progress_bar_config(disable=True)
     resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     images: list[Image.Image] = []
@@ -352,9 +350,6 @@ def measure_prompt_following(pipeline, count: int = 48, seed: int = 0, steps: in
 def load_pipeline(model: str):
     """A StableDiffusionPipeline for `model` ("toy", "tiny", a diffusers folder or a training run's output,
     LoRA runs included), in fp32 on the CPU."""
-    from .inference import apply_lora, resolve_model
-    from .models import load_components, make_pipeline
-
     base, lora, _ = resolve_model(model)
     pipeline = make_pipeline(load_components(base))
     if lora:
@@ -364,8 +359,6 @@ def load_pipeline(model: str):
 
 def vae_round_trip(pipeline, images: Sequence) -> list[Image.Image]:
     """`images` encoded and decoded by the pipeline's VAE (posterior means), as RGB pictures."""
-    import torch
-
     pixels = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
     with torch.no_grad():
         batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(pipeline.vae.dtype)
@@ -386,12 +379,6 @@ def measure_dreambooth(instance_dir: str, work_dir: str, model: str = "toy", ste
     distance of the trained model's "a sks toy" pictures to the photos; "toy_after_no_prior_to_base" = how
     far its "a toy" pictures drifted from the base model's.
     """
-    from pathlib import Path
-
-    from .config import Concept, TrainConfig
-    from .data import load_instance_images
-    from .training import train
-
     base = load_pipeline(model)
     resolution = base.unet.config.sample_size * base.vae_scale_factor
     photos, _ = load_instance_images(instance_dir, resolution)
