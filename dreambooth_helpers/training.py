@@ -219,15 +219,17 @@ def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, num_instance
 # ---------------------------------------------------------------------------- the run
 
 
-def train(config: TrainConfig, *, progress: bool = True, on_step=None) -> TrainResult:
+def train(config: TrainConfig, *, progress: bool = True, on_step=None, on_notice=None) -> TrainResult:
     """Fine-tune `config.model` on `config.concepts`; `config` itself is left as it was.
 
     `on_step(step, logs)` is called after each step; `logs["samples"]` lists the sample images drawn at that step
     (paths as strings, so the history stays JSON; empty at most steps), the last step's included.
+    `on_notice(text)` shows the run's notices (default: printed above the progress bar); the notebook passes one
+    that names its own settings instead of command-line flags.
     """
     with quiet_library_logs():
         try:
-            return _train(config, progress=progress, on_step=on_step)
+            return _train(config, progress=progress, on_step=on_step, on_notice=on_notice or tqdm.write)
         except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError, as are some kernels' OOMs
             if not is_out_of_memory(error):
                 raise
@@ -254,13 +256,13 @@ def quiet_library_logs():
         transformers.utils.logging.enable_progress_bar()
 
 
-def _train(config: TrainConfig, *, progress: bool, on_step) -> TrainResult:
+def _train(config: TrainConfig, *, progress: bool, on_step, on_notice) -> TrainResult:
     config, num_photos = _run_config(config)
     max_steps = config.steps_for(num_photos)
     finished = _finished_run(config, max_steps)
     if finished is not None:
         return finished
-    run = _start(config, resolve_runtime(config), max_steps, progress)
+    run = _start(config, resolve_runtime(config), max_steps, progress, on_notice)
     model = _load_model(run)
     data = _load_data(run, model)
     optim = _make_optimizer_and_schedule(run, model)
@@ -379,7 +381,7 @@ def _finished_run(config: TrainConfig, max_steps: int) -> TrainResult | None:
     return found
 
 
-def _start(config: TrainConfig, runtime: Runtime, max_steps: int, progress: bool) -> _Run:
+def _start(config: TrainConfig, runtime: Runtime, max_steps: int, progress: bool, on_notice) -> _Run:
     """The Accelerator for this run's precision, and a `say` that prints once (on the main process)."""
     from accelerate import Accelerator
     from accelerate.utils import GradScalerKwargs
@@ -391,7 +393,7 @@ def _start(config: TrainConfig, runtime: Runtime, max_steps: int, progress: bool
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               cpu=runtime.device == "cpu",
                               kwargs_handlers=[GradScalerKwargs(enabled=False)] if own_loss_scaling else None)
-    say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
+    say = on_notice if accelerator.is_main_process else (lambda *_: None)
     for notice in runtime.notices:
         say(notice)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(runtime.mixed_precision, torch.float32)

@@ -722,3 +722,17 @@ def test_doctor_advice_names_the_notebooks_settings(tmp_path, instance_dir):
         "or train with `config = config.replace(crop='pad')` in the configuration cell.")
     report = widgets.doctor_report(selection, kind="object", resolution=512)
     assert "Doctor" in report and "--" not in report.replace("---", "")
+
+
+def test_training_notices_are_shown_in_the_notebooks_words(make_config, monkeypatch, capsys):
+    from dreambooth_helpers import training
+
+    def fake_train(config, on_step, on_notice):
+        on_notice("Memory plan: does not fit; use --lora.")
+        return "trained"
+
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: types.SimpleNamespace(update=lambda *a: None))
+    monkeypatch.setattr(training, "train", fake_train)
+    assert widgets.run_training(make_config(), 4, train_again=True) == "trained"
+    assert capsys.readouterr().out.strip() == (
+        "Memory plan: does not fit; use the 't4-lora' preset (or tick LoRA) in the settings form.")

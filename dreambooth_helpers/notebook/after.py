@@ -18,6 +18,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 from ..failures import free_gpu_memory
 from ..grids import labelled_grid
+from ..inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .forms import ImageSelection, NotebookSettings, run_name
 from .runtime import NotebookRuntime, hub_login, hub_username
 
@@ -71,8 +72,8 @@ def load_trained_model(output_dir: str | Path):
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    steps: int = 25
-    guidance_scale: float = 7.5
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
     images_per_prompt: int = 2
     seed: int = 1234
     negative_prompt: str = "blurry, low quality, deformed"

@@ -34,7 +34,7 @@ def run_training(config: TrainConfig, num_images: int, train_again: bool = False
     else:
         config = config.replace(resume=None)
     monitor = TrainingMonitor(config.steps_for(num_images))
-    return train(config, on_step=monitor)
+    return train(config, on_step=monitor, on_notice=lambda text: print(in_notebook_words(text)))
 
 
 def progress_line(step: int, total: int, logs: dict[str, Any], seconds_per_step: float | None = None) -> str:
