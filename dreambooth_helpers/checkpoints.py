@@ -2,10 +2,12 @@
 
 A checkpoint is `OUTPUT_DIR/checkpoints/checkpoint-000500/` holding the trainable weights (a
 `unet/` and `text_encoder/` folder, or LoRA adapters), the optimizer, learning-rate scheduler and
-loss-scaler states, the loss history so far (`history.json`) and `state.json`. It is written into a
-temporary folder and renamed into place: a kill during a save leaves the previous checkpoint intact.
-Only the newest K are kept, so Colab's disk does not fill. Every file is loaded without running
-pickled code (tensors and plain data only), so a checkpoint from someone else cannot run code here.
+loss-scaler states, the loss history so far (`history.json`) and `state.json`, which also records the
+identity of the run that saved it (training._run_identity: the settings that change the weights, and
+the photos). It is written into a temporary folder and renamed into place: a kill during a save leaves
+the previous checkpoint intact. Only the run's newest K are kept, so Colab's disk does not fill, and a
+run resumes only from its own checkpoints. Every file is loaded without running pickled code (tensors
+and plain data only), so a checkpoint from someone else cannot run code here.
 
 `plan_checkpoints` decides, before any model loads, how many checkpoints a run can afford on a disk
 where every byte ever written counts (Google Drive keeps deleted files in its trash).
@@ -23,9 +25,9 @@ from typing import Any
 
 import torch
 
+from .config import TrainConfig, option_name
 from .errors import ModelLoadError, TrainingError
-from .files import LORA_WEIGHTS_FILE as LORA_WEIGHTS  # file names live in files.py; training.py reads ckpt.X
-from .files import MODEL_INDEX_FILE, SUMMARY_FILE  # noqa: F401
+from .files import LORA_WEIGHTS_FILE
 
 CHECKPOINTS_DIR = "checkpoints"
 HISTORY_FILE = "history.json"  # in a checkpoint: the per-step logs up to it, so a resumed run's history is whole
@@ -66,7 +68,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 def checkpoint_step(path: str | Path) -> int:
     """The step a complete checkpoint was saved at (read from its state.json, no weights loaded)."""
-    return int(json.loads((Path(path) / "state.json").read_text())["step"])
+    return int(_read_state(path)["step"])
+
+
+def _read_state(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "state.json").read_text())
 
 
 def is_checkpoint_step(step: int, max_steps: int, every: int | None) -> bool:
@@ -84,19 +90,68 @@ def checkpoint_steps(max_steps: int, every: int | None) -> list[int]:
     return [step for step in range(1, max_steps + 1) if is_checkpoint_step(step, max_steps, every)]
 
 
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint folder `--resume` points to ("latest" may find none: then training starts fresh)."""
+def identity_differences(saved: Any, wanted: Any) -> list[str]:
+    """What differs between the run identity a checkpoint recorded and this run's, in words ("--learning-rate",
+    "the photos"); empty when they are the same run."""
+    if saved is None and wanted is not None:
+        return ["none recorded: an older version saved it"]
+    if not (isinstance(saved, dict) and isinstance(wanted, dict)):
+        return [] if saved == wanted else ["the run"]
+    return [_setting_words(key) for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key)]
+
+
+def _setting_words(name: str) -> str:
+    """A TrainConfig field as its flag (the notebook rewrites flags in its own words), else "the photos"."""
+    return option_name(name) if name in TrainConfig.__dataclass_fields__ else "the " + name.replace("_", " ")
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path, identity: Any, max_steps: int,
+                   say=print) -> Path | None:
+    """The checkpoint to resume this run (`identity`, `max_steps` steps) from; None: start from step 0.
+
+    "latest": the newest checkpoint this run saved (the same identity, step <= max_steps); others in the folder
+    were saved with other settings or photos, and are passed over with one line through `say` saying so.
+    A checkpoint folder: refused (TrainingError) when incomplete or saved by another run, since resuming it
+    would continue another run's weights and optimizer under this run's name.
+    """
     if resume is None:
         return None
     if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        found, passed_over, differences = None, [], set()
+        for path in reversed(list_checkpoints(output_dir)):  # newest first
+            state = _read_state(path)
+            different = identity_differences(state.get("identity"), identity)
+            if not different and int(state["step"]) <= max_steps:
+                found = path
+                break
+            passed_over.insert(0, path.name)
+            differences.update(different or [f"more than {max_steps} steps"])
+        if passed_over:
+            one = len(passed_over) == 1
+            say(f"{', '.join(passed_over)} {'was' if one else 'were'} saved by a run with other settings "
+                f"({', '.join(sorted(differences))}): not resuming from {'it' if one else 'them'}. This run's own "
+                f"checkpoints will replace {'it' if one else 'them'}.")
+        return found
     path = Path(resume)
     if not (path / "state.json").is_file():
         saved = ", ".join(p.name for p in list_checkpoints(output_dir)) or "none saved yet"
         raise TrainingError(f"--resume {resume!r} is not a complete checkpoint (no state.json). Use --resume latest "
                             f"or one of: {saved}.")
+    state = _read_state(path)
+    different = identity_differences(state.get("identity"), identity)
+    if different or int(state["step"]) > max_steps:
+        what = ", ".join(different) or f"it is at step {state['step']}, past this run's {max_steps}"
+        raise TrainingError(f"--resume {resume!r} was saved by a run with other settings ({what}): resuming it would "
+                            "continue that run's weights under this run's settings. Resume it with the settings it "
+                            "was saved with (its state.json lists them under \"config\"), or train without --resume "
+                            "to start this run from step 0.")
     return path
+
+
+def checkpoints_of(output_dir: str | Path, identity: Any, up_to_step: int) -> list[Path]:
+    """The complete checkpoints saved by the run `identity` at steps up to `up_to_step`, oldest first."""
+    return [path for path in list_checkpoints(output_dir) if _read_state(path).get("identity") == identity
+            and checkpoint_step(path) <= up_to_step]
 
 
 # ---------------------------------------------------------------------------- saving
@@ -191,9 +246,10 @@ def check_free_disk(folder: Path, needed: int) -> None:
 
 def save_checkpoint(output_dir: str | Path, step: int, state: TrainingState, metadata: dict[str, Any],
                     keep: int, history: list[dict[str, Any]] | None = None) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep`.
+    """Write checkpoint `step` atomically, then delete every other checkpoint but this run's newest `keep`.
 
-    `history` (the per-step logs so far, JSON data) is saved with it, so a run resumed from it reports every step.
+    `metadata["identity"]` names the run (see resolve_resume). `history` (the per-step logs so far, JSON data) is
+    saved with it, so a run resumed from it reports every step.
     """
     final = checkpoint_dir(output_dir, step)
     require_finite_weights((state.unet, state.text_encoder), f"checkpoint {step}", output_dir)
@@ -214,26 +270,30 @@ def save_checkpoint(output_dir: str | Path, step: int, state: TrainingState, met
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    # This run's checkpoints are those of its identity up to this step. Any other was saved with other settings
+    # or photos, or by an earlier attempt at this run that this one started over from (its steps lie ahead):
+    # this run can never resume from it, and it would outrank this run's own by its step number. Removed only
+    # now that this run has a checkpoint of its own, so a crash before the first save leaves the folder as it was.
+    own = checkpoints_of(output_dir, metadata.get("identity"), step)[-keep:]
+    for old in list_checkpoints(output_dir):
+        if old not in own:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(path: Path, state: TrainingState) -> int:
     """Restore weights and optimizer state from `path`; return the step it was saved at."""
-    from safetensors.torch import load_file
-
     unet, text_encoder = _unwrap(state.unet), _unwrap(state.text_encoder) if state.text_encoder is not None else None
-    info = json.loads((path / "state.json").read_text())
+    info = _read_state(path)
     if info.get("lora", False) != state.lora:
         raise TrainingError(f"{path} was saved by a {'LoRA' if info.get('lora') else 'full fine-tuning'} run; "
                             "resume with the same --lora setting, or start a new output folder.")
     if state.lora:
         from peft.utils import set_peft_model_state_dict
 
-        set_peft_model_state_dict(unet, load_file(path / "lora_unet.safetensors"))
+        set_peft_model_state_dict(unet, _load_tensors(path / "lora_unet.safetensors"))
         if text_encoder is not None and (path / "lora_text_encoder.safetensors").is_file():
-            set_peft_model_state_dict(text_encoder, load_file(path / "lora_text_encoder.safetensors"))
+            set_peft_model_state_dict(text_encoder, _load_tensors(path / "lora_text_encoder.safetensors"))
     else:
         unet.load_state_dict(_load_folder_weights(path / "unet"))
         if text_encoder is not None:
@@ -258,20 +318,35 @@ def _load_plain_data(file: Path) -> Any:
     """torch.load that accepts tensors and plain data only: unpickling anything else could run planted code."""
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise TrainingError(
-            f"{file} holds more than tensors and plain data, so it was not loaded: loading it could run code "
-            "hidden in it. Checkpoints written by dreambooth-helpers never do, so this one was altered or made by "
-            "another program. Resume from a checkpoint you made yourself, or train without --resume."
-        ) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        # A file cut short (a Drive sync or a full disk mid-copy) fails here too, as does a planted pickle.
+        raise _unreadable_checkpoint_file(file, "more than tensors and plain data (loading that could run code "
+                                          "hidden in it, so it was not loaded)", error) from None
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+        raise _unreadable_checkpoint_file(file, "something other than safetensors weights", error) from None
+
+
+def _unreadable_checkpoint_file(file: Path, foreign: str, error: Exception) -> TrainingError:
+    checkpoint = next((folder for folder in file.parents if (folder / "state.json").is_file()), file.parent)
+    return TrainingError(
+        f"{file} could not be loaded ({type(error).__name__}): it is corrupt (cut short, say by a Google Drive "
+        f"sync or a full disk) or holds {foreign}. Checkpoints written by dreambooth-helpers are neither, so this "
+        f"one was damaged or altered. Delete {checkpoint} and run again with --resume latest to continue from an "
+        "earlier checkpoint, or train without --resume."
+    )
 
 
 def _load_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     weights: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
-        weights.update(load_file(file))
+        weights.update(_load_tensors(file))
     return weights
 
 
@@ -304,10 +379,6 @@ def write_json_atomically(path: Path, data: Any) -> None:
     os.replace(partial, path)
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
 def pipeline_from_checkpoint(checkpoint: str | Path, base_model: str | None = None):
     """A StableDiffusionPipeline with a checkpoint's weights, to look at (or evaluate) a step."""
     from diffusers import UNet2DConditionModel
@@ -318,11 +389,11 @@ def pipeline_from_checkpoint(checkpoint: str | Path, base_model: str | None = No
     path = Path(checkpoint)
     if not (path / "state.json").is_file():
         raise ModelLoadError(f"{path} is not a complete checkpoint (no state.json).")
-    info = json.loads((path / "state.json").read_text())
+    info = _read_state(path)
     components = load_components(base_model or info["base_model"])
     if info.get("lora"):
         pipe = make_pipeline(components)
-        pipe.load_lora_weights(str(path), weight_name=LORA_WEIGHTS)
+        pipe.load_lora_weights(str(path), weight_name=LORA_WEIGHTS_FILE)
         return pipe
     unet = UNet2DConditionModel.from_pretrained(path / "unet")
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder") if (path / "text_encoder").is_dir() else None
@@ -351,25 +422,17 @@ class CheckpointPlan:
         return len(self.checkpoint_steps)
 
 
-def plan_checkpoints(config, free_bytes: int, size=None, *, steps: int | None = None,
-                     eight_bit_adam: bool | None = None) -> CheckpointPlan:
+def plan_checkpoints(config, free_bytes: int, size=None, *, steps: int) -> CheckpointPlan:
     """The most checkpoints (up to CHECKPOINTS_PER_RUN, evenly spaced) a run of `config` can write in `free_bytes`.
 
     Made for Google Drive: a deleted checkpoint stays in Drive's trash and counts against the quota until the
     trash is emptied, so every checkpoint the run writes counts, not only the one kept (use
     checkpoints_total_limit 1). `size` is a memory.ModelSize (default: memory.planning_size(config.model),
-    parameter counts without loading weights); `steps` defaults to config.max_train_steps, else the count
-    for the photos in the instance folders; `eight_bit_adam` to config.use_8bit_adam.
+    parameter counts without loading weights); `steps` is the run's step count (config.steps_for(photos)).
     """
-    from .data import IMAGE_EXTENSIONS
     from .memory import planning_size
 
     size = size or planning_size(config.model)
-    if steps is None:
-        photos = sum(1 for c in config.concepts if Path(c.instance_dir).is_dir()
-                     for f in Path(c.instance_dir).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        steps = config.steps_for(photos)
-    eight_bit = config.use_8bit_adam if eight_bit_adam is None else eight_bit_adam
     text_trains = config.train_text_encoder
     if config.lora:
         trainable = config.lora_rank * (size.unet_lora_per_rank + (size.text_lora_per_rank if text_trains else 0))
@@ -377,7 +440,7 @@ def plan_checkpoints(config, free_bytes: int, size=None, *, steps: int | None = 
     else:
         trainable = size.unet + (size.text_encoder if text_trains else 0)
         model = 4 * (size.unet + size.text_encoder + size.vae)  # a diffusers folder, every part in fp32
-    one = checkpoint_bytes(trainable, lora=config.lora, eight_bit_adam=eight_bit)
+    one = checkpoint_bytes(trainable, lora=config.lora, eight_bit_adam=config.use_8bit_adam)
     # PNGs of generated images: about 2 bytes a pixel (class images, and a round of samples every sample_every).
     resolution = config.resolution or size.native_resolution
     sample_rounds = -(-steps // config.sample_every) if config.sample_every else 0

@@ -17,12 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_PRESET, PRESETS, WHAT, Concept, TrainConfig, option_name
+from .config import DEFAULT_PRESET, PRESETS, WHAT, Concept, TrainConfig, option_name, per_kind, short_number
 from .errors import ConfigError, DreamBoothError
-from .files import GRID_FILE
+from .files import GRID_FILE, LORA_WEIGHTS_FILE
 from .subject import DEFAULT_KIND, SUBJECT_KINDS
 
 EXIT_USER_ERROR = 2
+LORA_HELP = f"Folder with {LORA_WEIGHTS_FILE} to apply on top of --model."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +38,8 @@ def _add_train(subparsers) -> None:
                               description="Fine-tune Stable Diffusion 1.x on a few photos of a subject. Settings "
                               "left out take the preset's value, else the recipe of --kind, else the default shown.")
     what = p.add_argument_group(WHAT)
-    what.add_argument("--instance-dir", help="Folder with 3-20 photos of your subject.")
+    photos = per_kind(lambda r: "{}-{}".format(*r.recommended_photos))
+    what.add_argument("--instance-dir", help=f"Folder with photos of your subject ({photos} work best).")
     what.add_argument("--instance-prompt", help='Prompt naming the subject with a rare token: "a photo of sks dog".')
     what.add_argument("--class-prompt", help='The same without the token, for prior preservation: "a photo of dog".')
     what.add_argument("--class-dir", help="Where class images are kept (default: OUTPUT_DIR/class_images/...). "
@@ -90,11 +92,13 @@ def _help_with_defaults(option: dataclasses.Field) -> str:
     def shown(value: Any) -> str:
         if isinstance(value, bool):
             return "on" if value else "off"
-        return f"{value:g}" if isinstance(value, float) else str(value)
+        return short_number(value) if isinstance(value, float) else str(value)
 
     notes = []
-    if option.default not in (None, dataclasses.MISSING) and not option.metadata["required_on_cli"] \
-            and option.name != "preset":
+    if option.metadata["default_note"]:
+        notes.append(option.metadata["default_note"])
+    elif option.default not in (None, dataclasses.MISSING) and not option.metadata["required_on_cli"] \
+            and option.name != "preset":  # --preset's help names its default before the presets it lists
         notes.append(f"default {shown(option.default)}")
     notes += [f"{name}: {shown(preset['settings'][option.name])}" for name, preset in PRESETS.items()
               if preset["settings"].get(option.name, option.default) != option.default]
@@ -171,7 +175,7 @@ def _add_generate(subparsers) -> None:
                               "plus LoRA weights, and save them as PNGs with the prompt and seed in their metadata.")
     p.add_argument("--model", required=True,
                    help='Trained output folder, Hub id, local diffusers folder, "toy" or "tiny".')
-    p.add_argument("--lora", help="Folder with pytorch_lora_weights.safetensors to apply on top of --model.")
+    p.add_argument("--lora", help=LORA_HELP)
     p.add_argument("--prompt", required=True, help='What to draw, with your token: "a photo of sks dog on the beach".')
     p.add_argument("--negative-prompt", default="", help='What to avoid: "blurry, low quality".')
     p.add_argument("--num-images", type=int, default=1, help="How many images (default 1).")
@@ -183,9 +187,8 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--height", type=int, help="Height in pixels (default: the model's training resolution).")
     p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=SCHEDULERS,
                    help=f"Sampler (default {DEFAULT_SCHEDULER}: DPM-Solver++, good in ~25 steps).")
-    p.add_argument("--attention-slicing", action="store_true", help="Less GPU memory, a little slower.")
-    p.add_argument("--vae-tiling", action="store_true", help="Decode large images in tiles: less GPU memory.")
-    p.add_argument("--grid", action="store_true", help="Also save all images as one grid.png.")
+    _add_memory_savers(p)
+    p.add_argument("--grid", action="store_true", help=f"Also save all images as one {GRID_FILE}.")
     p.add_argument("--out", required=True, help="Folder for the PNGs.")
     p.set_defaults(run=_run_generate)
 
@@ -208,17 +211,24 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_memory_savers(p: argparse.ArgumentParser) -> None:
+    """The generator's memory savings, which failures.generation_out_of_memory advises wherever images are made."""
+    p.add_argument("--attention-slicing", action="store_true", help="Less GPU memory, a little slower.")
+    p.add_argument("--vae-tiling", action="store_true", help="Decode large images in tiles: less GPU memory.")
+
+
 def _add_demo(subparsers) -> None:
     p = subparsers.add_parser("demo", help="Try a model in a web page (Gradio) with a REST API.",
                               description="Serve a Gradio page and a REST endpoint (POST /api/generate) for a model. "
                               "Runs until Ctrl+C.")
     p.add_argument("--model", required=True,
                    help='Trained output folder, Hub id, local diffusers folder, "toy" or "tiny".')
-    p.add_argument("--lora", help="Folder with pytorch_lora_weights.safetensors to apply on top of --model.")
+    p.add_argument("--lora", help=LORA_HELP)
     p.add_argument("--share", action="store_true", help="Also open a public gradio.live link (lasts up to a week).")
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 to let your network in).")
     p.add_argument("--port", type=int, default=7860, help="Port (default 7860; 0 picks a free one).")
     p.add_argument("--auth", help="USER:PASS required to open the page and call the API.")
+    _add_memory_savers(p)
     p.set_defaults(run=_run_demo)
 
 
@@ -226,7 +236,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import launch_demo, parse_auth
 
     demo = launch_demo(args.model, lora=args.lora, share=args.share, host=args.host, port=args.port,
-                       auth=parse_auth(args.auth) if args.auth else None, block=True)
+                       auth=parse_auth(args.auth) if args.auth else None, block=True,
+                       attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling)
     demo.close()
     return 0
 
@@ -257,6 +268,7 @@ def _add_export(subparsers) -> None:
                               description="Write a trained model (a LoRA run is merged into its base model first) as "
                               "one checkpoint in the original Stable Diffusion layout.")
     p.add_argument("--model", required=True, help='Trained output folder, local diffusers folder, "toy" or "tiny".')
+    p.add_argument("--lora", help=LORA_HELP + " The LoRA is merged into the model before it is written.")
     p.add_argument("--out", required=True, help="The .safetensors file to write.")
     p.add_argument("--half", action="store_true", help="Store fp16 weights (half the size, ~2 GB for SD 1.x).")
     p.set_defaults(run=_run_export)
@@ -265,36 +277,43 @@ def _add_export(subparsers) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from .export import export_single_file
 
-    path = export_single_file(args.model, args.out, half_precision=args.half)
+    path = export_single_file(args.model, args.out, lora=args.lora, half_precision=args.half)
     print(f"Wrote {path}")
     return 0
 
 
 def _add_evaluate(subparsers) -> None:
+    from .evaluation import DEFAULT_ENCODERS, ENCODER_CHOICES, KIND_CHOICES
+    from .inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
     p = subparsers.add_parser("evaluate", help="Score a trained model with the DreamBooth paper's metrics.",
                               description="Generate the paper's 25 prompts (N images each, fixed seeds) and measure "
                               "DINO and CLIP-I (likeness to your photos) and CLIP-T (prompt following). Writes "
                               "evaluation.json, evaluation.md and evaluation_grid.png. With --checkpoints, scores "
                               "every saved checkpoint of the run instead and recommends one.")
     p.add_argument("--model", required=True, help='Trained output folder (or Hub id, "toy" or "tiny").')
-    p.add_argument("--lora", help="Folder with pytorch_lora_weights.safetensors to apply on top of --model.")
+    p.add_argument("--lora", help=LORA_HELP)
     p.add_argument("--instance-dir", help="Your subject's photos (default: the folder the run trained on).")
     p.add_argument("--class-noun", required=True, help="The class of your subject: dog, backpack, man.")
     p.add_argument("--identifier", help="The rare token (default: read from the run's prompts, else sks).")
-    p.add_argument("--kind", default="object", choices=("object", "live"),
-                   help="The paper's prompt list: object (things) or live (pets and people: adds outfits).")
+    p.add_argument("--kind", choices=KIND_CHOICES,
+                   help="What the run taught, which picks the paper's prompt list: object (things and pets) or person "
+                   "(adds outfits; \"live\", the paper's name for that list, means the same). A style cannot be "
+                   "scored. Default: the --kind the run was trained with, else object.")
     p.add_argument("--prompts-per-image", "--images-per-prompt", dest="images_per_prompt", type=int, default=None,
                    help="Images generated per prompt (the paper uses 4; default 4, or 2 with --checkpoints).")
     p.add_argument("--num-prompts", type=int, help="Use only the first N of the 25 prompts (a quicker look).")
     p.add_argument("--seed", type=int, default=0, help="First seed; image j of prompt i uses SEED + i*N + j.")
-    p.add_argument("--steps", type=int, default=25, help="Denoising steps (default 25, DPM-Solver++).")
-    p.add_argument("--guidance", type=float, default=7.5, help="Guidance scale (default 7.5).")
-    p.add_argument("--encoders", default="paper", choices=("paper", "tiny"),
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Denoising steps (default {DEFAULT_STEPS}).")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"Guidance scale (default {DEFAULT_GUIDANCE}).")
+    p.add_argument("--encoders", default=DEFAULT_ENCODERS, choices=ENCODER_CHOICES,
                    help="paper: DINO ViT-S/16 + CLIP from the Hub (needs a network once); tiny: random offline "
                    "encoders that test the pipeline and give meaningless numbers.")
     p.add_argument("--checkpoints", action="store_true",
                    help="Score each checkpoint in MODEL/checkpoints and the final model, plot, recommend one.")
     p.add_argument("--out", help="Folder for the report (default: MODEL/evaluation).")
+    _add_memory_savers(p)
     p.set_defaults(run=_run_evaluate)
 
 
@@ -306,7 +325,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         out = str(Path(args.model, "evaluation"))
     common = dict(instance_dir=args.instance_dir, prompt_set=args.kind, identifier=args.identifier,
                   num_prompts=args.num_prompts, seed=args.seed, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, encoders=args.encoders)
+                  guidance_scale=args.guidance, encoders=args.encoders,
+                  attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling)
     if args.checkpoints:
         comparison = evaluate_checkpoints(args.model, args.class_noun, images_per_prompt=args.images_per_prompt or 2,
                                           output_dir=out, **common)

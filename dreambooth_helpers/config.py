@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .subject import (
     DEFAULT_KIND,
     LORA_LEARNING_RATE,
+    LORA_TEXT_ENCODER_SHARE,
     MAX_STEPS,
     MIN_STEPS,
     RECIPES,
@@ -28,8 +29,8 @@ from .subject import (
     TOY_LEARNING_RATES,
     default_learning_rate,
     default_steps,
-    default_text_encoder_learning_rate,
     recipe,
+    text_encoder_share,
 )
 
 MIXED_PRECISIONS = ("fp16", "bf16", "no")
@@ -69,13 +70,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def setting(default: Any, help_text: str, group: str, *, choices: tuple[str, ...] | None = None,
-            flag: str | None = None, required_on_cli: bool = False) -> Any:
+            flag: str | None = None, required_on_cli: bool = False, default_note: str | None = None) -> Any:
     """A TrainConfig field and the description of its `train` flag.
 
     `flag` replaces the name derived from the field ("--max-train-steps" for max_train_steps);
-    `required_on_cli` makes the command line ask for a value the library defaults.
+    `required_on_cli` makes the command line ask for a value the library defaults; `default_note`
+    replaces the "default VALUE" the help shows, for a default that is not the whole story.
     """
-    metadata = {"help": help_text, "group": group, "choices": choices, "flag": flag, "required_on_cli": required_on_cli}
+    metadata = {"help": help_text, "group": group, "choices": choices, "flag": flag, "required_on_cli": required_on_cli,
+                "default_note": default_note}
     if isinstance(default, list):  # a fresh list per config, as dataclasses require
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -87,21 +90,45 @@ def option_name(field_name: str) -> str:
     return flag or "--" + field_name.replace("_", "-")
 
 
+def short_number(value: float) -> str:
+    """A number as the README and papers write it: 2e-6 (not 2e-06), 1e-3 (not 0.001), 0.01, 7.5."""
+    if value and abs(value) < 0.01:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}"
+
+
+def per_kind(value_of: Any) -> str:
+    """`value_of(recipe)` for each subject kind, "object 3-20, person 8-25, ...", or one value when all agree."""
+    values = {kind: value_of(r) for kind, r in RECIPES.items()}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return ", ".join(f"{kind} {value}" for kind, value in values.items())
+
+
 # Help texts that quote the recipe, so that `train --help` shows the numbers subject.py holds.
+_CLASS_IMAGES_PER_KIND = per_kind(lambda r: str(r.num_class_images))
 _KIND_HELP = (
-    "What the photos show; sets the recommended values the flags you leave out take. "
-    + "; ".join(f"{kind}: {r.steps_per_image} steps per photo, learning rate {r.learning_rate:g}, "
-                f"{r.num_class_images} class images" for kind, r in RECIPES.items())
+    "What the photos show; the settings you leave out follow its recipe. "
+    + "; ".join(f"{kind}: {r.steps_per_image} steps per photo, learning rate {short_number(r.learning_rate)}"
+                + ("" if _CLASS_IMAGES_PER_KIND.isdigit() else f", {r.num_class_images} class images")
+                for kind, r in RECIPES.items())
     + "."
 )
 _STEPS_HELP = (f"Training steps (default: --kind's steps per photo, kept within {MIN_STEPS}-{MAX_STEPS}).")
 _LEARNING_RATE_HELP = (
-    f"UNet learning rate (default: --kind's for a full fine-tune, {LORA_LEARNING_RATE:g} with --lora; the toy "
-    f"model: {TOY_LEARNING_RATES['full']:g}, {TOY_LEARNING_RATES['lora']:g} with --lora)."
+    f"UNet learning rate (default: --kind's for a full fine-tune, {short_number(LORA_LEARNING_RATE)} with --lora; "
+    f"for the toy model {short_number(TOY_LEARNING_RATES['full'])}, {short_number(TOY_LEARNING_RATES['lora'])} "
+    "with --lora)."
+)
+_TEXT_ENCODER_LEARNING_RATE_HELP = (
+    "Text encoder learning rate (default: the UNet's for a full fine-tune; with --lora, "
+    + ("half" if LORA_TEXT_ENCODER_SHARE == 0.5 else f"{LORA_TEXT_ENCODER_SHARE:g} times")
+    + " the UNet's, because text adapters drift fastest)."
 )
 _CLASS_IMAGES_HELP = (
-    "How many class images prior preservation generates (default: --kind's, "
-    + ", ".join(f"{kind} {r.num_class_images}" for kind, r in RECIPES.items()) + "; the paper uses ~200)."
+    f"How many class images prior preservation generates (default: {_CLASS_IMAGES_PER_KIND}"
+    + ("" if _CLASS_IMAGES_PER_KIND.isdigit() else " by --kind") + "; the paper uses ~200)."
 )
 
 
@@ -134,9 +161,10 @@ class TrainConfig:
     output_dir: str = setting("outputs/dreambooth", "Folder for the trained model, checkpoints and samples.", WHAT,
                               required_on_cli=True)
     model: str = setting(TOY_MODEL, 'Base model: a Hub id (stable-diffusion-v1-5/stable-diffusion-v1-5), a local '
-                         'diffusers folder, a .safetensors/.ckpt file, "toy" (offline 32 px model that draws coloured '
-                         'shapes) or "tiny" (random weights, for tests).', WHAT)
-    preset: str = setting(DEFAULT_PRESET, " ".join(f"{name}: {p['description']}" for name, p in PRESETS.items()),
+                         'diffusers folder, a .safetensors/.ckpt file, "tiny" (random weights, for tests) or "toy": '
+                         'the offline 32 px model that draws coloured shapes.', WHAT)
+    preset: str = setting(DEFAULT_PRESET, f"Starting settings for your GPU (default {DEFAULT_PRESET}). "
+                          + " ".join(f"{name}: {p['description']}" for name, p in PRESETS.items()),
                           WHAT, choices=tuple(PRESETS))
     kind: str = setting(DEFAULT_KIND, _KIND_HELP, WHAT, choices=SUBJECT_KINDS)
 
@@ -145,31 +173,29 @@ class TrainConfig:
                                      "SD 1.x).", DATA)
     crop: str = setting("center", "center: crop each photo to a square; pad: keep the whole photo and pad it.", DATA,
                         choices=CROP_MODES)
-    random_flip: bool = setting(False, "Mirror images at random (not for asymmetric subjects or text).", DATA)
+    random_flip: bool = setting(False, "Mirror images at random; not for asymmetric subjects or text.", DATA)
 
     # Prior preservation: generated class images keep the model's idea of the class intact.
     with_prior_preservation: bool = setting(True, "Train on generated class images too, so the model keeps knowing "
                                             "the class.", PRIOR, flag="--prior-preservation")
     num_class_images: int | None = setting(None, _CLASS_IMAGES_HELP, PRIOR)
     prior_loss_weight: float = setting(1.0, "Weight of the class-image loss.", PRIOR)
-    class_images_batch_size: int = setting(4, "Class images generated at once (1 uses the least GPU memory).", PRIOR)
+    class_images_batch_size: int = setting(4, "Class images generated at once; 1 uses the least GPU memory.", PRIOR)
     class_images_steps: int = setting(25, "Denoising steps per class image.", PRIOR)
 
     # Optimisation.
     max_train_steps: int | None = setting(None, _STEPS_HELP, OPTIMISATION)
     learning_rate: float | None = setting(None, _LEARNING_RATE_HELP, OPTIMISATION)
-    text_encoder_learning_rate: float | None = setting(
-        None, "Text encoder learning rate (default: --learning-rate's, or the recipe's share of it: half with "
-        "--lora, whose text adapters drift fastest).", OPTIMISATION)
+    text_encoder_learning_rate: float | None = setting(None, _TEXT_ENCODER_LEARNING_RATE_HELP, OPTIMISATION)
     lr_scheduler: str = setting("constant", "How the learning rate changes over the run.", OPTIMISATION,
                                 choices=LR_SCHEDULERS)
     lr_warmup_steps: int = setting(0, "Steps to ramp the learning rate up from 0.", OPTIMISATION)
-    train_batch_size: int = setting(1, "Instance images per step (as many class images come on top).", OPTIMISATION)
+    train_batch_size: int = setting(1, "Instance images per step; as many class images come on top.", OPTIMISATION)
     gradient_accumulation_steps: int = setting(1, "Backward passes per optimizer step.", OPTIMISATION)
-    max_grad_norm: float = setting(1.0, "Clip the gradient norm to this (0: no clipping, which "
-                                   "--step-in-backward needs).", OPTIMISATION)
+    max_grad_norm: float = setting(1.0, "Clip the gradient norm to this; 0: no clipping, which "
+                                   "--step-in-backward needs.", OPTIMISATION)
     adam_weight_decay: float = setting(1e-2, "AdamW weight decay.", OPTIMISATION)
-    use_8bit_adam: bool = setting(True, "bitsandbytes 8-bit AdamW: 3/4 less optimizer memory (plain AdamW on CPU).",
+    use_8bit_adam: bool = setting(True, "bitsandbytes 8-bit AdamW: 3/4 less optimizer memory; plain AdamW on a CPU.",
                                   OPTIMISATION)
     seed: int = setting(0, "Makes a run repeatable.", OPTIMISATION)
 
@@ -180,14 +206,16 @@ class TrainConfig:
                                                         WEIGHTS)
     lora: bool = setting(False, "Train small LoRA adapters instead of all weights: ~6 MB output, less memory.",
                          WEIGHTS)
-    lora_rank: int = setting(4, "LoRA rank (8-32 for harder subjects).", WEIGHTS)
+    lora_rank: int = setting(4, "LoRA rank; 8-32 for harder subjects.", WEIGHTS)
     lora_alpha: int | None = setting(None, "LoRA scale numerator (default: equal to --lora-rank).", WEIGHTS)
 
     # Memory and speed.
     mixed_precision: str = setting("fp16", "fp16 on a T4; bf16 on A100/L4/30xx and newer; no: fp32.", MEMORY,
                                    choices=MIXED_PRECISIONS)
-    gradient_checkpointing: bool = setting(True, "Recompute activations in the backward pass: less memory, ~1.5x "
-                                           "slower (giving it implies --memory-plan as-set).", MEMORY)
+    gradient_checkpointing: bool = setting(
+        True, "Recompute activations in the backward pass: less memory, ~1.5x slower. On a GPU, --memory-plan auto "
+        "(the default) turns it on only when the free memory needs it; setting it on or off yourself implies "
+        "--memory-plan as-set.", MEMORY, default_note="default without a GPU or with --memory-plan as-set: on")
     attention: str = setting("auto", "auto: xformers when installed and working, else PyTorch SDPA.", MEMORY,
                              choices=ATTENTION_BACKENDS)
     cache_latents: bool = setting(True, "Encode every image once with the VAE, then move the VAE off the GPU.",
@@ -250,14 +278,10 @@ class TrainConfig:
 
     @property
     def effective_text_encoder_learning_rate(self) -> float:
-        """As given; else the recipe's text-encoder rate, scaled like the UNet's when --learning-rate is given."""
+        """As given; else the UNet's rate (given or the recipe's) times the text encoder's share of it."""
         if self.text_encoder_learning_rate is not None:
             return self.text_encoder_learning_rate
-        toy = self.model == TOY_MODEL
-        recipe_rate = default_text_encoder_learning_rate(self.kind, self.lora, toy_model=toy)
-        if self.learning_rate is None:
-            return recipe_rate
-        return self.learning_rate * recipe_rate / default_learning_rate(self.kind, self.lora, toy_model=toy)
+        return self.effective_learning_rate * text_encoder_share(self.lora)
 
     @property
     def effective_num_class_images(self) -> int:

@@ -57,6 +57,7 @@ class ImageRecord:
     original_size: tuple[int, int]
     original_mode: str
     notes: list[str] = field(default_factory=list)
+    digest: str = ""  # sha256 of the file's bytes (set by read_images): the same photo, whatever its name
 
 
 @dataclass
@@ -347,7 +348,9 @@ def read_images(source: Any) -> DatasetReport:
                 report.skipped.append(SkippedImage(name, f"exact duplicate of {first_with_digest[digest]} (used once)"))
                 continue
             first_with_digest[digest] = name
-            report.images.append(read_image(name, raw))
+            record = read_image(name, raw)
+            record.digest = digest
+            report.images.append(record)
         except ImageDataError as error:
             report.skipped.append(SkippedImage(name, str(error).removeprefix(f"{name}: ")))
     return report

@@ -3,7 +3,7 @@
 `diagnose(source, kind="object")` reads the photos (through `data.read_images`) and returns a
 `DoctorReport` with structured `Finding`s: severity, file, what is wrong and what to do. Checks:
 
-- count (3-20 photos for a subject, 10-30 for a style), resolution (below the training size means the
+- count (within the kind's recommended_photos, subject.py), resolution (below the training size means the
   model learns upscaling blur), transparency (the fill colour becomes part of the subject);
 - blur: variance of the Laplacian of a grey copy (sharp photos score in the hundreds);
 - exposure of the subject (the salient region, else the whole photo): too dark, too bright, or large
@@ -28,13 +28,10 @@ from PIL import Image
 
 from .data import DatasetReport, ImageRecord, read_images
 from .errors import ConfigError
-from .subject import SUBJECT_KINDS
+from .subject import DEFAULT_KIND, SUBJECT_KINDS, recipe
 
 SEVERITIES = ("error", "warning", "info")  # error: training cannot use this; warning: hurts results; info: FYI
 
-# Recommended photo counts per kind: (fewest, most). Faces want more angles and expressions; styles need
-# enough variety that no single picture defines the style.
-RECOMMENDED_COUNTS = {"object": (3, 20), "person": (8, 25), "style": (10, 40)}
 BLUR_THRESHOLD = 60.0  # variance of the Laplacian on a <=512 px grey copy
 DARK_MEAN, BRIGHT_MEAN = 50.0, 210.0  # mean luminance (0-255) outside which a photo is badly exposed
 CLIPPED_FRACTION = 0.25  # share of pixels at pure black or pure white that means lost detail
@@ -228,7 +225,7 @@ def _subject_region_hash(image: Image.Image, subject: Subject) -> int:
 
 
 def _check_count(report: DoctorReport) -> None:
-    count, (fewest, most) = len(report.dataset.images), RECOMMENDED_COUNTS[report.kind]
+    count, (fewest, most) = len(report.dataset.images), recipe(report.kind).recommended_photos
     if count == 0:
         where = report.dataset.source or "the folder"
         report.findings.append(Finding("error", "count", f"No usable image in {where}.",
@@ -327,10 +324,13 @@ def _check_style_repeats(report: DoctorReport) -> None:
 _ORDER = {severity: i for i, severity in enumerate(SEVERITIES)}
 
 
-def diagnose(source: Any, *, kind: str = "object", resolution: int = 512) -> DoctorReport:
+def diagnose(source: Any, *, kind: str = DEFAULT_KIND, resolution: int = 512) -> DoctorReport:
     """Read `source` (folder, paths, uploads, or a DatasetReport) and check it. Findings are sorted worst first."""
-    if kind not in SUBJECT_KINDS:
-        raise ConfigError(f"--kind {kind!r}: choose object (a thing or a pet), person (a face) or style.")
+    try:
+        recipe(kind)
+    except ConfigError:
+        raise ConfigError(f"--kind {kind!r}: choose one of {', '.join(SUBJECT_KINDS)} (a thing or a pet, a face, "
+                          "an art style).") from None
     dataset = source if isinstance(source, DatasetReport) else read_images(source)
     report = DoctorReport(dataset, kind, resolution)
     _check_count(report)
@@ -343,7 +343,7 @@ def diagnose(source: Any, *, kind: str = "object", resolution: int = 512) -> Doc
     return report
 
 
-def check_images(source: Any, resolution: int = 512, kind: str = "object") -> DatasetReport:
+def check_images(source: Any, resolution: int = 512, kind: str = DEFAULT_KIND) -> DatasetReport:
     """Read `source` and add the doctor's findings to the report's warnings (one line each).
 
     For code that wants the plain `DatasetReport` with advice attached; `diagnose` gives the findings

@@ -36,20 +36,28 @@ from .errors import ConfigError, ModelLoadError
 from .files import LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SUMMARY_FILE
 from .grids import labelled_grid
 from .inference import (
+    DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
     Generator,
     load_generator,
     make_scheduler,
     read_training_summary,
+    save_memory,
     subject_from_prompts,
 )
+from .subject import DEFAULT_KIND, SUBJECT_KINDS, evaluation_kind
 
 DINO_MODEL = "facebook/dino-vits16"
 # The paper does not name its CLIP variant; ViT-B/32 is the usual choice when its table is reproduced.
 # Larger CLIPs give lower raw CLIP-T, so compare numbers only between runs that used the same encoder.
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 ENCODER_CHOICES = ("paper", "tiny")
+DEFAULT_ENCODERS = "paper"  # the real DINO and CLIP; "tiny" tests the pipeline offline
 PROMPT_SETS = ("object", "live")  # the paper's two prompt lists: things, and pets and people
+# What evaluate's --kind takes: a subject kind (style is refused: the protocol measures a subject), or "live", the
+# paper's own name for the prompt list of pets and people.
+KIND_CHOICES = (*SUBJECT_KINDS, *(name for name in PROMPT_SETS if name not in SUBJECT_KINDS))
 DEFAULT_IDENTIFIER = "sks"
 
 # Table 1 of the paper. "Real images" compares real photos of a subject with each other: the ceiling.
@@ -234,7 +242,7 @@ def build_tiny_encoders(seed: int = 0, *, device=None, dtype=None, image_size: i
                     ClipEncoder(clip, tokenizer, name="tiny-random-clip", device=device, dtype=dtype), weights="tiny")
 
 
-def load_encoders(which: str = "paper", *, device=None, dtype=None, dino_model: str = DINO_MODEL,
+def load_encoders(which: str = DEFAULT_ENCODERS, *, device=None, dtype=None, dino_model: str = DINO_MODEL,
                   clip_model: str = CLIP_MODEL, batch_size: int = 32) -> Encoders:
     """The metric encoders: "paper" downloads DINO ViT-S/16 and CLIP from the Hub; "tiny" builds random ones."""
     if which == "tiny":
@@ -262,7 +270,7 @@ def load_encoders(which: str = "paper", *, device=None, dtype=None, dino_model: 
 def _as_encoders(encoders: Encoders | str | None) -> Encoders:
     if isinstance(encoders, Encoders):
         return encoders
-    return load_encoders(encoders or "paper")
+    return load_encoders(encoders or DEFAULT_ENCODERS)
 
 
 # ---------------------------------------------------------------------------- prompts and metrics
@@ -277,12 +285,33 @@ class EvalPrompt:
     clip_text: str
 
 
+def prompt_set_for(kind: str | None, summary: dict[str, Any] | None = None) -> str:
+    """The paper's prompt set ("object" or "live") for `kind`: a subject kind or a prompt set's own name.
+
+    None means the kind the run was trained as (its training summary's config), else DEFAULT_KIND.
+    A style is refused: the paper's protocol measures likeness to one subject.
+    """
+    recorded = ((summary or {}).get("config") or {}).get("kind")
+    if kind is None:
+        kind = recorded if recorded in SUBJECT_KINDS else DEFAULT_KIND
+    if kind in PROMPT_SETS:
+        return kind
+    if kind not in SUBJECT_KINDS:
+        raise ConfigError(f"--kind {kind!r}: use object (things and pets), person (faces; \"live\" is the paper's "
+                          "name for the same prompts) or leave it out to use the kind the run was trained as.")
+    prompt_set = evaluation_kind(kind)
+    if prompt_set is None:
+        raise ConfigError(f"--kind {kind}: the DreamBooth paper's protocol measures likeness to one subject, which a "
+                          f"{kind} is not, so there is nothing to score. Look at the samples and generated images "
+                          "instead (or pass --kind object if the run did teach a subject).")
+    return prompt_set
+
+
 def paper_prompts(class_noun: str, *, prompt_set: str = "object", identifier: str = DEFAULT_IDENTIFIER,
                   count: int | None = None) -> list[EvalPrompt]:
     """The paper's 25 prompts for an object or a live subject; `count` takes the first N (quick looks)."""
     if prompt_set not in PROMPT_SETS:
-        raise ConfigError(f"Prompt set (--kind) {prompt_set!r}: use \"object\" for things, \"live\" for pets and "
-                          "people.")
+        raise ConfigError(f"Prompt set {prompt_set!r}: use \"object\" for things, \"live\" for pets and people.")
     if not class_noun or not class_noun.strip():
         raise ConfigError("--class-noun is empty: give the class of your subject, e.g. dog, backpack, man.")
     templates = OBJECT_PROMPTS if prompt_set == "object" else LIVE_SUBJECT_PROMPTS
@@ -375,7 +404,7 @@ def real_image_scores(real_images: Sequence[Image.Image], encoders: Encoders) ->
 GenerateFn = Callable[[str, int, int], list[Image.Image]]  # (prompt, first seed, count); image j uses seed + j
 
 
-def generator_fn(generator, *, num_inference_steps: int = 25, guidance_scale: float = 7.5,
+def generator_fn(generator, *, num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                  resolution: int | None = None) -> GenerateFn:
     """A GenerateFn over an `inference.Generator`: one batched call per prompt, one seed per image."""
 
@@ -397,12 +426,17 @@ def generate_images(generate: GenerateFn, prompts: Sequence[EvalPrompt], images_
     return [generate(p.prompt, seed + i * images_per_prompt, images_per_prompt) for i, p in enumerate(prompts)]
 
 
-def _checkpoint_generator(checkpoint: Path, base_model: str | None, resolution: int | None = None, device=None):
-    """An `inference.Generator` over one training checkpoint (the training module knows its layout)."""
+def _checkpoint_generator(checkpoint: Path, base_model: str | None, resolution: int | None = None, device=None,
+                          **memory_savings: bool):
+    """An `inference.Generator` over one training checkpoint (the training module knows its layout).
+
+    `memory_savings`: attention_slicing and vae_tiling, as `inference.load_generator` takes them.
+    """
     pipe = pipeline_from_checkpoint(checkpoint, base_model)
     pipe.scheduler = make_scheduler(DEFAULT_SCHEDULER, pipe.scheduler.config)
     device = torch.device(device) if device is not None else default_device()
     pipe.to(device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    save_memory(pipe, **memory_savings)
     pipe.set_progress_bar_config(disable=True)
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     return Generator(pipeline=pipe, model=str(checkpoint), lora=None, default_resolution=resolution,
@@ -524,29 +558,32 @@ def _instance_dir_for(summary: dict[str, Any], instance_dir: Any) -> Any:
     return instance_dir
 
 
-def evaluate_model(model: Any, class_noun: str, *, instance_dir: Any = None, prompt_set: str = "object",
+def evaluate_model(model: Any, class_noun: str, *, instance_dir: Any = None, prompt_set: str | None = None,
                    identifier: str | None = None, images_per_prompt: int = 4, num_prompts: int | None = None,
-                   seed: int = 0, num_inference_steps: int = 25, guidance_scale: float = 7.5,
-                   resolution: int | None = None, encoders: Encoders | str | None = "paper",
+                   seed: int = 0, num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                   resolution: int | None = None, encoders: Encoders | str | None = DEFAULT_ENCODERS,
                    output_dir: str | Path | None = None, lora: str | None = None,
-                   generate: GenerateFn | None = None) -> EvaluationReport:
+                   generate: GenerateFn | None = None, attention_slicing: bool = False,
+                   vae_tiling: bool = False) -> EvaluationReport:
     """Run the paper's protocol on `model` and (with `output_dir`) write evaluation.json/.md and a grid.
 
     `model`: a trained output folder (full or LoRA), a Hub id, "tiny", or an `inference.Generator` already
-    loaded. `instance_dir`: your subject's photos (default: the folder the run trained on). `num_prompts`
-    takes the first N of the 25 for a quick look; the paper uses all 25 with 4 images each. `generate`
-    replaces the model entirely
-    (tests, or a custom sampler).
+    loaded. `instance_dir`: your subject's photos (default: the folder the run trained on). `prompt_set`:
+    "object", "live", or a subject kind (see `prompt_set_for`; default: the kind the run was trained as).
+    `num_prompts` takes the first N of the 25 for a quick look; the paper uses all 25 with 4 images each.
+    `generate` replaces the model entirely (tests, or a custom sampler). `attention_slicing` and `vae_tiling`
+    save GPU memory when the model is loaded here (see `inference.load_generator`).
     """
     summary = _summary(model)
+    prompt_set = prompt_set_for(prompt_set, summary)
     instance_dir = _instance_dir_for(summary, instance_dir)
     encoders = _as_encoders(encoders)  # before generating: a missing encoder should fail before minutes of work
     identifier, identifier_source = _identifier_for(summary, identifier)
     prompts = paper_prompts(class_noun, prompt_set=prompt_set, identifier=identifier, count=num_prompts)
     real = _real_images(instance_dir)
     if generate is None:
-
-        loaded = model if hasattr(model, "generate") else load_generator(str(model), lora)
+        loaded = model if hasattr(model, "generate") else load_generator(
+            str(model), lora, attention_slicing=attention_slicing, vae_tiling=vae_tiling)
         generate = generator_fn(loaded, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 resolution=resolution)
     started = time.perf_counter()
@@ -668,24 +705,28 @@ def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("checkpoint-"))
 
 
-def evaluate_checkpoints(run_dir: str | Path, class_noun: str, *, instance_dir: Any = None, prompt_set: str = "object",
-                         identifier: str | None = None, images_per_prompt: int = 2, num_prompts: int | None = 8,
-                         seed: int = 0, num_inference_steps: int = 25, guidance_scale: float = 7.5,
-                         resolution: int | None = None, encoders: Encoders | str | None = "paper",
+def evaluate_checkpoints(run_dir: str | Path, class_noun: str, *, instance_dir: Any = None,
+                         prompt_set: str | None = None, identifier: str | None = None, images_per_prompt: int = 2,
+                         num_prompts: int | None = 8, seed: int = 0, num_inference_steps: int = DEFAULT_STEPS,
+                         guidance_scale: float = DEFAULT_GUIDANCE,
+                         resolution: int | None = None, encoders: Encoders | str | None = DEFAULT_ENCODERS,
                          include_final: bool = True, base_model: str | None = None,
                          clip_t_tolerance: float = DEFAULT_CLIP_T_TOLERANCE,
-                         output_dir: str | Path | None = None) -> CheckpointComparison:
+                         output_dir: str | Path | None = None, attention_slicing: bool = False,
+                         vae_tiling: bool = False) -> CheckpointComparison:
     """Score every saved checkpoint of a run (and the final model), plot the numbers, recommend one.
 
     Lighter than the paper by default (8 prompts x 2 images per checkpoint) because it runs once per
     checkpoint; every checkpoint gets the same prompts and seeds, so the differences are the weights'.
-    `instance_dir`, `base_model` and the identifier default to what the run recorded. Writes
+    `instance_dir`, `base_model`, the identifier and the prompt set (`prompt_set_for`) default to what the
+    run recorded. Writes
     checkpoint_metrics.png, checkpoints.json and checkpoints.md to `output_dir` (default RUN/evaluation).
     """
     run = Path(run_dir).expanduser()
     if not run.is_dir():
         raise ConfigError(f"Run folder {str(run)!r} does not exist: give the --output-dir of a training run.")
     summary = _summary(run)
+    prompt_set = prompt_set_for(prompt_set, summary)
     instance_dir = _instance_dir_for(summary, instance_dir)
     checkpoints = list_checkpoints(run)
     has_final = include_final and ((run / MODEL_INDEX_FILE).is_file() or (run / LORA_WEIGHTS_FILE).is_file())
@@ -700,10 +741,12 @@ def evaluate_checkpoints(run_dir: str | Path, class_noun: str, *, instance_dir: 
     prompts = paper_prompts(class_noun, prompt_set=prompt_set, identifier=identifier, count=num_prompts)
     real = _real_images(instance_dir)
     trained_at = summary.get("resolution")  # checkpoints generate at the run's size, like the final model
-    targets = [(_step_of(c), c, lambda c=c: _checkpoint_generator(c, base_model, trained_at)) for c in checkpoints]
+    savings = {"attention_slicing": attention_slicing, "vae_tiling": vae_tiling}
+    targets = [(_step_of(c), c, lambda c=c: _checkpoint_generator(c, base_model, trained_at, **savings))
+               for c in checkpoints]
     final_step = int(summary.get("steps") or (targets[-1][0] + 1 if targets else 0))
     if has_final and final_step not in {step for step, _, _ in targets}:
-        targets.append((final_step, run, lambda: load_generator(str(run))))
+        targets.append((final_step, run, lambda: load_generator(str(run), **savings)))
     points = []
     for step, folder, load in targets:
         generate = generator_fn(load(), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,

@@ -174,14 +174,15 @@ def convert_text_encoder(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state_dict.items()}
 
 
-def export_single_file(model: str, out: str | Path, *, half_precision: bool = False) -> Path:
-    """Write `model` (trained folder, LoRA run, diffusers folder, Hub id or "tiny") as one .safetensors file."""
+def export_single_file(model: str, out: str | Path, *, lora: str | None = None, half_precision: bool = False) -> Path:
+    """Write `model` (trained folder, LoRA run, diffusers folder, Hub id or "tiny") as one .safetensors file; with
+    `lora`, those LoRA weights merged into it (for a LoRA run whose summary does not name its base model)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {str(out)!r}: the file name must end in .safetensors.")
-    base, lora_path, _ = resolve_model(model)
+    base, lora_path, _ = resolve_model(model, lora)
     components = load_components(base)
     if lora_path:
         pipeline = make_pipeline(components)

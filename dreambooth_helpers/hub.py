@@ -24,7 +24,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 
-from .config import TrainConfig
+from .config import short_number
 from .errors import ConfigError, HubError, ModelLoadError
 from .files import CARD_FILE, GRID_FILE, LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SAMPLES_DIR
 from .inference import example_prompts, image_grid, read_training_summary, subject_from_prompts
@@ -118,32 +118,40 @@ def describe_training(model_dir: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the model card
 
 
-def _run_config(config: dict[str, Any]) -> TrainConfig | None:
-    """The run's TrainConfig, whose recipe fills the settings left at None; None for a summary it cannot read."""
-    try:
-        return TrainConfig.from_dict(config)
-    except (TypeError, ValueError):  # a summary written by another version of this library
-        return None
+def _recorded(summary: dict[str, Any], key: str) -> Any:
+    """A value the run used, as its training summary records it: at the top level, else in the run's identity
+    (where today's summaries keep the effective learning rates), else the value given in its config (None when
+    the recipe chose it). Never re-derived from today's recipe, which may differ from the one the run used.
+    """
+    for where in (summary, summary.get("identity") or {}, summary.get("config") or {}):
+        if where.get(key) is not None:
+            return where[key]
+    return None
 
 
 def _settings_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
-    config = facts["config"]
+    config, summary = facts["config"], facts["summary"]
     lora = facts["lora"]
-    run = _run_config(config)
 
     def known(value: Any) -> bool:
         return value is not None and value != ""
 
+    def rate(key: str) -> str | None:
+        value = _recorded(summary, key)
+        return short_number(value) if isinstance(value, (int, float)) else None
+
+    text_trained = config.get("train_text_encoder")
     rows = [
         ("Method", f"DreamBooth, LoRA rank {config.get('lora_rank')}" if lora else "DreamBooth, full fine-tune"),
         ("Training steps", facts["steps"]),
         ("Resolution", f"{facts['resolution']} px" if facts["resolution"] else None),
-        ("Learning rate", run.effective_learning_rate if run else config.get("learning_rate")),
+        ("Learning rate", rate("learning_rate")),
+        ("Text encoder learning rate", rate("text_encoder_learning_rate") if text_trained else None),
         ("Learning-rate schedule", config.get("lr_scheduler")),
         ("Batch size", config.get("train_batch_size")),
         ("Gradient accumulation", config.get("gradient_accumulation_steps")),
-        ("Text encoder trained", _yes_no(config.get("train_text_encoder"))),
-        ("Prior preservation", _prior_text(config, run)),
+        ("Text encoder trained", _yes_no(text_trained)),
+        ("Prior preservation", _prior_text(config, summary)),
         ("Mixed precision", config.get("mixed_precision")),
         ("8-bit Adam", _yes_no(config.get("use_8bit_adam"))),
         ("Preset", config.get("preset")),
@@ -156,13 +164,14 @@ def _yes_no(value: Any) -> str | None:
     return None if value is None else ("yes" if value else "no")
 
 
-def _prior_text(config: dict[str, Any], run: TrainConfig | None) -> str | None:
+def _prior_text(config: dict[str, Any], summary: dict[str, Any]) -> str | None:
     if config.get("with_prior_preservation") is None:
         return None
     if not config["with_prior_preservation"]:
         return "no"
-    count = run.effective_num_class_images if run else config.get("num_class_images")
-    return f"yes, {count} class images, weight {config.get('prior_loss_weight')}"
+    count = _recorded(summary, "num_class_images")
+    images = f"{count} class images" if count is not None else "class images"
+    return f"yes, {images}, weight {config.get('prior_loss_weight')}"
 
 
 def _base_model_text(base: str | None, is_hub_id: bool) -> str:

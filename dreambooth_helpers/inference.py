@@ -333,14 +333,19 @@ def load_generator(
         pipeline.to(device=device, dtype=torch.float16)
     else:
         pipeline.to(device)
-    if attention_slicing:
-        pipeline.enable_attention_slicing()
-    if vae_tiling:
-        pipeline.vae.enable_tiling()
+    save_memory(pipeline, attention_slicing=attention_slicing, vae_tiling=vae_tiling)
     pipeline.set_progress_bar_config(disable=not progress_bar)
     resolution = int((summary or {}).get("resolution") or components.native_resolution)
     return Generator(pipeline=pipeline, model=base, lora=lora_path, default_resolution=resolution,
                      scheduler_name=scheduler, device=device, summary=summary)
+
+
+def save_memory(pipeline, *, attention_slicing: bool = False, vae_tiling: bool = False) -> None:
+    """The --attention-slicing and --vae-tiling savings: less GPU memory for a little speed."""
+    if attention_slicing:
+        pipeline.enable_attention_slicing()
+    if vae_tiling:
+        pipeline.vae.enable_tiling()
 
 
 def apply_lora(pipeline, lora_path: str) -> None:

@@ -50,16 +50,15 @@ def prepare_class_images(config: TrainConfig, components=None, *, device=None, p
 
     wanted = config.effective_num_class_images
     folders = [class_dir_for(config, concept) for concept in config.concepts]
-    missing = [(c, f) for c, f in zip(config.concepts, folders) if len(existing_class_images(f)) < wanted]
-    if not missing:
-        return folders
     loaded_here = components is None
-    if loaded_here:
+    if loaded_here:  # a multi-GB load: only when an image is missing
+        if all(len(existing_class_images(folder)) >= wanted for folder in folders):
+            return folders
         components = load_components(config.model, seed=config.seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipeline = make_pipeline(components).to(device)
+    pipeline = make_pipeline(components).to(device)  # with the caller's components: no copy, nothing loads
     try:
-        for concept, folder in missing:
+        for concept, folder in zip(config.concepts, folders):  # each folder is scanned once, in ensure_class_images
             ensure_class_images(pipeline, concept.class_prompt, folder, wanted,
                                 resolution=config.resolution or components.native_resolution, seed=config.seed,
                                 batch_size=config.class_images_batch_size, steps=config.class_images_steps,

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-SUBJECT_KINDS = ("object", "person", "style")
-DEFAULT_KIND = "object"
 MIN_STEPS, MAX_STEPS = 400, 2000  # the step count a kind's steps-per-photo gives is kept within these
 LORA_LEARNING_RATE = 1e-4  # LoRA adapters start at zero and need a ~50x larger rate than full weights
+# The text encoder's rate as a share of the UNet's under LoRA: its adapters sit on a 123M-parameter encoder that
+# reads every prompt, and drift fastest. A full fine-tune trains both at the same rate.
+LORA_TEXT_ENCODER_SHARE = 0.5
 # The offline toy model is ~200x smaller than SD and was itself trained at 6e-4: SD's rates would not move it
 # in a few hundred steps (measured with scripts/measure_toy_model.py).
 TOY_LEARNING_RATES = {"full": 1e-4, "lora": 1e-3}
@@ -36,18 +37,23 @@ class Recipe:
     class_noun: str  # the usual class noun, offered as the form's default
     steps_per_image: int
     learning_rate: float  # full fine-tune of the UNet (and the text encoder); LoRA uses LORA_LEARNING_RATE
-    train_text_encoder: bool
     num_class_images: int  # prior-preservation images to generate
+    recommended_photos: tuple[int, int]  # (fewest, most) photos that work well; the doctor warns outside them
+    prompt_set: str | None  # the DreamBooth paper's evaluation prompts ("object" or "live"); None: not measurable
 
 
 RECIPES = {
     # 50 class images as in the classic T4 notebooks (~5 s each on a T4); the paper used ~200.
-    "object": Recipe("an object or a pet", "dog", 150, 2e-6, True, 50),
-    # Faces need more steps and a lower rate to keep the likeness without burning in; the text encoder matters most.
-    "person": Recipe("a person (a face)", "person", 200, 1e-6, True, 50),
-    # A style has 10-40 varied pictures; fewer passes over each are enough.
-    "style": Recipe("an art style", "painting", 100, 2e-6, True, 50),
+    "object": Recipe("an object or a pet", "dog", 150, 2e-6, 50, (3, 20), "object"),
+    # Faces need more steps and a lower rate to keep the likeness without burning in, and more photos: angles,
+    # expressions, light. The paper's "live" prompts add outfits.
+    "person": Recipe("a person (a face)", "person", 200, 1e-6, 50, (8, 25), "live"),
+    # A style has 10-40 varied pictures, so that no single one defines it; fewer passes over each are enough.
+    # The paper's protocol measures likeness to one subject, which a style is not.
+    "style": Recipe("an art style", "painting", 100, 2e-6, 50, (10, 40), None),
 }
+SUBJECT_KINDS = tuple(RECIPES)
+DEFAULT_KIND = "object"
 
 
 def recipe(kind: str) -> Recipe:
@@ -68,10 +74,13 @@ def default_learning_rate(kind: str = DEFAULT_KIND, lora: bool = False, toy_mode
 
 
 def default_text_encoder_learning_rate(kind: str = DEFAULT_KIND, lora: bool = False, toy_model: bool = False) -> float:
-    """The text encoder's rate: the UNet's for full fine-tuning; half of it for LoRA, whose text adapters
-    (on a 123M-parameter encoder that reads every prompt) drift fastest."""
-    rate = default_learning_rate(kind, lora, toy_model)
-    return rate / 2 if lora else rate
+    """The text encoder's rate: the UNet's for full fine-tuning; LORA_TEXT_ENCODER_SHARE of it for LoRA."""
+    return default_learning_rate(kind, lora, toy_model) * text_encoder_share(lora)
+
+
+def text_encoder_share(lora: bool) -> float:
+    """The text encoder's learning rate as a share of the UNet's."""
+    return LORA_TEXT_ENCODER_SHARE if lora else 1.0
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -137,5 +146,4 @@ def prompts_for(token: str, class_noun: str, kind: str = DEFAULT_KIND) -> Subjec
 
 def evaluation_kind(kind: str) -> str | None:
     """The DreamBooth paper's prompt set for this kind ("object" or "live"), None for a style."""
-    recipe(kind)
-    return {"object": "object", "person": "live", "style": None}[kind]
+    return recipe(kind).prompt_set

@@ -2,12 +2,15 @@
 
 `train(config)` walks these phases, each a function in the order below:
 
-    _run_config          a private, validated copy of the config; the photos read (a wrong folder fails in a second)
-    _finished_run        with --resume, a run that already finished is returned as it is, not trained again
+    _run_config          a private, validated copy of the config; the photos read once (a wrong folder fails in
+                         a second), and the run's identity (_run_identity: what makes two runs the same model)
+    _finished_run        with --resume latest, a run that already finished is returned as it is, not trained again
+    ckpt.resolve_resume  the checkpoint to continue from: only one this run saved (other runs' are passed over)
     resolve_runtime      device, precision, 8-bit Adam, memory plan; a real model on a CPU is refused here
     _start               the accelerate Accelerator for this run's precision
     _load_model          the base model, with the weights that train set up (all of them, or LoRA adapters)
-    _load_data           the subject's photos and the class images (prior.prepare_class_images), encoded once
+    _load_data           the photos at the model's resolution and the class images (prior.prepare_class_images),
+                         encoded once
     _make_optimizer_and_schedule
     _resume              the checkpoint's weights, optimizer state and loss history
     the loop             _train_step (noise a latent, predict the noise, MSE for the subject plus weighted MSE
@@ -23,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import json
 import os
 import platform
 import time
@@ -37,11 +42,11 @@ from tqdm.auto import tqdm
 
 from . import checkpoints as ckpt
 from . import prior
-from .config import TINY_MODEL, TOY_MODEL, TrainConfig
-from .data import images_to_tensor, load_instance_images, prepare_image, read_images
+from .config import MEMORY, OUTPUTS, TINY_MODEL, TOY_MODEL, TrainConfig
+from .data import DatasetReport, images_to_tensor, prepare_image, read_images, require_usable
 from .errors import ConfigError, DreamBoothError, TrainingError
 from .failures import is_out_of_memory, training_out_of_memory
-from .files import SAMPLES_DIR
+from .files import LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SAMPLES_DIR, SUMMARY_FILE
 from .memory import plan_memory, planning_size
 from .models import SD15_RANDOM, SDComponents, load_components, make_pipeline
 from .speedups import StepInBackward, TextEmbeddingCache, live_text_embeddings, use_channels_last
@@ -53,6 +58,13 @@ OVERFLOW_PATIENCE = 25  # fp16 steps in a row the loss scaler skips (scale / 2**
 ALLOW_CPU_VARIABLE = "DREAMBOOTH_HELPERS_ALLOW_CPU"  # set to 1 to train a real model on a CPU anyway
 CPU_MODELS = (TINY_MODEL, TOY_MODEL, SD15_RANDOM)  # built-in models that train (or at least run) on a CPU
 CPU_WEIGHTS_LIMIT = 200 * 2**20  # a local model with more weight bytes than this is a real one (SD 1.x: ~2-4 GB)
+# Settings left out of a run's identity because they do not change the trained weights: where outputs go, samples,
+# checkpoints and resuming (the OUTPUTS group), and how memory and speed are traded for the same weights (the
+# MEMORY group: memory plan, precision, attention, caches, channels-last, the step inside backward). `preset` and
+# `kind` only choose defaults for other settings, which count through their effective values; the photos count by
+# their bytes, not their folder; the class images' batch size is how many are drawn at once, each from its own seed.
+IDENTITY_EXCLUDED_GROUPS = (MEMORY, OUTPUTS)
+IDENTITY_EXCLUDED_SETTINGS = ("output_dir", "preset", "kind", "concepts", "class_images_batch_size")
 
 
 @dataclass
@@ -86,12 +98,12 @@ def resolve_runtime(config: TrainConfig, cuda_available: bool | None = None, *,
                     allow_cpu: bool | None = None) -> Runtime:
     """Fit the config to this machine; say in one line each what was changed and why.
 
-    Refuses (ConfigError) to train a real model without a GPU unless `allow_cpu` (see check_can_train).
+    Refuses (ConfigError) to train a real model without a GPU unless `allow_cpu` (see _refuse_cpu_training).
     """
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    check_can_train(config.model, cuda, allow_cpu=allow_cpu)
+    _refuse_cpu_training(config.model, cuda, allow_cpu=allow_cpu)
     notices = []
-    if not config.lora and config.effective_learning_rate > 2e-5 and config.model not in ("tiny", "toy"):
+    if not config.lora and config.effective_learning_rate > 2e-5 and config.model not in (TINY_MODEL, TOY_MODEL):
         notices.append(f"--learning-rate {config.effective_learning_rate:g} is high for a full fine-tune of SD 1.x: "
                        "expect the model to forget other subjects quickly. 1e-6..5e-6 is usual; LoRA uses ~1e-4.")
     precision, adam8, xformers = config.mixed_precision, config.use_8bit_adam, False
@@ -126,7 +138,7 @@ def resolve_runtime(config: TrainConfig, cuda_available: bool | None = None, *,
     return Runtime("cuda" if cuda else "cpu", precision, adam8, xformers, notices, checkpointing, in_backward)
 
 
-def check_can_train(model: str, cuda_available: bool | None = None, *, allow_cpu: bool | None = None) -> None:
+def _refuse_cpu_training(model: str, cuda_available: bool | None = None, *, allow_cpu: bool | None = None) -> None:
     """Refuse, before anything loads, to train a real model on a CPU, where it would run for days.
 
     The built-in models (toy, tiny, sd15-random) and small local models train on a CPU. `allow_cpu`
@@ -257,20 +269,24 @@ def quiet_library_logs():
 
 
 def _train(config: TrainConfig, *, progress: bool, on_step, on_notice) -> TrainResult:
-    config, num_photos = _run_config(config)
-    max_steps = config.steps_for(num_photos)
-    finished = _finished_run(config, max_steps)
+    say = on_notice if _is_main_process() else _silent
+    config, photos = _run_config(config)
+    max_steps = config.steps_for(sum(len(report.images) for report in photos))
+    identity = _run_identity(config, max_steps, photos)
+    finished = _finished_run(config, identity, say)
     if finished is not None:
         return finished
-    run = _start(config, resolve_runtime(config), max_steps, progress, on_notice)
+    resume_from = ckpt.resolve_resume(config.resume, config.output_dir, identity, max_steps, say)
+    run = _start(config, resolve_runtime(config), max_steps, identity, progress, say)
     model = _load_model(run)
-    data = _load_data(run, model)
+    data = _load_data(run, model, photos)
+    del photos  # the full-size photos: only their training-size copies are needed from here on
     optim = _make_optimizer_and_schedule(run, model)
     # Now, not after an hour of training: the checkpoints and the final model must fit on the disk.
     kept = min(config.checkpoints_total_limit + 1, len(ckpt.checkpoint_steps(max_steps, config.checkpoint_every)))
     frozen = (model.vae, None if config.train_text_encoder else model.text_encoder)
     ckpt.check_free_disk(run.output_dir, ckpt.run_bytes_needed(optim.state, frozen, kept))
-    start_step, history = _resume(run, optim)
+    start_step, history = _resume(run, optim, resume_from)
 
     # --- the loop
     bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="Training",
@@ -281,13 +297,14 @@ def _train(config: TrainConfig, *, progress: bool, on_step, on_notice) -> TrainR
         done = step + 1
         bad_steps = bad_steps + 1 if outcome.skipped else 0
         if bad_steps >= NONFINITE_PATIENCE:
-            raise TrainingError(_diverged_message(done, outcome.skipped, config, run.output_dir))
+            raise TrainingError(_diverged_message(done, outcome.skipped, config, run.output_dir,
+                                                  identity=run.identity))
         # fp16 gradients that overflow are normal: the scaler skips that update and halves its scale. Only a
         # long run of them (the scale collapsing) means training itself went wrong.
         overflow_streak = overflow_streak + 1 if outcome.overflowed else 0
         if overflow_streak >= OVERFLOW_PATIENCE:
             raise TrainingError(_diverged_message(done, "fp16 gradients overflowed", config, run.output_dir,
-                                                  OVERFLOW_PATIENCE))
+                                                  OVERFLOW_PATIENCE, identity=run.identity))
         logs = {"step": done, "loss": outcome.loss, "instance_loss": outcome.instance_loss,
                 "prior_loss": outcome.prior_loss, "lr": optim.lr_scheduler.get_last_lr()[0],
                 "text_encoder_training": outcome.text_training, "time": round(time.time() - run.started, 3),
@@ -304,7 +321,7 @@ def _train(config: TrainConfig, *, progress: bool, on_step, on_notice) -> TrainR
         if ckpt.is_checkpoint_step(done, max_steps, config.checkpoint_every) and not bad_steps:
             run.accelerator.wait_for_everyone()
             if run.accelerator.is_main_process:
-                ckpt.save_checkpoint(run.output_dir, done, optim.state, _checkpoint_metadata(config),
+                ckpt.save_checkpoint(run.output_dir, done, optim.state, _checkpoint_metadata(run),
                                      config.checkpoints_total_limit, history)
     bar.close()
     return _finish(run, model, data, optim, history, start_step)
@@ -321,6 +338,7 @@ class _Run:
     runtime: Runtime
     accelerator: Any
     max_steps: int
+    identity: dict[str, Any]  # what makes two runs the same model (_run_identity), saved with every checkpoint
     output_dir: Path
     progress: bool
     say: Callable[[str], None]
@@ -352,37 +370,48 @@ class _Optim:
     state: ckpt.TrainingState  # what a checkpoint saves and a resume restores
 
 
-def _run_config(config: TrainConfig) -> tuple[TrainConfig, int]:
-    """A validated private copy of `config` (the caller's object is never changed) and the number of photos.
+def _run_config(config: TrainConfig) -> tuple[TrainConfig, list[DatasetReport]]:
+    """A validated private copy of `config` (the caller's object is never changed) and each concept's photos.
 
     The photos are read now, before a multi-GB model loads, so a wrong folder fails in a second.
     """
     config = copy.deepcopy(config).validate()
-    return config, sum(len(load_instance_images(c.instance_dir, 8)[0]) for c in config.concepts)
+    return config, _read_photos(config)
 
 
-def _finished_run(config: TrainConfig, max_steps: int) -> TrainResult | None:
-    """With --resume, a run already finished in the output folder: returned as it is, nothing rewritten.
+def _read_photos(config: TrainConfig) -> list[DatasetReport]:
+    """Each concept's usable photos, decoded once at full size (ImageDataError when a folder has none)."""
+    return [require_usable(read_images(concept.instance_dir)) for concept in config.concepts]
 
-    "latest" reuses a finished run of this config (find_finished_run). A checkpoint saved at or after the last
-    step (older versions saved one there) reuses the finished model whatever it is; when the model is missing
-    (a crash between that checkpoint and the model's save), None: the run resumes at the end, trains no step,
-    and saves the model and the summary from the checkpoint.
+
+def _finished_run(config: TrainConfig, identity: dict[str, Any], say) -> TrainResult | None:
+    """With --resume latest, this run already finished in the output folder: returned as it is, nothing rewritten.
+
+    A checkpoint of this run at its last step without the model (a crash between the two) is no finished run:
+    the run resumes from it, trains no step, and saves the model and the summary.
     """
-    if config.resume is None:
+    if config.resume != "latest":
         return None
-    found = find_finished_run(config, max_steps=max_steps) if config.resume == "latest" else None
-    checkpoint = ckpt.resolve_resume(config.resume, config.output_dir)
-    if found is None and checkpoint is not None and ckpt.checkpoint_step(checkpoint) >= max_steps:
-        found = _finished_in(Path(config.output_dir), config.lora, max_steps)
-    if found is not None:
-        tqdm.write(f"{config.output_dir} already holds this run, finished ({max_steps} steps): reusing it. To train "
-                   "again, run without --resume, or into a new --output-dir.")
-    return found
+    summary = _finished_summary(Path(config.output_dir), config.lora)
+    if summary is None or summary.get("identity") != identity:
+        return None
+    say(f"{config.output_dir} already holds this run, finished ({summary.get('steps')} steps): reusing it. To train "
+        "it again, run without --resume, or into a new --output-dir.")
+    return _reused_result(Path(config.output_dir), summary)
 
 
-def _start(config: TrainConfig, runtime: Runtime, max_steps: int, progress: bool, on_notice) -> _Run:
-    """The Accelerator for this run's precision, and a `say` that prints once (on the main process)."""
+def _is_main_process() -> bool:
+    """Whether this is the first (or only) process; accelerate's launchers set RANK for each one."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _silent(text: str) -> None:
+    """The notices of every process but the first: each is printed once."""
+
+
+def _start(config: TrainConfig, runtime: Runtime, max_steps: int, identity: dict[str, Any], progress: bool,
+           say: Callable[[str], None]) -> _Run:
+    """The Accelerator for this run's precision; `say` prints the runtime's notices once (on the main process)."""
     from accelerate import Accelerator
     from accelerate.utils import GradScalerKwargs
 
@@ -393,12 +422,11 @@ def _start(config: TrainConfig, runtime: Runtime, max_steps: int, progress: bool
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               cpu=runtime.device == "cpu",
                               kwargs_handlers=[GradScalerKwargs(enabled=False)] if own_loss_scaling else None)
-    say = on_notice if accelerator.is_main_process else (lambda *_: None)
     for notice in runtime.notices:
         say(notice)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(runtime.mixed_precision, torch.float32)
-    return _Run(config, runtime, accelerator, max_steps, Path(config.output_dir), progress, say, time.time(),
-                weight_dtype)
+    return _Run(config, runtime, accelerator, max_steps, identity, Path(config.output_dir), progress, say,
+                time.time(), weight_dtype)
 
 
 def _allow_another_mixed_precision(precision: str) -> None:
@@ -429,14 +457,15 @@ def _load_model(run: _Run) -> _Model:
     return _Model(components, unet, text_encoder, vae, resolution)
 
 
-def _load_data(run: _Run, model: _Model) -> _Data:
-    """The subject's photos and the class images, as examples with cached latents (and prompt embeddings)."""
+def _load_data(run: _Run, model: _Model, photos: list[DatasetReport]) -> _Data:
+    """The subject's photos (read by _run_config) and the class images, as examples with cached latents (and
+    prompt embeddings)."""
     config, accelerator, device = run.config, run.accelerator, run.accelerator.device
     instances, classes = [], []
-    for concept in config.concepts:
-        images, report = load_instance_images(concept.instance_dir, model.resolution, config.crop)
+    for concept, report in zip(config.concepts, photos, strict=True):
         if report.skipped:
             run.say("Skipped: " + "; ".join(f"{s.name} ({s.reason})" for s in report.skipped))
+        images = [prepare_image(record.image, model.resolution, config.crop) for record in report.images]
         instances += _make_examples(images, concept.instance_prompt, model.components, config, run.runtime,
                                     run.weight_dtype)
     if config.with_prior_preservation:
@@ -487,12 +516,12 @@ def _make_optimizer_and_schedule(run: _Run, model: _Model) -> _Optim:
     return _Optim(optimizer, lr_scheduler, in_backward, state)
 
 
-def _resume(run: _Run, optim: _Optim) -> tuple[int, list[dict[str, Any]]]:
-    """The step to start from and the history so far: from --resume's checkpoint, else step 0 and none."""
-    resume_from = ckpt.resolve_resume(run.config.resume, run.output_dir)
+def _resume(run: _Run, optim: _Optim, resume_from: Path | None) -> tuple[int, list[dict[str, Any]]]:
+    """The step to start from and the history so far: from `resume_from` (ckpt.resolve_resume), else 0 and none."""
     if resume_from is None:
         if run.config.resume == "latest":
-            run.say(f"No checkpoint in {run.output_dir / ckpt.CHECKPOINTS_DIR} yet: starting from step 0.")
+            run.say(f"No checkpoint of this run in {run.output_dir / ckpt.CHECKPOINTS_DIR} yet: starting from "
+                    "step 0.")
         return 0, []
     start_step = ckpt.load_checkpoint(resume_from, optim.state)
     history = [h for h in ckpt.read_history(resume_from) if h.get("step", 0) <= start_step]
@@ -580,13 +609,16 @@ def _finish(run: _Run, model: _Model, data: _Data, optim: _Optim, history: list[
     config, accelerator = run.config, run.accelerator
     accelerator.wait_for_everyone()
     samples = [Path(path) for h in history for path in h.get("samples") or []]
-    result = TrainResult(run.output_dir, run.output_dir / ckpt.SUMMARY_FILE, samples, [h["loss"] for h in history],
+    result = TrainResult(run.output_dir, run.output_dir / SUMMARY_FILE, samples, [h["loss"] for h in history],
                          run.max_steps, _peak_memory_gib())
     if accelerator.is_main_process:
         trained_text = model.text_encoder if config.train_text_encoder else None
         _save_final_model(model.components, accelerator, model.unet, trained_text, config, run.output_dir)
-        summary = {**_checkpoint_metadata(config), "lora": config.lora, "resolution": model.resolution,
-                   "steps": run.max_steps, "resumed_from_step": start_step, "identity": _run_identity(config),
+        summary = {**_checkpoint_metadata(run), "lora": config.lora, "resolution": model.resolution,
+                   "steps": run.max_steps, "resumed_from_step": start_step,
+                   # the rates this run trained at, as the model card states them (the recipe may change later)
+                   "learning_rate": config.effective_learning_rate,
+                   "text_encoder_learning_rate": config.effective_text_encoder_learning_rate,
                    "instance_prompts": [c.instance_prompt for c in config.concepts],
                    "class_prompts": [c.class_prompt for c in config.concepts],
                    "num_instance_images": len(data.instances), "num_class_images": len(data.classes),
@@ -594,83 +626,95 @@ def _finish(run: _Run, model: _Model, data: _Data, optim: _Optim, history: list[
                    "optimizer": type(getattr(optim.optimizer, "optimizer", optim.optimizer)).__name__,
                    "notices": run.runtime.notices, "wall_time_s": round(time.time() - run.started, 2),
                    "peak_gpu_memory_gib": result.peak_memory_gib, "history": history, "losses": result.losses,
-                   "samples": [str(path) for path in samples], "versions": _versions()}
+                   "versions": _versions()}
         ckpt.write_json_atomically(result.summary_path, summary)
     return result
 
 
-def _checkpoint_metadata(config: TrainConfig) -> dict[str, Any]:
-    return {"base_model": config.model, "train_text_encoder": config.train_text_encoder, "config": config.to_dict()}
+def _checkpoint_metadata(run: _Run) -> dict[str, Any]:
+    config = run.config
+    return {"base_model": config.model, "train_text_encoder": config.train_text_encoder, "config": config.to_dict(),
+            "identity": run.identity}
 
 
-# ---------------------------------------------------------------------------- a finished run
+# ---------------------------------------------------------------------------- which run is this
 
 
-def _run_identity(config: TrainConfig) -> dict[str, Any]:
-    """What makes two configs the same model: base model, what trains and how, the prompts, the seed.
+def _run_identity(config: TrainConfig, max_steps: int, photos: list[DatasetReport]) -> dict[str, Any]:
+    """What makes two runs the same model, as JSON data: the settings (_settings_identity) and a "photos" digest.
 
-    Rates are the effective ones, so a default that changes (the subject kind's recipe) counts as a change.
-    Output-only settings (samples, checkpoints, the memory plan, precision) do not make a different model.
+    Saved in every checkpoint and in the summary: a run resumes only its own checkpoints, and reuses only its own
+    finished model. The photos count by their bytes in reading order, so other or replaced photos make another
+    run, whatever their folder is called.
     """
-    return {"base_model": config.model, "lora": config.lora, "lora_rank": config.lora_rank if config.lora else None,
-            "train_text_encoder": config.train_text_encoder,
-            "stop_text_encoder_training_at": config.stop_text_encoder_training_at,
-            "learning_rate": config.effective_learning_rate,
-            "text_encoder_learning_rate": config.effective_text_encoder_learning_rate,
-            "resolution": config.resolution, "seed": config.seed,
-            "with_prior_preservation": config.with_prior_preservation,
-            "instance_prompts": [c.instance_prompt for c in config.concepts],
-            "class_prompts": [c.class_prompt for c in config.concepts] if config.with_prior_preservation else []}
+    return {**_settings_identity(config, max_steps), "photos": _photos_digest(photos)}
+
+
+def _settings_identity(config: TrainConfig, max_steps: int) -> dict[str, Any]:
+    """Every setting of `config` but those that do not change the trained weights (IDENTITY_EXCLUDED_GROUPS and
+    _SETTINGS), with the effective step count, learning rates and class-image count (so a changed recipe counts
+    as a change; hub.py's model card reads the rates from here), and each concept's prompts and class folder."""
+    groups = {option.name: option.metadata.get("group") for option in dataclasses.fields(TrainConfig)}
+    settings = {name: value for name, value in config.to_dict().items()
+                if groups[name] not in IDENTITY_EXCLUDED_GROUPS and name not in IDENTITY_EXCLUDED_SETTINGS}
+    settings.update(max_train_steps=max_steps, learning_rate=config.effective_learning_rate,
+                    text_encoder_learning_rate=config.effective_text_encoder_learning_rate,
+                    num_class_images=config.effective_num_class_images,
+                    prompts=[{"instance_prompt": c.instance_prompt, "class_prompt": c.class_prompt,
+                              "class_dir": c.class_dir} for c in config.concepts])
+    return json.loads(json.dumps(settings, default=str))  # as it reads back from a summary (tuples become lists)
+
+
+def _photos_digest(photos: list[DatasetReport]) -> str:
+    digests = [[record.digest for record in report.images] for report in photos]
+    return hashlib.sha256(json.dumps(digests).encode()).hexdigest()
 
 
 def find_finished_run(config: TrainConfig, *, max_steps: int | None = None) -> TrainResult | None:
     """The finished run of `config` in `config.output_dir`, or None: then training it is needed.
 
-    Finished: training_summary.json and the model's marker file (model_index.json, or the LoRA weights) are
-    there, the summary's step count is this config's, and the run was of this config: the same base model,
-    LoRA setting and rank, text-encoder training, effective learning rates, resolution, seed, prior preservation
-    and prompts (see _run_identity). The notebook calls it to skip training unless asked to train again.
-    `max_steps` defaults to the config's step count for the photos in its instance folders.
+    Finished: the model (model_index.json, or the LoRA weights) and training_summary.json are there, and the
+    summary's run identity is this config's (_run_identity: every setting that changes the weights, and the
+    photos). The notebook calls it to skip training unless asked to train again. `max_steps`, the step count for
+    the photos (config.steps_for), spares reading the photos unless every setting matches.
     """
     output_dir = Path(config.output_dir)
-    if not (output_dir / ckpt.SUMMARY_FILE).is_file():
+    summary = _finished_summary(output_dir, config.lora)
+    recorded = summary.get("identity") if summary is not None else None
+    if not isinstance(recorded, dict):
         return None
-    if max_steps is None:
-        try:
-            max_steps = config.steps_for(sum(len(load_instance_images(c.instance_dir, 8)[0])
-                                             for c in config.concepts))
-        except DreamBoothError:  # the photos cannot be read: training will say why
+    try:
+        photos = None
+        if max_steps is None:
+            photos = _read_photos(config)
+            max_steps = config.steps_for(sum(len(report.images) for report in photos))
+        # The settings first: the photos are decoded only when nothing else tells the runs apart.
+        if {key: value for key, value in recorded.items() if key != "photos"} != _settings_identity(config, max_steps):
             return None
-    found = _finished_in(output_dir, config.lora, max_steps)
-    if found is None:
+        photos = photos or _read_photos(config)
+    except DreamBoothError:  # the photos cannot be read: training will say why
         return None
-    summary = ckpt.read_json(found.summary_path)
-    return found if summary.get("identity") == _jsonable(_run_identity(config)) else None
+    return _reused_result(output_dir, summary) if recorded.get("photos") == _photos_digest(photos) else None
 
 
-def _finished_in(output_dir: Path, lora: bool, steps: int) -> TrainResult | None:
-    """The run in `output_dir` if its model is saved and its summary says it trained `steps` steps."""
-    summary_path = output_dir / ckpt.SUMMARY_FILE
-    marker = ckpt.LORA_WEIGHTS if lora else ckpt.MODEL_INDEX_FILE
+def _finished_summary(output_dir: Path, lora: bool) -> dict[str, Any] | None:
+    """The summary of the finished run in `output_dir`: None unless it and the model's marker file are there."""
+    summary_path = output_dir / SUMMARY_FILE
+    marker = LORA_WEIGHTS_FILE if lora else MODEL_INDEX_FILE
     if not (summary_path.is_file() and (output_dir / marker).is_file()):
         return None
     try:
-        summary = ckpt.read_json(summary_path)
+        summary = json.loads(summary_path.read_text())
     except ValueError:  # a summary cut short by hand or by a foreign tool: not a finished run
         return None
-    if summary.get("steps") != steps or bool(summary.get("lora")) != lora:
-        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _reused_result(output_dir: Path, summary: dict[str, Any]) -> TrainResult:
     history = summary.get("history") or []
-    samples = [Path(p) for p in summary.get("samples") or [p for h in history for p in h.get("samples") or []]]
-    return TrainResult(output_dir, summary_path, samples, [h["loss"] for h in history], steps,
-                       summary.get("peak_gpu_memory_gib"), reused=True)
-
-
-def _jsonable(data: Any) -> Any:
-    """`data` as it reads back from JSON (tuples become lists), to compare with what a summary holds."""
-    import json
-
-    return json.loads(json.dumps(data, default=str))
+    samples = [Path(path) for h in history for path in h.get("samples") or []]
+    return TrainResult(output_dir, output_dir / SUMMARY_FILE, samples, [h["loss"] for h in history],
+                       summary.get("steps", len(history)), summary.get("peak_gpu_memory_gib"), reused=True)
 
 
 # ---------------------------------------------------------------------------- the loop's helpers
@@ -714,9 +758,9 @@ def set_up_trainable(unet, text_encoder, vae, config: TrainConfig, runtime: Runt
 
 
 def _diverged_message(step: int, reason: str, config: TrainConfig, output_dir: Path,
-                      patience: int = NONFINITE_PATIENCE) -> str:
-    """Why training stopped on NaN/inf, what to change, and which checkpoint is still good."""
-    good = ckpt.list_checkpoints(output_dir)
+                      patience: int = NONFINITE_PATIENCE, *, identity: dict[str, Any] | None = None) -> str:
+    """Why training stopped on NaN/inf, what to change, and which checkpoint (of the run `identity`) is still good."""
+    good = ckpt.checkpoints_of(output_dir, identity, step) if identity else ckpt.list_checkpoints(output_dir)
     lr = config.effective_learning_rate
     kept = (f"The last good checkpoint, {good[-1]}, is kept: after the change, continue with --resume latest."
             if good else "No checkpoint was saved yet; --checkpoint-every N keeps progress for a resume.")
@@ -813,12 +857,12 @@ def _save_final_model(components: SDComponents, accelerator, unet, text_encoder,
         ckpt.save_trainable_weights(staging, unet, text_encoder, lora=True)
         for raw in ("lora_unet.safetensors", "lora_text_encoder.safetensors"):
             (staging / raw).unlink(missing_ok=True)  # resume-only copies; the diffusers file is the model
-        ckpt.replace_atomically(staging, output_dir, ckpt.LORA_WEIGHTS)
+        ckpt.replace_atomically(staging, output_dir, LORA_WEIGHTS_FILE)
         return
     pipe = make_pipeline(components, unet=unet, text_encoder=text_encoder or components.text_encoder)
     pipe.to(torch.float32)  # one dtype for every part, so a plain from_pretrained runs as is
     pipe.save_pretrained(staging, safe_serialization=True)
-    ckpt.replace_atomically(staging, output_dir, ckpt.MODEL_INDEX_FILE)
+    ckpt.replace_atomically(staging, output_dir, MODEL_INDEX_FILE)
 
 
 def _peak_memory_gib() -> float | None:

@@ -68,6 +68,7 @@ from .notebook.runtime import (
     in_notebook_words,
     mount_drive,
     output_root,
+    quiet_library_output,
     show_errors_plainly,
     smoke_model,
 )

@@ -11,7 +11,15 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 VENV=.venv-colab
 PYTHON=${PYTHON:-python3.11}
-command -v "$PYTHON" >/dev/null || PYTHON=python3
+if ! command -v "$PYTHON" >/dev/null; then
+  echo "[colab-env] $PYTHON not found; falling back to python3 ($(python3 --version 2>&1))." >&2
+  PYTHON=python3
+fi
+# Colab runs 3.13 and the stand-in is 3.11: an older Python would resolve other wheels and test another environment.
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "[colab-env] WARNING: $PYTHON is $("$PYTHON" --version 2>&1), older than 3.11: the environment built will not" \
+    "be Colab's (set PYTHON=python3.11 or newer)." >&2
+fi
 started=$SECONDS
 step() { echo "[colab-env $((SECONDS - started))s] $*"; }
 

@@ -35,7 +35,6 @@ from dreambooth_helpers.config import Concept, TrainConfig
 from dreambooth_helpers.data import load_instance_images
 from dreambooth_helpers.inference import apply_lora, resolve_model
 from dreambooth_helpers.models import load_components, make_pipeline
-from dreambooth_helpers.training import train
 
 RESOLUTION = 32
 _SUPERSAMPLE = 4  # scenes are drawn 4x larger and shrunk, for clean edges at 32 px
@@ -379,6 +378,8 @@ def measure_dreambooth(instance_dir: str, work_dir: str, model: str = "toy", ste
     distance of the trained model's "a sks toy" pictures to the photos; "toy_after_no_prior_to_base" = how
     far its "a toy" pictures drifted from the base model's.
     """
+    from dreambooth_helpers.training import train  # the whole trainer, only when a measurement trains
+
     base = load_pipeline(model)
     resolution = base.unet.config.sample_size * base.vae_scale_factor
     photos, _ = load_instance_images(instance_dir, resolution)

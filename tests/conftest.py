@@ -20,12 +20,6 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 
-def pytest_configure(config):
-    # `pytest -m "not slow" -n 2` is the developer's fast loop; CI's plain `pytest` runs these too.
-    config.addinivalue_line("markers", "slow: takes over ~15 s on a CPU (whole trainings, the notebook, the demo "
-                                       "under load); left out by -m \"not slow\"")
-
-
 def draw_subject(path: Path, index: int, size: tuple[int, int] = (96, 96)) -> Path:
     """A red disc with a black bar on a coloured background: distinct per index, sharp edges."""
     image = Image.new("RGB", size, (40 + 50 * (index % 4), 140, 210 - 30 * (index % 3)))

@@ -14,7 +14,7 @@ import pytest
 
 from dreambooth_helpers import subject
 from dreambooth_helpers.cli import _config_from_args, build_parser, main
-from dreambooth_helpers.config import Concept, TrainConfig, option_name
+from dreambooth_helpers.config import Concept, TrainConfig, option_name, short_number
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data" / "toy_robot"
@@ -188,7 +188,6 @@ def test_train_kind_person_with_t4_lora_gives_the_recipe_for_a_person(model):
     assert config.effective_text_encoder_learning_rate == subject.default_text_encoder_learning_rate(
         "person", lora=True, toy_model=toy)
     assert config.effective_num_class_images == subject.recipe("person").num_class_images
-    assert config.train_text_encoder == subject.recipe("person").train_text_encoder
     # The same inputs through the library (as the notebook's form does, None meaning "recommended") give the
     # same config, field for field.
     library = TrainConfig.from_preset(
@@ -212,5 +211,21 @@ def test_train_help_shows_the_recipe_and_preset_defaults(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for kind in subject.SUBJECT_KINDS:
-        assert f"{kind}: {subject.recipe(kind).steps_per_image} steps per photo" in text
-    assert "(default 4; t4-lora: 8)" in text  # --lora-rank
+        recipe = subject.recipe(kind)
+        assert f"{kind}: {recipe.steps_per_image} steps per photo, learning rate {short_number(recipe.learning_rate)}" \
+            in text
+        assert "{} {}-{}".format(kind, *recipe.recommended_photos) in text  # --instance-dir
+    assert "learning rate 2e-6" in text and "e-06" not in text  # rates as the README writes them
+    assert "LoRA rank; 8-32 for harder subjects (default 4; t4-lora: 8)." in text
+    assert "Starting settings for your GPU (default t4)." in text
+    assert "(default toy)" in text and ") (" not in text  # one parenthesis per help, defaults included
+    # All kinds generate the same number of class images: it is said once, by --num-class-images.
+    assert len({subject.recipe(kind).num_class_images for kind in subject.SUBJECT_KINDS}) == 1
+    assert "prior preservation generates (default: 50; the paper uses ~200)." in text
+    assert "50 class images" not in text
+    assert "On a GPU, --memory-plan auto (the default) turns it on only when the free memory needs it" in text
+
+
+def test_short_number_writes_rates_as_the_readme_does():
+    assert [short_number(v) for v in (2e-6, 1e-6, 1.5e-6, 1e-4, 1e-3, 0.01, 1.0, 7.5)] == \
+        ["2e-6", "1e-6", "1.5e-6", "1e-4", "1e-3", "0.01", "1", "7.5"]

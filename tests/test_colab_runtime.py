@@ -9,28 +9,19 @@ elsewhere:
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
 
+import colab_runtime  # scripts/, on the path through conftest.py
 import pytest
 import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from dreambooth_helpers.colab_install import PROTECTED_PACKAGES
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_colab_runtime():
-    spec = importlib.util.spec_from_file_location("colab_runtime", REPO / "scripts" / "colab_runtime.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-colab_runtime = _load_colab_runtime()
 RUNTIME = colab_runtime.read_runtime()
 normalize = colab_runtime.normalize
 
@@ -41,10 +32,6 @@ ISSUE_VERSIONS = {
     "gradio": "6.24.0", "numpy": "2.1.3", "pillow": "11.3.0", "matplotlib": "3.10.0", "ipython": "7.34.0",
     "ipywidgets": "7.7.1",
 }
-# Packages whose version the notebook's install step must leave exactly as Colab has them.
-MUST_NOT_CHANGE = ("torch", "torchvision", "torchaudio", "numpy", "ipywidgets", "widgetsnbextension",
-                   "jupyterlab-widgets", "ipython", "ipykernel", "notebook", "jupyter-server", "jupyter-client",
-                   "traitlets")
 # The library's own dependencies: it must run on Colab's versions of them, not on upgraded ones.
 LIBRARIES_AT_COLAB_VERSIONS = ("diffusers", "transformers", "accelerate", "huggingface_hub", "peft", "gradio",
                                "safetensors", "tokenizers", "pillow", "matplotlib", "fastapi", "uvicorn", "tqdm")
@@ -185,11 +172,17 @@ def test_environment_started_as_colab_is():
 
 @in_colab_env
 def test_install_step_keeps_colab_torch_numpy_and_frontend_packages():
+    """The packages the installer protects (colab_install.PROTECTED_PACKAGES) stay at Colab's versions, and those
+    Colab lacks are not brought in (triton with a second torch, a notebook 7 with ipywidgets 8)."""
     before, after = read_freeze(BEFORE), read_freeze(AFTER)
-    for name in MUST_NOT_CHANGE:
+    colab_has = [name for name in PROTECTED_PACKAGES if RUNTIME.colab_version(name)]
+    assert {"torch", "numpy", "ipywidgets"} <= set(colab_has)
+    for name in colab_has:
         expected = RUNTIME.expected_here(name)
         assert before.get(normalize(name)) == expected, name
         assert after.get(normalize(name)) == expected, f"the install step changed {name}"
+    brought_in = {name for name in PROTECTED_PACKAGES if normalize(name) in set(after) - set(before)}
+    assert not brought_in, f"the install step added protected packages Colab lacks: {brought_in}"
     assert after["torch"].startswith("2.13.0") and after["ipywidgets"] == "7.7.1"
 
 

@@ -99,7 +99,6 @@ def test_settings_left_at_none_take_the_recipe_of_the_kind(kind, lora, model):
     assert config.effective_text_encoder_learning_rate == subject.default_text_encoder_learning_rate(
         kind, lora, toy_model=toy)
     assert config.effective_num_class_images == subject.recipe(kind).num_class_images
-    assert config.train_text_encoder == subject.recipe(kind).train_text_encoder
 
 
 def test_values_given_win_over_the_recipe():

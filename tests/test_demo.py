@@ -165,6 +165,23 @@ def test_running_out_of_gpu_memory_says_what_to_change_and_the_demo_keeps_servin
     assert [r.seed for r in service.generate("a dog", steps=2, seed=1)] == [1]
 
 
+def test_demo_command_passes_attention_slicing_and_vae_tiling_to_the_generator(monkeypatch):
+    """The flags the out-of-memory advice names work on `demo` too, and reach the loaded pipeline."""
+    from dreambooth_helpers import demo as demo_module
+    from dreambooth_helpers.cli import main
+
+    loaded = []
+
+    def wait_for_the_model_instead_of_ctrl_c(running):
+        loaded.append(running.service.wait_until_loaded(timeout=60))
+
+    monkeypatch.setattr(demo_module.RunningDemo, "wait", wait_for_the_model_instead_of_ctrl_c)
+    assert main(["demo", "--model", "tiny", "--port", "0", "--attention-slicing", "--vae-tiling"]) == 0
+    pipeline = loaded[0].pipeline
+    assert pipeline.vae.use_tiling
+    assert {type(p).__name__ for p in pipeline.unet.attn_processors.values()} == {"SlicedAttnProcessor"}
+
+
 def test_form_parsing():
     assert parse_auth("friend:s3:cret") == ("friend", "s3:cret")
     for bad in ("friend", ":x", "friend:"):

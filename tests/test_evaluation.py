@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from dreambooth_helpers import evaluation
 from dreambooth_helpers.cli import main
 from dreambooth_helpers.errors import ConfigError, ModelLoadError
 from dreambooth_helpers.evaluation import (
@@ -26,6 +27,7 @@ from dreambooth_helpers.evaluation import (
     load_encoders,
     mean_cosine,
     paper_prompts,
+    prompt_set_for,
     real_image_scores,
     score_images,
 )
@@ -59,12 +61,25 @@ def test_paper_prompt_lists_have_25_prompts_with_and_without_the_identifier():
     assert "a sks dog wearing a santa hat" not in [p.prompt for p in objects]
     assert all("sks" not in p.clip_text for p in live)
     assert len(paper_prompts("dog", count=5)) == 5
-    with pytest.raises(ConfigError, match="--kind"):
+    with pytest.raises(ConfigError, match="Prompt set 'animal'"):
         paper_prompts("dog", prompt_set="animal")
     with pytest.raises(ConfigError, match="class"):
         paper_prompts(" ")
     with pytest.raises(ConfigError, match="1 to 25"):
         paper_prompts("dog", count=26)
+
+
+def test_kind_picks_the_prompt_set_and_defaults_to_the_kind_the_run_trained():
+    """evaluate --kind takes train's subject kinds (and "live", the paper's own name for the person list)."""
+    assert [prompt_set_for(kind) for kind in ("object", "person", "live")] == ["object", "live", "live"]
+    assert prompt_set_for(None) == "object"  # nothing recorded: the default kind
+    assert prompt_set_for(None, {"config": {"kind": "person"}}) == "live"
+    assert prompt_set_for("object", {"config": {"kind": "person"}}) == "object"  # given wins over recorded
+    for kind, summary in (("style", None), (None, {"config": {"kind": "style"}})):
+        with pytest.raises(ConfigError, match="measures likeness to one subject"):
+            prompt_set_for(kind, summary)
+    with pytest.raises(ConfigError, match="--kind 'animal'"):
+        prompt_set_for("animal")
 
 
 def test_embeddings_are_batched_and_unit_length(encoders):
@@ -215,3 +230,41 @@ def test_cli_evaluate_offline_paper_encoders_fail_clearly(tmp_path, instance_dir
     code = main(["evaluate", "--model", str(model), "--instance-dir", str(instance_dir), "--class-noun", "dog"])
     assert code == 2
     assert "--encoders tiny" in capsys.readouterr().err
+
+
+def _with_kind(model: Path, kind: str) -> Path:
+    summary_path = model / "training_summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["config"]["kind"] = kind
+    summary_path.write_text(json.dumps(summary))
+    return model
+
+
+def test_cli_evaluate_defaults_to_the_runs_kind_and_passes_the_memory_savings(tmp_path, instance_dir, monkeypatch,
+                                                                             capsys):
+    model = _with_kind(make_full_output(tmp_path / "model"), "person")
+    loaded_with = []
+
+    def recording_load_generator(*args, **kwargs):
+        loaded_with.append(kwargs)
+        return load_generator(*args, **kwargs)
+
+    load_generator = evaluation.load_generator
+    monkeypatch.setattr(evaluation, "load_generator", recording_load_generator)
+    code = main(["evaluate", "--model", str(model), "--instance-dir", str(instance_dir), "--class-noun", "man",
+                 "--num-prompts", "1", "--prompts-per-image", "1", "--steps", "2", "--encoders", "tiny",
+                 "--attention-slicing", "--vae-tiling"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((model / "evaluation" / "evaluation.json").read_text())
+    assert report["settings"]["prompt_set"] == "live"  # the run was trained as a person
+    assert loaded_with == [{"attention_slicing": True, "vae_tiling": True}]
+
+
+def test_cli_evaluate_refuses_a_style_with_the_reason(tmp_path, instance_dir, capsys):
+    style_run = _with_kind(make_full_output(tmp_path / "model"), "style")
+    for extra in ([], ["--kind", "style"]):
+        code = main(["evaluate", "--model", str(style_run), "--instance-dir", str(instance_dir), "--class-noun",
+                     "painting", "--encoders", "tiny", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "measures likeness to one subject, which a style is not" in err
+    assert not (style_run / "evaluation" / "evaluation.json").exists()

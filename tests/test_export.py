@@ -109,6 +109,11 @@ def test_lora_run_is_merged_into_its_base(tmp_path):
     path = export_single_file(str(lora_dir), tmp_path / "merged.safetensors", half_precision=True)
     assert all(t.dtype == torch.float16 for t in load_file(path).values())
     assert not any("lora" in k for k in load_file(path))
+    # The same, with the base model and the LoRA folder given apart (what the error for a LoRA folder without
+    # a summary advises): the same merged weights.
+    apart = export_single_file("tiny", tmp_path / "apart.safetensors", lora=str(lora_dir), half_precision=True)
+    assert load_file(apart).keys() == load_file(path).keys()
+    assert all(torch.equal(load_file(apart)[k], load_file(path)[k]) for k in load_file(path))
     merged = from_single_file(path, config_dir).to(torch.float32)
     merged.set_progress_bar_config(disable=True)
     with_adapters = load_generator(str(lora_dir))

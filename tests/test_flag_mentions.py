@@ -7,15 +7,21 @@ before it on its line (or on the line a trailing backslash continues): `python -
 evaluate --kind live` must be an `evaluate` flag. A mention with no invocation before it (prose, an
 error message) must be a flag of some dreambooth-helpers command; in colab_install.py, of colab_install.
 Flags of other programs (pip, git, accelerate) pass on a line that names that program (OTHER_PROGRAMS).
+
+Advice after a failure (ADVICE_MODULES) is stricter: it tells the user what to change in the command that just
+failed, so each flag it names must be a flag of every command that can show it. Which commands can show a
+message is read from the code: the commands whose `_run_<command>` reaches, call by call, the function holding it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import io
 import json
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +44,8 @@ OTHER_PROGRAMS = {
     r"hf download": {"--local-dir"},
     r"\bpip\b": {"--quiet", "--progress-bar", "--constraint", "--only-binary"},
 }
+# Modules whose messages advise the command that failed (not another command: "train with --checkpoint-every").
+ADVICE_MODULES = ("dreambooth_helpers/failures.py",)
 
 
 @dataclass(frozen=True)
@@ -154,3 +162,76 @@ def test_the_check_finds_a_missing_flag_and_respects_the_program_invoked():
         "x:7: --depth is not a flag of any dreambooth-helpers command",
         "x:8: --no-shapes is not a flag of benchmarks/evaluation_timing.py",
     ]
+
+
+# ---------------------------------------------------------------------------- which commands can show a message
+
+
+def _functions(tree: ast.AST) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def _called_name(call: ast.Call) -> str | None:
+    function = call.func
+    return function.id if isinstance(function, ast.Name) else getattr(function, "attr", None)
+
+
+def callers_by_name() -> dict[str, set[str]]:
+    """{"generation_out_of_memory": {"generate", ...}}: which package functions call a function of that name.
+
+    By name only, so a method shares its callers with any function of the same name: that can add commands
+    (a stricter check), never lose one.
+    """
+    callers = defaultdict(set)
+    for path in PACKAGE.rglob("*.py"):
+        for function in _functions(ast.parse(path.read_text())):
+            for node in ast.walk(function):
+                if isinstance(node, ast.Call) and _called_name(node):
+                    callers[_called_name(node)].add(function.name)
+    return callers
+
+
+def commands_that_reach(function_name: str, callers: dict[str, set[str]]) -> set[str]:
+    """The subcommands whose `run` function (set_defaults(run=...)) calls `function_name`, directly or not."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command_of_run = {sub.get_default("run").__name__: name for name, sub in subparsers.choices.items()}
+    found, seen, todo = set(), set(), [function_name]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in command_of_run:
+            found.add(command_of_run[name])
+        todo.extend(callers.get(name, ()))
+    return found
+
+
+def advice_mentions(relative_path: str) -> list[tuple[int, str, str]]:
+    """(line, flag, innermost enclosing function) for each flag named inside a function of the module."""
+    source = (REPO / relative_path).read_text()
+    spans = [(f.lineno, f.end_lineno, f.name) for f in _functions(ast.parse(source))]
+    found = []
+    for number, line in enumerate(source.splitlines(), 1):
+        enclosing = [span for span in spans if span[0] <= number <= span[1]]
+        for flag in FLAG.finditer(line):
+            if enclosing:
+                found.append((number, flag.group(), min(enclosing, key=lambda span: span[1] - span[0])[2]))
+    return found
+
+
+def test_advice_after_a_failure_names_only_flags_of_every_command_that_can_show_it():
+    subcommands, callers = subcommand_flags(), callers_by_name()
+    # The walk must find the commands that generate images, or the check below would pass by finding nothing.
+    assert commands_that_reach("generation_out_of_memory", callers) >= {"generate", "demo", "evaluate"}
+    assert commands_that_reach("training_out_of_memory", callers) == {"train"}
+    problems, checked = [], 0
+    for module in ADVICE_MODULES:
+        for number, flag, function in advice_mentions(module):
+            for command in sorted(commands_that_reach(function, callers)):
+                checked += 1
+                if flag not in subcommands[command]:
+                    problems.append(f"{module}:{number}: {function} names {flag}, which {command} does not accept")
+    assert checked > 10
+    assert not problems, "Advice names flags the failing command lacks:\n" + "\n".join(problems)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from dreambooth_helpers import hub
 from dreambooth_helpers.cli import main
+from dreambooth_helpers.config import short_number
 from dreambooth_helpers.errors import ConfigError, ModelLoadError
 from dreambooth_helpers.subject import recipe
 from tests.trained_fixtures import INSTANCE_PROMPT, make_full_output, make_lora_output
@@ -95,9 +97,51 @@ def test_full_model_card_content_and_front_matter(full_dir):
     # Settings the run left to the subject kind's recipe are stated as the values it used.
     object_recipe = recipe("object")
     assert f"| Prior preservation | yes, {object_recipe.num_class_images} class images, weight 1.0 |" in text
-    assert f"| Learning rate | {object_recipe.learning_rate} |" in text
+    assert f"| Learning rate | {short_number(object_recipe.learning_rate)} |" in text
     assert 'StableDiffusionPipeline.from_pretrained("alice/sks-dog"' in text
     assert "/home/someone" not in text  # no local paths from the training config
+
+
+def _with_summary(source: Path, folder: Path, change) -> Path:
+    shutil.copytree(source, folder)
+    summary = json.loads((folder / "training_summary.json").read_text())
+    change(summary)
+    (folder / "training_summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def _card_row(card: str, name: str) -> str | None:
+    return next((line for line in card.splitlines() if line.startswith(f"| {name} |")), None)
+
+
+def test_card_states_the_values_the_run_recorded_not_todays_recipe(lora_dir, tmp_path):
+    """A run trained under another recipe (here: a kind this version does not know, other rates and class-image
+    count) is described by what its summary recorded; nothing is re-derived or refused."""
+    def older_recipe(summary):
+        summary["config"].update(kind="creature", learning_rate=None, text_encoder_learning_rate=None,
+                                 num_class_images=None)
+        summary["identity"] = {"learning_rate": 3e-4, "text_encoder_learning_rate": 7e-5}
+        summary["num_class_images"] = 120
+
+    card = str(hub.build_model_card(_with_summary(lora_dir, tmp_path / "older", older_recipe), "alice/sks-dog"))
+    assert _card_row(card, "Learning rate") == "| Learning rate | 3e-4 |"
+    assert _card_row(card, "Text encoder learning rate") == "| Text encoder learning rate | 7e-5 |"
+    assert _card_row(card, "Prior preservation") == "| Prior preservation | yes, 120 class images, weight 1.0 |"
+
+    def top_level_wins(summary):
+        summary["learning_rate"], summary["identity"] = 2e-4, {"learning_rate": 9e-4}
+
+    card = str(hub.build_model_card(_with_summary(lora_dir, tmp_path / "top", top_level_wins), "alice/sks-dog"))
+    assert _card_row(card, "Learning rate") == "| Learning rate | 2e-4 |"
+
+    def nothing_recorded(summary):  # an older summary: only the config, where the recipe's values are None
+        del summary["identity"], summary["num_class_images"]
+        summary["config"].update(kind="creature", learning_rate=5e-5)
+
+    card = str(hub.build_model_card(_with_summary(lora_dir, tmp_path / "old", nothing_recorded), "alice/sks-dog"))
+    assert _card_row(card, "Learning rate") == "| Learning rate | 5e-5 |"  # the value given when it trained
+    assert _card_row(card, "Prior preservation") == "| Prior preservation | yes, class images, weight 1.0 |"
+    assert _card_row(card, "Text encoder learning rate") is None  # neither recorded nor given: not guessed
 
 
 def test_sd_base_model_gets_its_license_and_base_model_metadata(full_dir, tmp_path):

@@ -23,6 +23,7 @@ from dreambooth_helpers import checkpoints as ckpt
 from dreambooth_helpers import prior
 from dreambooth_helpers.cli import main
 from dreambooth_helpers.errors import TrainingError
+from dreambooth_helpers.files import SUMMARY_FILE
 from dreambooth_helpers.models import load_components, make_pipeline
 from dreambooth_helpers.training import train
 
@@ -81,7 +82,7 @@ def test_training_killed_at_a_random_moment_resumes_to_the_same_weights(instance
     assert not (killed_dir / "model_index.json").exists(), f"finished before the kill (seed {seed})"
 
     assert main([*cli_args(instance_dir, killed_dir), "--resume", "latest"]) == 0
-    summary = json.loads((killed_dir / ckpt.SUMMARY_FILE).read_text())
+    summary = json.loads((killed_dir / SUMMARY_FILE).read_text())
     assert summary["resumed_from_step"] == int(saved[-1].name.removeprefix("checkpoint-")), f"seed {seed}"
 
     straight_dir = tmp_path / "straight"
@@ -90,7 +91,7 @@ def test_training_killed_at_a_random_moment_resumes_to_the_same_weights(instance
     for sub in ("unet", "text_encoder"):
         assert max_difference(weights(straight_dir, sub), weights(killed_dir, sub)) < 1e-5, (sub, seed)
     # The loss history survives the kill: every step from 1, the killed part's from the checkpoint.
-    straight = json.loads((straight_dir / ckpt.SUMMARY_FILE).read_text())
+    straight = json.loads((straight_dir / SUMMARY_FILE).read_text())
     assert [h["step"] for h in summary["history"]] == list(range(1, 21)), f"seed {seed}"
     assert summary["losses"] == pytest.approx(straight["losses"], rel=1e-4), f"seed {seed}"
     # No checkpoint at the last step (18 is the newest), and none half-written left behind.
@@ -177,7 +178,7 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_valid(training_s
     partial = tmp_path / "checkpoints" / ".checkpoint-000004.partial"
     assert (partial / "unet").is_dir() and not (partial / "state.json").exists()
     assert ckpt.list_checkpoints(tmp_path) == [first]
-    assert ckpt.resolve_resume("latest", tmp_path) == first
+    assert ckpt.resolve_resume("latest", tmp_path, None, 10) == first
     monkeypatch.undo()
 
     fresh = load_components("tiny")
@@ -245,10 +246,37 @@ def test_a_checkpoint_with_a_planted_pickle_is_refused_without_running_it(traini
     saved = ckpt.save_checkpoint(tmp_path / "run", 2, state, {"base_model": "tiny"}, keep=1)
     marker = tmp_path / "payload-ran"
     (saved / planted).write_bytes(pickle.dumps({"state": PlantedPayload(marker)}, protocol=2))
-    with pytest.raises(TrainingError, match=f"{planted} holds more than tensors and plain data, so it was not "
-                                            "loaded.*Resume from a checkpoint you made yourself"):
+    with pytest.raises(TrainingError, match=f"{planted} could not be loaded.*corrupt.*or holds more than tensors and "
+                                            f"plain data.*Delete {saved}.*--resume latest"):
         ckpt.load_checkpoint(saved, state)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damaged", ["optimizer.pt", "unet/diffusion_pytorch_model.safetensors"])
+def test_a_checkpoint_file_cut_short_is_refused_with_what_to_do(training_state, tmp_path, damaged):
+    state = training_state.state
+    saved = ckpt.save_checkpoint(tmp_path / "run", 2, state, {"base_model": "tiny"}, keep=1)
+    file = saved / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # what an interrupted Drive sync leaves
+    with pytest.raises(TrainingError, match=f"{file.name} could not be loaded.*it is corrupt \\(cut short.*Delete "
+                                            f"{saved} and run again with --resume latest"):
+        ckpt.load_checkpoint(saved, state)
+
+
+def test_pruning_keeps_this_runs_checkpoints_and_removes_other_runs(training_state, tmp_path):
+    state = training_state.state
+    ckpt.save_checkpoint(tmp_path, 6, state, {"identity": "run a"}, keep=2)
+    ckpt.save_checkpoint(tmp_path, 8, state, {"identity": "run b"}, keep=2)  # another run: a's 6 goes
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-000008"]
+    # Run b started over (a fresh run with the same identity): its step 2 outranks the earlier attempt's 8.
+    ckpt.save_checkpoint(tmp_path, 2, state, {"identity": "run b"}, keep=2)
+    ckpt.save_checkpoint(tmp_path, 4, state, {"identity": "run b"}, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-000002", "checkpoint-000004"]
+    notices = []
+    assert ckpt.resolve_resume("latest", tmp_path, "run a", 10, notices.append) is None
+    assert notices == ["checkpoint-000002, checkpoint-000004 were saved by a run with other settings (the run): not "
+                       "resuming from them. This run's own checkpoints will replace them."]
+    assert ckpt.resolve_resume("latest", tmp_path, "run b", 3, notices.append).name == "checkpoint-000002"
 
 
 def test_checkpoints_skip_the_last_half_interval_and_the_last_step():
@@ -280,7 +308,7 @@ def test_plan_checkpoints_fits_the_default_run_in_12_gb_of_drive_counting_every_
     assert size == SD1_SIZE
     config = TrainConfig.from_preset("t4", model="sd15-random", concepts=[Concept("photos", "a sks dog", "a dog")],
                                      max_train_steps=750, num_class_images=50)
-    plan = ckpt.plan_checkpoints(config, 12 * 10**9, size)
+    plan = ckpt.plan_checkpoints(config, 12 * 10**9, size, steps=750)
     # Full UNet + text encoder with 8-bit AdamW: ~5.9 GB a checkpoint; the fp32 diffusers folder ~4.3 GB.
     assert plan.checkpoint_bytes == pytest.approx(5.93e9, rel=0.02)
     assert plan.model_bytes == pytest.approx(4.26e9, rel=0.02)
@@ -289,10 +317,10 @@ def test_plan_checkpoints_fits_the_default_run_in_12_gb_of_drive_counting_every_
     assert plan.checkpoint_steps == ckpt.checkpoint_steps(750, plan.checkpoint_every)
     assert "This run writes about 10.2 GB" in plan.message and "trash" in plan.message
 
-    roomy = ckpt.plan_checkpoints(config, 40 * 10**9, size)
+    roomy = ckpt.plan_checkpoints(config, 40 * 10**9, size, steps=750)
     assert roomy.checkpoint_steps == [150, 300, 450, 600]  # at most four, evenly spaced, none near the end
-    cramped = ckpt.plan_checkpoints(config, 8 * 10**9, size)
+    cramped = ckpt.plan_checkpoints(config, 8 * 10**9, size, steps=750)
     assert cramped.checkpoint_every is None and cramped.fits and "no checkpoint" in cramped.message
-    assert not ckpt.plan_checkpoints(config, 2 * 10**9, size).fits
-    lora = ckpt.plan_checkpoints(config.replace(lora=True, lora_rank=8), 1 * 10**9, size)
+    assert not ckpt.plan_checkpoints(config, 2 * 10**9, size, steps=750).fits
+    lora = ckpt.plan_checkpoints(config.replace(lora=True, lora_rank=8), 1 * 10**9, size, steps=750)
     assert lora.checkpoints_written == 4 and lora.model_bytes < 20 * 2**20

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from dreambooth_helpers import checkpoints as ckpt
 from dreambooth_helpers import failures, training
 from dreambooth_helpers.errors import DreamBoothError, TrainingError
+from dreambooth_helpers.files import SUMMARY_FILE
 from dreambooth_helpers.training import train
 
 
@@ -66,7 +67,7 @@ def test_a_nan_loss_stops_training_with_an_explanation_and_keeps_the_last_good_c
     # Step 4 came during the NaN run: no checkpoint there, so rotation kept step 2.
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-000002"]
     assert all_finite(weights(out / "checkpoints/checkpoint-000002"))
-    assert not (out / "model_index.json").exists() and not (out / ckpt.SUMMARY_FILE).exists()
+    assert not (out / "model_index.json").exists() and not (out / SUMMARY_FILE).exists()
 
 
 def test_single_nan_losses_and_nan_gradients_are_skipped_not_applied_and_training_goes_on(make_config, monkeypatch):

@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 from dreambooth_helpers import Concept, ConfigError, load_components, prior
 from dreambooth_helpers import checkpoints as ckpt
 from dreambooth_helpers.data import images_to_tensor, load_instance_images
+from dreambooth_helpers.errors import TrainingError
+from dreambooth_helpers.files import SUMMARY_FILE
 from dreambooth_helpers.training import _assemble, dreambooth_loss, find_finished_run, resolve_runtime, train
+from tests.conftest import draw_subject
 
 
 def _weights(folder, sub):
@@ -154,7 +157,7 @@ def test_saved_folder_loads_in_plain_diffusers_and_generates(make_config):
     assert summary["steps"] == 3 and len(summary["history"]) == 3 and summary["versions"]["torch"]
     assert {"loss", "lr", "time", "samples"} <= set(summary["history"][0])
     assert [h["samples"] for h in summary["history"]] == [drawn[1], drawn[2], drawn[3]]
-    assert summary["samples"] == drawn[2] + drawn[3]
+    assert "samples" not in summary  # kept once, with the step that drew them
     assert not (result.output_dir / ".saving-model").exists()
 
 
@@ -173,7 +176,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(make_config, tmp_path):
     # No checkpoint at the last step: the finished model stands for it.
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "straight")] == ["checkpoint-000003"]
     # The history covers every step, the first part's from the checkpoint, and matches the straight run's.
-    straight_summary = json.loads((tmp_path / "straight" / ckpt.SUMMARY_FILE).read_text())
+    straight_summary = json.loads((tmp_path / "straight" / SUMMARY_FILE).read_text())
     assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]
     assert result.losses == pytest.approx(straight_summary["losses"], rel=1e-4)
     for sub in ("unet", "text_encoder"):
@@ -246,7 +249,7 @@ def test_one_process_can_train_twice_with_different_mixed_precision(make_config,
         assert (result.output_dir / "model_index.json").exists()
 
 
-def test_rerunning_a_finished_run_reuses_it_and_find_finished_run_knows_it(make_config, tmp_path):
+def test_rerunning_a_finished_run_reuses_it_and_find_finished_run_knows_it(make_config, tmp_path, instance_dir):
     config = make_config(max_train_steps=2, checkpoint_every=1, with_prior_preservation=False, learning_rate=1e-3)
     first = train(config, progress=False)
     assert find_finished_run(config).losses == first.losses
@@ -254,16 +257,36 @@ def test_rerunning_a_finished_run_reuses_it_and_find_finished_run_knows_it(make_
     model_file = first.output_dir / "unet/diffusion_pytorch_model.safetensors"
     written_at = model_file.stat().st_mtime_ns
 
-    # What the notebook's cells do after a disconnect: run again with resume "latest". Nothing trains or changes.
-    steps = []
-    again = train(config.replace(resume="latest"), progress=False, on_step=lambda step, logs: steps.append(step))
+    # What the notebook's cells do after a disconnect: run again with resume "latest". Nothing trains or changes,
+    # and the run says so through on_notice (the notebook puts it in its own words).
+    steps, notices = [], []
+    again = train(config.replace(resume="latest"), progress=False, on_step=lambda step, logs: steps.append(step),
+                  on_notice=notices.append)
     assert again.reused and steps == [] and again.losses == first.losses and again.global_step == 2
     assert first.summary_path.read_bytes() == summary_before and model_file.stat().st_mtime_ns == written_at
+    assert [n for n in notices if "already holds this run, finished (2 steps)" in n], notices
 
+    # Settings that do not change the weights (outputs, memory and speed) leave it the same run.
+    assert find_finished_run(config.replace(sample_every=1, checkpoints_total_limit=5, checkpoint_every=None,
+                                            gradient_checkpointing=False, memory_plan="smallest",
+                                            cache_latents=False, mixed_precision="bf16")) is not None
+    assert find_finished_run(config, max_steps=2) is not None  # the notebook knows the steps
     # Another config is another model: not finished.
     assert find_finished_run(config.replace(learning_rate=2e-3)) is None
     assert find_finished_run(config.replace(max_train_steps=3)) is None
+    assert find_finished_run(config, max_steps=3) is None
     assert find_finished_run(config.replace(lora=True)) is None
+    assert find_finished_run(config.replace(prior_loss_weight=0.5)) is None
+    assert find_finished_run(config.replace(train_batch_size=2)) is None
+    # The same photos in another folder are the same run; one photo replaced (the same count) is another run.
+    same, other = tmp_path / "same-photos", tmp_path / "other-photos"
+    shutil.copytree(instance_dir, same)
+    shutil.copytree(instance_dir, other)
+    draw_subject(other / "photo1.png", 9)
+    for folder, finished in ((same, True), (other, False)):
+        moved = config.replace(concepts=[Concept(str(folder), "a photo of sks dog", "a photo of dog")])
+        assert (find_finished_run(moved) is not None) == finished, folder
+        assert (find_finished_run(moved, max_steps=2) is not None) == finished, folder
     (first.output_dir / "model_index.json").unlink()  # the model's marker: a half-saved model is not finished
     assert find_finished_run(config) is None
 
@@ -273,9 +296,15 @@ def test_a_checkpoint_at_the_last_step_without_its_model_saves_the_model_and_kee
     longer = make_config(max_train_steps=4, checkpoint_every=2, with_prior_preservation=False, learning_rate=1e-3,
                          output_dir=str(tmp_path / "longer"))
     train(longer, progress=False)
-    # A 2-step run that crashed after its checkpoint at step 2 and before saving its model.
+    # A 2-step run that crashed after a checkpoint at step 2 (older versions saved one at the last step) and before
+    # saving its model. The 4-step run's step-2 checkpoint stands in for it, relabelled as a 2-step run's: with a
+    # constant learning rate its weights are the same.
     crashed = tmp_path / "crashed"
     shutil.copytree(tmp_path / "longer/checkpoints/checkpoint-000002", crashed / "checkpoints/checkpoint-000002")
+    state_file = crashed / "checkpoints/checkpoint-000002/state.json"
+    state = json.loads(state_file.read_text())
+    state["identity"]["max_train_steps"] = 2
+    state_file.write_text(json.dumps(state))
     steps = []
     result = train(longer.replace(max_train_steps=2, output_dir=str(crashed), resume="latest"), progress=False,
                    on_step=lambda step, logs: steps.append(step))
@@ -283,7 +312,7 @@ def test_a_checkpoint_at_the_last_step_without_its_model_saves_the_model_and_kee
     checkpoint_unet = _weights(crashed / "checkpoints/checkpoint-000002", "unet")
     assert _max_change(checkpoint_unet, _weights(crashed, "unet")) == 0
     summary = json.loads(result.summary_path.read_text())
-    longer_losses = json.loads((tmp_path / "longer" / ckpt.SUMMARY_FILE).read_text())["losses"]
+    longer_losses = json.loads((tmp_path / "longer" / SUMMARY_FILE).read_text())["losses"]
     assert summary["steps"] == 2 and summary["losses"] == longer_losses[:2]
 
 
@@ -298,3 +327,64 @@ def test_a_real_model_on_a_cpu_is_refused_up_front_unless_asked(make_config, tmp
     make_pipeline(build_tiny_components()).save_pretrained(tmp_path / "small")
     for model in ("tiny", "toy", "sd15-random", str(tmp_path / "small")):
         assert resolve_runtime(make_config(model=model), cuda_available=False).device == "cpu"
+
+
+def _notices_and_steps():
+    notices, steps = [], []
+    return notices, steps, dict(progress=False, on_notice=notices.append, on_step=lambda step, logs: steps.append(step))
+
+
+def test_a_run_never_resumes_from_nor_prunes_for_another_runs_checkpoints(make_config, tmp_path):
+    out = tmp_path / "out"
+    run_a = make_config(max_train_steps=8, checkpoint_every=2, checkpoints_total_limit=1, learning_rate=1e-3,
+                        with_prior_preservation=False, output_dir=str(out))
+    run_b = run_a.replace(learning_rate=2e-3, max_train_steps=4)
+    train(run_a, progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-000006"]
+
+    # B in the same folder, started fresh (the notebook's TRAIN_AGAIN): its checkpoint at step 2 is kept, and A's,
+    # which B can never resume from, is gone.
+    _, steps, hooks = _notices_and_steps()
+    train(run_b, **hooks)
+    assert steps == [1, 2, 3, 4]
+    saved = ckpt.list_checkpoints(out)
+    assert [p.name for p in saved] == ["checkpoint-000002"]
+    assert json.loads((saved[0] / "state.json").read_text())["config"]["learning_rate"] == 2e-3
+    b_unet = _weights(out, "unet")
+
+    # A again, then B with resume "latest" (the notebook sets it whenever checkpoints exist): A's checkpoint is
+    # passed over with a notice saying why, B trains from step 0 and ends with its own weights.
+    train(run_a, progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-000006"]
+    notices, steps, hooks = _notices_and_steps()
+    result = train(run_b.replace(resume="latest"), **hooks)
+    assert steps == [1, 2, 3, 4]
+    assert [n for n in notices if n.startswith("checkpoint-000006 was saved by a run with other settings")
+            and "--learning-rate" in n and "--max-train-steps" in n], notices
+    assert [n for n in notices if "starting from step 0" in n], notices
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["resumed_from_step"] == 0 and summary["config"]["learning_rate"] == 2e-3
+    assert _max_change(b_unet, _weights(out, "unet")) < 1e-6
+    # And B interrupted after step 2 resumes from its own checkpoint.
+    (out / "model_index.json").unlink()
+    notices, steps, hooks = _notices_and_steps()
+    train(run_b.replace(resume="latest"), **hooks)
+    assert steps == [3, 4] and [n for n in notices if "checkpoint-000002 (step 2 of 4)" in n], notices
+
+
+def test_resuming_another_runs_checkpoint_by_its_path_is_refused_before_training(make_config, tmp_path):
+    run_a = make_config(max_train_steps=4, checkpoint_every=2, learning_rate=1e-3, with_prior_preservation=False,
+                        output_dir=str(tmp_path / "a"))
+    train(run_a, progress=False)
+    checkpoint = tmp_path / "a/checkpoints/checkpoint-000002"
+    _, steps, hooks = _notices_and_steps()
+    # The text encoder's rate follows the UNet's, so both differ.
+    with pytest.raises(TrainingError, match=r"was saved by a run with other settings \(--learning-rate, "
+                                            r"--text-encoder-learning-rate\).*Resume it with the settings it was "
+                                            r"saved with.*or train without --resume"):
+        train(run_a.replace(learning_rate=2e-3, output_dir=str(tmp_path / "b"), resume=str(checkpoint)), **hooks)
+    assert steps == []
+    # The same run (its output folder aside) resumes it.
+    _, steps, hooks = _notices_and_steps()
+    result = train(run_a.replace(output_dir=str(tmp_path / "b"), resume=str(checkpoint)), **hooks)
+    assert steps == [3, 4] and json.loads(result.summary_path.read_text())["resumed_from_step"] == 2

@@ -286,7 +286,7 @@ def test_drive_run_fits_a_free_drive(tmp_path, instance_dir):
     assert "GB" in message and "trash" in message
     from dreambooth_helpers.checkpoints import plan_checkpoints
 
-    plan = plan_checkpoints(on_drive.replace(max_train_steps=on_drive.steps_for(5)), 12 * 10**9)
+    plan = plan_checkpoints(on_drive, 12 * 10**9, steps=on_drive.steps_for(5))
     assert plan.total_bytes <= 12 * 10**9 and plan.checkpoints_written >= 1
     assert all(plan.checkpoint_every * k < on_drive.steps_for(5) for k in range(1, plan.checkpoints_written + 1))
     tight, message = widgets.keep_checkpoints_on_drive(config, 5, drive_free=5 * 10**9)
@@ -736,3 +736,35 @@ def test_training_notices_are_shown_in_the_notebooks_words(make_config, monkeypa
     assert widgets.run_training(make_config(), 4, train_again=True) == "trained"
     assert capsys.readouterr().out.strip() == (
         "Memory plan: does not fit; use the 't4-lora' preset (or tick LoRA) in the settings form.")
+
+
+def test_generation_memory_advice_names_the_loading_cell():
+    text = widgets.in_notebook_words("Generate fewer images, or use --attention-slicing and --vae-tiling.")
+    assert "--" not in text and "`attention_slicing=True` in `widgets.load_trained_model(...)`" in text
+
+
+def test_quiet_library_output_hides_loading_bars_and_optional_kernel_notes():
+    import logging
+
+    import transformers
+
+    bnb = logging.getLogger("bitsandbytes")
+    level = bnb.level
+    try:
+        widgets.quiet_library_output()
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+        assert bnb.getEffectiveLevel() == logging.ERROR
+    finally:  # the rest of the test session keeps the libraries' defaults
+        bnb.setLevel(level)
+        transformers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.set_verbosity_warning()
+        import diffusers
+
+        diffusers.utils.logging.enable_progress_bar()
+        diffusers.utils.logging.set_verbosity_warning()
+
+
+def test_training_facts_name_the_precision_and_a_finished_line_has_no_time_left():
+    facts = widgets.training_facts({"steps": 4, "history": history(4), "mixed_precision": "no"})
+    assert "precision fp32" in facts
+    assert "min left" not in widgets.progress_line(10, 10, {"loss": 0.1, "lr": 1e-6, "time": 3.0}, 0.5)

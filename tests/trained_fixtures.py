@@ -29,6 +29,10 @@ def write_summary(out: Path, *, lora: bool, base_model: str = "tiny", resolution
     summary = {
         "config": config.to_dict(), "base_model": base_model, "lora": lora, "resolution": resolution,
         "instance_prompts": [INSTANCE_PROMPT], "steps": 10, "losses": [0.3, 0.2, 0.1],
+        # What the run used, recorded as training._finish records it.
+        "num_class_images": config.effective_num_class_images,
+        "identity": {"learning_rate": config.effective_learning_rate,
+                     "text_encoder_learning_rate": config.effective_text_encoder_learning_rate},
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     samples = out / SAMPLES_DIR

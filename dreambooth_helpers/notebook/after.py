@@ -34,10 +34,7 @@ def make_class_images(config: TrainConfig) -> list[Path]:
     print(f"Loading {config.model} to draw {config.effective_num_class_images} images of "
           f"\"{config.concepts[0].class_prompt}\" (images already there are kept)...")
     with quiet_library_logs():
-        try:
-            return prepare_class_images(config)
-        finally:
-            free_gpu_memory()
+        return prepare_class_images(config)  # which frees the model's GPU memory when it is done
 
 
 def class_image_grid(config: TrainConfig, limit: int = 8, cell: int = 96):
@@ -59,15 +56,18 @@ def class_image_grid(config: TrainConfig, limit: int = 8, cell: int = 96):
     return labelled_grid([(concept.class_prompt, images)], cell=cell)
 
 
-def load_trained_model(output_dir: str | Path):
-    """The trained model as a Generator, loaded quietly, with GPU memory of earlier cells given back first."""
+def load_trained_model(output_dir: str | Path, **options: Any):
+    """The trained model as a Generator, loaded quietly, with GPU memory of earlier cells given back first.
+
+    `options` go to `inference.load_generator`, e.g. attention_slicing=True, vae_tiling=True for less memory.
+    """
     from ..inference import load_generator
     from ..training import quiet_library_logs
 
     free_gpu_memory()
     print(f"Loading the trained model from {output_dir}...")
     with quiet_library_logs():
-        return load_generator(str(output_dir))
+        return load_generator(str(output_dir), **options)
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def generate_examples(generator, prompts: Sequence[str], settings: GenerationSet
                                    num_images=settings.images_per_prompt, steps=settings.steps,
                                    guidance_scale=settings.guidance_scale, seed=settings.seed)
         results += batch
-        rows.append((f"{prompt}  (seed {settings.seed}+)", [r.image for r in batch]))
+        rows.append((f"seed {settings.seed}+: {prompt}", [r.image for r in batch]))  # a cut label keeps the seed
     if out_dir is not None:
         save_images(results, out_dir)
     return labelled_grid(rows, cell=cell), results

@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import subject
 from ..checkpoints import list_checkpoints, plan_checkpoints
-from ..config import PRESETS, Concept, TrainConfig
+from ..config import DEFAULT_PRESET, PRESETS, Concept, TrainConfig
 from ..data import IMAGE_EXTENSIONS, DatasetReport, prepare_image, read_images, require_usable
 from ..errors import ConfigError, ImageDataError
 from ..grids import labelled_grid
@@ -238,7 +238,7 @@ class NotebookSettings:
     token: str = "sks"
     class_noun: str = "dog"
     kind: str = subject.DEFAULT_KIND
-    preset: str = "t4"
+    preset: str = DEFAULT_PRESET
     steps: int | None = None
     learning_rate: float | None = None
     train_text_encoder: bool = True
@@ -247,9 +247,6 @@ class NotebookSettings:
 
     def prompts(self) -> subject.SubjectPrompts:
         return subject.prompts_for(self.token, self.class_noun, self.kind)
-
-    def class_images(self) -> int:
-        return subject.recipe(self.kind).num_class_images if self.num_class_images is None else self.num_class_images
 
 
 def run_name(token: str, class_noun: str) -> str:
@@ -278,7 +275,7 @@ def settings_to_config(settings: NotebookSettings, instance_dir: str | Path, num
         raise ConfigError(f"Steps must be a positive number, or 0 for the recommended "
                           f"{subject.default_steps(num_images, settings.kind)}.")
     prompts = settings.prompts()
-    prior = settings.class_images() > 0
+    prior = settings.num_class_images != 0  # None: the recipe's number, never 0
     config = TrainConfig.from_preset(
         settings.preset, kind=settings.kind,
         concepts=[Concept(str(instance_dir), prompts.instance, prompts.class_ if prior else None)],
@@ -303,7 +300,7 @@ def keep_checkpoints_on_drive(config: TrainConfig, num_images: int, drive_free: 
     the one kept. The budget is the Drive's free space, or DRIVE_BUDGET_GB when it cannot be read.
     """
     budget = drive_free if drive_free is not None else _drive_free_bytes(config.output_dir)
-    plan = plan_checkpoints(config.replace(max_train_steps=config.steps_for(num_images)), budget)
+    plan = plan_checkpoints(config, budget, steps=config.steps_for(num_images))
     return config.replace(checkpoint_every=plan.checkpoint_every or None, checkpoints_total_limit=1), plan.message
 
 
@@ -320,14 +317,17 @@ def describe_settings(settings: NotebookSettings, num_images: int) -> str:
         prompts = settings.prompts()
         # Stable Diffusion's rates: the base model is chosen in a later cell, and SD 1.5 is what nearly everyone trains.
         preview = TrainConfig.from_preset(settings.preset, kind=settings.kind, lora=settings.lora, model=SD15_MODEL,
-                                          max_train_steps=settings.steps or None, learning_rate=settings.learning_rate)
+                                          max_train_steps=settings.steps or None, learning_rate=settings.learning_rate,
+                                          num_class_images=settings.num_class_images,
+                                          with_prior_preservation=settings.num_class_images != 0)
     except ConfigError as error:
         return f"<b style='color:#b00'>{_html(str(error))}</b>"
     auto = "" if settings.steps else f" (recommended for {num_images} photo(s))"
+    class_images = preview.effective_num_class_images
     lines = [
         f"Instance prompt: <code>{_html(prompts.instance)}</code>",
         f"Class prompt (prior preservation): <code>{_html(prompts.class_)}</code>"
-        + (f" x {settings.class_images()} images" if settings.class_images() else " <i>off: 0 class images</i>"),
+        + (f" x {class_images} images" if class_images else " <i>off: 0 class images</i>"),
         f"Steps: <b>{preview.steps_for(num_images)}</b>{auto}; learning rate "
         f"<b>{preview.effective_learning_rate:g}</b>",
         f"Preset: {_html(PRESETS[settings.preset]['description'])}",
@@ -363,7 +363,9 @@ class SettingsForm:
         self.train_text_encoder = w.Checkbox(value=d.train_text_encoder, description="Train the text encoder too",
                                              indent=False)
         self.lora = w.Checkbox(value=d.lora, description="LoRA (small file, less memory)", indent=False)
-        self.num_class_images = w.IntSlider(value=d.class_images(), min=0, max=300, step=10,
+        default_class_images = subject.recipe(d.kind).num_class_images if d.num_class_images is None \
+            else d.num_class_images
+        self.num_class_images = w.IntSlider(value=default_class_images, min=0, max=300, step=10,
                                             description="Class images (0 = off)", **wide)
         self.summary = w.HTML()
         self.widget = w.VBox([self.token, self.class_noun, self.kind, self.preset, self.steps, self.learning_rate,
@@ -390,7 +392,6 @@ class SettingsForm:
         old, new = subject.recipe(change["old"]), subject.recipe(change["new"])
         if self.class_noun.value.strip() in ("", old.class_noun):  # only replace a noun the user did not type
             self.class_noun.value = new.class_noun
-        self.train_text_encoder.value = new.train_text_encoder
         if self.num_class_images.value == old.num_class_images:
             self.num_class_images.value = new.num_class_images
         self.refresh()

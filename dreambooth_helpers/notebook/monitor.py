@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import SUMMARY_FILE
 from ..config import TrainConfig
 from ..errors import DreamBoothError
+from ..files import SUMMARY_FILE
 from ..grids import labelled_grid
 from .runtime import in_notebook_words
+
+PRECISION_NAMES = {"no": "fp32", "fp16": "fp16 mixed", "bf16": "bf16 mixed"}  # the summary records accelerate's names
 
 
 def run_training(config: TrainConfig, num_images: int, train_again: bool = False):
@@ -26,7 +28,7 @@ def run_training(config: TrainConfig, num_images: int, train_again: bool = False
     from ..training import find_finished_run, train
 
     if not train_again:
-        finished = find_finished_run(config)
+        finished = find_finished_run(config, max_steps=config.steps_for(num_images))
         if finished is not None:
             print(f"{finished.output_dir} already holds this model, trained for {finished.global_step} steps: using "
                   "it. Tick TRAIN_AGAIN and run this cell again to train it anew.")
@@ -40,7 +42,7 @@ def run_training(config: TrainConfig, num_images: int, train_again: bool = False
 def progress_line(step: int, total: int, logs: dict[str, Any], seconds_per_step: float | None = None) -> str:
     elapsed = float(logs.get("time") or 0.0)
     rate = f", {seconds_per_step:.2f} s/step" if seconds_per_step else ""
-    left = f", about {(total - step) * seconds_per_step / 60:.0f} min left" if seconds_per_step else ""
+    left = f", about {(total - step) * seconds_per_step / 60:.0f} min left" if seconds_per_step and step < total else ""
     prior = logs.get("prior_loss")
     prior_text = f", prior loss {prior:.4f}" if isinstance(prior, float) else ""
     return (f"step {step}/{total}: loss {logs.get('loss', float('nan')):.4f}{prior_text}, "
@@ -134,6 +136,7 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 def plot_losses(summary: dict[str, Any], window: int | None = None):
     """A matplotlib Figure of the loss per step: raw (faint), smoothed, and subject vs prior parts."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     history = summary.get("history") or []
     if not history:
@@ -151,6 +154,7 @@ def plot_losses(summary: dict[str, Any], window: int | None = None):
     prior = [h.get("prior_loss") for h in history]
     if all(isinstance(p, (int, float)) for p in prior):
         axes.plot(steps, moving_average(prior, window), color="tab:orange", label="class images (prior)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, also in a 4-step run
     axes.set_xlabel("step")
     axes.set_ylabel("MSE of the predicted noise")
     axes.set_title("Training loss")
@@ -166,9 +170,10 @@ def training_facts(summary: dict[str, Any]) -> str:
     per_step = median_step_seconds(summary.get("history") or [])
     speed = f" ({per_step:.2f} s per training step, median)" if per_step is not None else ""
     peak = summary.get("peak_gpu_memory_gib")
+    precision = summary.get("mixed_precision")
     memory = f"peak GPU memory {peak:.2f} GiB" if isinstance(peak, (int, float)) else "no GPU used"
     lines = [f"{steps} steps in {seconds / 60:.1f} min{speed}; {memory}; device {summary.get('device')}, "
-             f"precision {summary.get('mixed_precision')}, optimizer {summary.get('optimizer')}, "
+             f"precision {PRECISION_NAMES.get(precision, precision)}, optimizer {summary.get('optimizer')}, "
              f"{'LoRA' if summary.get('lora') else 'full fine-tune'}, {summary.get('resolution')} px, "
              f"{summary.get('num_instance_images')} photos + {summary.get('num_class_images')} class images."]
     lines += [f"Note: {in_notebook_words(notice)}" for notice in summary.get("notices") or []]

@@ -210,9 +210,12 @@ NOTEBOOK_WORDS = {
     "--max-train-steps": "'Steps' in the settings form",
     "--num-class-images": "'Class images' in the settings form",
     "--no-prior-preservation": "'Class images' set to 0 in the settings form",
-    "--instance-dir": "the photos you chose in section 4",
+    "--instance-dir": "the photos you chose in section 3",
     "--model": "BASE_MODEL",
     "--checkpoint-every N": "Google Drive (section 2), where checkpoints are kept for resuming",
+    # Generation (out-of-memory advice): options of the cell that loads the trained model.
+    "--attention-slicing": "`attention_slicing=True` in `widgets.load_trained_model(...)`",
+    "--vae-tiling": "`vae_tiling=True` in `widgets.load_trained_model(...)`",
 }
 # A flag, and its value when it is a number or one of the words messages use as values.
 _FLAG = re.compile(r"--[a-z][a-z0-9-]*(?: (?:latest|low-memory|bf16|fp16|pad|center|N|\d[\d.e-]*\b))?")
@@ -238,6 +241,21 @@ def in_notebook_words(message: str) -> str:
         return f"`config = config.replace({field}={value or '...'})` in the configuration cell"
 
     return _FLAG.sub(replace, message)
+
+
+def quiet_library_output() -> None:
+    """For this notebook's process: no loading bars from diffusers/transformers (they sit at 0% while a shard
+    loads and look stuck; the cells say what they load instead), and no warnings that ask the user for nothing
+    (bitsandbytes' note about an optional CPU kernel package). Errors still show."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.disable_progress_bar()
+        library.utils.logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def show_errors_plainly() -> None:
