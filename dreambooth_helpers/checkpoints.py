@@ -28,6 +28,7 @@ import torch
 from .config import TrainConfig, option_name
 from .errors import ModelLoadError, TrainingError
 from .files import LORA_WEIGHTS_FILE
+from .speedups import optimizer_state_for
 
 CHECKPOINTS_DIR = "checkpoints"
 HISTORY_FILE = "history.json"  # in a checkpoint: the per-step logs up to it, so a resumed run's history is whole
@@ -37,6 +38,7 @@ CHECKPOINTS_PER_RUN = 4  # at most, evenly spaced: more rarely pays for the time
 ADAM8_CHECKPOINT_BYTES = 2 * (1 + 4 / 256)
 ADAM_CHECKPOINT_BYTES = 8
 SMALL_FILES_BYTES = 2**20  # state.json, history.json, the scheduler and scaler states
+SD1_SAFETY_CHECKER_BYTES = 1_220_000_000  # safety_checker/model.safetensors of SD 1.x (fp32), saved with a full model
 
 
 @dataclass
@@ -178,14 +180,53 @@ def save_trainable_weights(folder: Path, unet, text_encoder, lora: bool) -> None
         if text_layers:
             save_file({k: v.detach().float().contiguous() for k, v in text_layers.items()},
                       folder / "lora_text_encoder.safetensors")
+        # The adapters' configs (rank, alpha, targets) go into the file's metadata: without them diffusers
+        # reloads with alpha = rank, and an adapter trained with another alpha would act at the wrong strength.
         StableDiffusionPipeline.save_lora_weights(
             folder, unet_lora_layers=convert_state_dict_to_diffusers(unet_layers),
             text_encoder_lora_layers=convert_state_dict_to_diffusers(text_layers) if text_layers else None,
+            unet_lora_adapter_metadata=_adapter_config(unet),
+            text_encoder_lora_adapter_metadata=_adapter_config(text_encoder) if text_layers else None,
         )
     else:
         unet.save_pretrained(folder / "unet", safe_serialization=True)
         if text_encoder is not None:
             text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+
+
+def _adapter_config(model) -> dict[str, Any]:
+    """The LoRA config (rank, alpha, target modules) of the model's one adapter, as plain data."""
+    config = next(iter(model.peft_config.values())).to_dict()
+    # Sets (target modules) are not JSON; diffusers stores this dict as JSON in the safetensors header.
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+
+
+def load_text_encoder_weights(text_encoder, weights: dict[str, torch.Tensor], where: Path) -> None:
+    """Load a saved text encoder's weights strictly, converting between the two CLIP key layouts.
+
+    transformers 4.x names the keys "text_model.encoder...", 5.x "encoder..."; loading one into the other
+    non-strictly loads nothing and keeps the base weights without a word. Old files also carry a
+    "position_ids" buffer that newer models no longer have.
+    """
+    wanted = set(text_encoder.state_dict())
+    prefix = "text_model."
+    if not wanted & set(weights):
+        if all(key.startswith(prefix) for key in weights):
+            weights = {key.removeprefix(prefix): value for key, value in weights.items()}
+        elif all(key.startswith(prefix) for key in wanted):
+            weights = {prefix + key: value for key, value in weights.items()}
+    weights = {key: value for key, value in weights.items() if key in wanted or not key.endswith("position_ids")}
+    try:
+        text_encoder.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        missing = sorted(wanted - set(weights))
+        unexpected = sorted(set(weights) - wanted)
+        detail = "; ".join(part for part in (
+            f"missing {len(missing)} (e.g. {missing[0]})" if missing else "",
+            f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "") if part)
+        raise TrainingError(f"The text encoder weights in {where} do not fit this model ({detail or error}): they "
+                            "were saved from another model. Resume with the --model the checkpoint was trained "
+                            "from, or train without --resume.") from None
 
 
 def require_finite_weights(models, what: str, output_dir: str | Path) -> None:
@@ -300,12 +341,32 @@ def load_checkpoint(path: Path, state: TrainingState) -> int:
             if not (path / "text_encoder").is_dir():
                 raise TrainingError(f"{path} has no text encoder weights: it was saved without "
                                     "--train-text-encoder. Resume with --no-train-text-encoder.")
-            text_encoder.load_state_dict(_load_folder_weights(path / "text_encoder"), strict=False)
-    state.optimizer.load_state_dict(_load_plain_data(path / "optimizer.pt"))
+            load_text_encoder_weights(text_encoder, _load_folder_weights(path / "text_encoder"), path / "text_encoder")
+    # The planner may have chosen the other optimizer step this session (speedups.optimizer_state_for).
+    optimizer = getattr(state.optimizer, "optimizer", state.optimizer)  # inside accelerate's wrapper
+    saved = _load_plain_data(path / "optimizer.pt")
+    try:
+        state.optimizer.load_state_dict(optimizer_state_for(optimizer, saved))
+    except (KeyError, TypeError, StopIteration, ValueError) as error:
+        raise TrainingError(f"{path}'s optimizer state does not fit this run's optimizer ({type(error).__name__}: "
+                            f"{error}). Resume with the settings it was saved with (its state.json lists them), or "
+                            "train without --resume.") from None
     state.lr_scheduler.load_state_dict(_load_plain_data(path / "lr_scheduler.pt"))
     if state.scaler is not None and (path / "scaler.pt").is_file():
         state.scaler.load_state_dict(_load_plain_data(path / "scaler.pt"))
+    _carry_loss_scale(path, state, optimizer, saved)
     return int(info["step"])
+
+
+def _carry_loss_scale(path: Path, state: TrainingState, optimizer, saved: dict) -> None:
+    """After a switch between the plain step and the step inside backward, keep the fp16 loss scale the run had
+    settled on: the plain step keeps it in the accelerator's GradScaler (scaler.pt), StepInBackward in its own
+    state. A fresh scale would overflow again for a few steps."""
+    if getattr(optimizer, "loss_scale", None) is not None and "inner" not in saved and (path / "scaler.pt").is_file():
+        optimizer.loss_scale = float(_load_plain_data(path / "scaler.pt")["scale"])
+    elif state.scaler is not None and saved.get("loss_scale") is not None and not (path / "scaler.pt").is_file():
+        state.scaler.load_state_dict({"scale": float(saved["loss_scale"]), "growth_factor": 2.0, "backoff_factor": 0.5,
+                                      "growth_interval": 2000, "_growth_tracker": int(saved.get("clean_steps", 0))})
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
@@ -440,6 +501,8 @@ def plan_checkpoints(config, free_bytes: int, size=None, *, steps: int) -> Check
     else:
         trainable = size.unet + (size.text_encoder if text_trains else 0)
         model = 4 * (size.unet + size.text_encoder + size.vae)  # a diffusers folder, every part in fp32
+        if config.safety_checker and size.unet > 10**8:  # an SD-sized base: its safety checker is kept
+            model += SD1_SAFETY_CHECKER_BYTES
     one = checkpoint_bytes(trainable, lora=config.lora, eight_bit_adam=config.use_8bit_adam)
     # PNGs of generated images: about 2 bytes a pixel (class images, and a round of samples every sample_every).
     resolution = config.resolution or size.native_resolution

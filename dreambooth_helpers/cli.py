@@ -138,6 +138,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from .training import train
 
     result = train(_config_from_args(args))
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch, one process reports for all
+        return 0
     print(f"\nTrained model: {result.output_dir}")
     if result.sample_images:
         print(f"Sample images: {Path(result.sample_images[-1]).parent}")
@@ -188,17 +190,28 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=SCHEDULERS,
                    help=f"Sampler (default {DEFAULT_SCHEDULER}: DPM-Solver++, good in ~25 steps).")
     _add_memory_savers(p)
+    _add_safety_switch(p)
     p.add_argument("--grid", action="store_true", help=f"Also save all images as one {GRID_FILE}.")
     p.add_argument("--out", required=True, help="Folder for the PNGs.")
     p.set_defaults(run=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from .inference import image_grid, load_generator, save_images
+    from .inference import check_generation_settings, image_grid, load_generator, save_images
+    from .output_paths import check_output_folder
 
+    # Everything the user typed is checked before the model loads (minutes for SD on a CPU or a cold Colab).
+    check_output_folder(args.out)
+    if args.grid and Path(args.out, GRID_FILE).is_dir():
+        raise ConfigError(f"--grid: {Path(args.out, GRID_FILE)} is a folder, so the grid cannot be saved there. "
+                          "Move it away or choose another --out.")
+    check_generation_settings(args.prompt, num_images=args.num_images, steps=args.steps, guidance_scale=args.guidance,
+                              seed=args.seed, width=args.width, height=args.height)
     generator = load_generator(args.model, args.lora, scheduler=args.scheduler,
                                attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
-                               progress_bar=True)
+                               progress_bar=True, safety_checker=args.safety_checker)
+    if generator.safety_note:
+        print(generator.safety_note, file=sys.stderr)
     results = generator.generate(args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
                                  steps=args.steps, guidance_scale=args.guidance, seed=args.seed, width=args.width,
                                  height=args.height)
@@ -209,6 +222,12 @@ def _run_generate(args: argparse.Namespace) -> int:
         image_grid([r.image for r in results]).save(grid_path)
         print(grid_path)
     return 0
+
+
+def _add_safety_switch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-safety-checker", dest="safety_checker", action="store_false",
+                   help="Do not filter images with the model's safety checker (it blacks out images it flags as "
+                        "NSFW); the output then says they are unfiltered.")
 
 
 def _add_memory_savers(p: argparse.ArgumentParser) -> None:
@@ -229,6 +248,7 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--port", type=int, default=7860, help="Port (default 7860; 0 picks a free one).")
     p.add_argument("--auth", help="USER:PASS required to open the page and call the API.")
     _add_memory_savers(p)
+    _add_safety_switch(p)
     p.set_defaults(run=_run_demo)
 
 
@@ -236,8 +256,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import launch_demo, parse_auth
 
     demo = launch_demo(args.model, lora=args.lora, share=args.share, host=args.host, port=args.port,
-                       auth=parse_auth(args.auth) if args.auth else None, block=True,
-                       attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling)
+                       auth=parse_auth(args.auth) if args.auth is not None else None, block=True,
+                       attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
+                       safety_checker=args.safety_checker)
     demo.close()
     return 0
 
@@ -283,7 +304,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(subparsers) -> None:
-    from .evaluation import DEFAULT_ENCODERS, ENCODER_CHOICES, KIND_CHOICES
+    from .evaluation import DEFAULT_CLASS_SAMPLES, DEFAULT_ENCODERS, DISTANCE_CHOICES, ENCODER_CHOICES, KIND_CHOICES
     from .inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     p = subparsers.add_parser("evaluate", help="Score a trained model with the DreamBooth paper's metrics.",
@@ -312,6 +333,12 @@ def _add_evaluate(subparsers) -> None:
                    "encoders that test the pipeline and give meaningless numbers.")
     p.add_argument("--checkpoints", action="store_true",
                    help="Score each checkpoint in MODEL/checkpoints and the final model, plot, recommend one.")
+    p.add_argument("--class-samples", type=int, default=DEFAULT_CLASS_SAMPLES,
+                   help="Images of the class prompt from this model and its base model, for DIV and PRES before and "
+                   f"after (what prior preservation protects; default {DEFAULT_CLASS_SAMPLES}, 0 skips).")
+    p.add_argument("--diversity-distance", default="auto", choices=DISTANCE_CHOICES,
+                   help="DIV's distance: lpips (the paper's; needs the lpips package and a download), histogram-ssim "
+                   "(offline stand-in), auto: LPIPS when it loads, else the stand-in.")
     p.add_argument("--out", help="Folder for the report (default: MODEL/evaluation).")
     _add_memory_savers(p)
     p.set_defaults(run=_run_evaluate)
@@ -336,7 +363,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if out is None:
         raise ConfigError("--out is needed when --model is not a local folder: where to write the report.")
     report = evaluate_model(args.model, args.class_noun, lora=args.lora,
-                            images_per_prompt=args.images_per_prompt or 4, output_dir=out, **common)
+                            images_per_prompt=args.images_per_prompt or 4, output_dir=out,
+                            class_samples=args.class_samples, diversity_distance=args.diversity_distance, **common)
     print(report.to_markdown())
     print(f"Report: {report.markdown_path}\nJSON: {report.json_path}\nGrid: {report.grid_path}")
     return 0

@@ -27,6 +27,7 @@ from .subject import (
     RECIPES,
     SUBJECT_KINDS,
     TOY_LEARNING_RATES,
+    TOY_TEXT_ENCODER_SHARE,
     default_learning_rate,
     default_steps,
     recipe,
@@ -50,16 +51,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "settings": {},
     },
     "t4-lora": {
-        "description": "T4, LoRA rank 8 on UNet and text encoder: small files (~6 MB), faster, less memory.",
+        "description": "T4, LoRA rank 8 on UNet and text encoder: small files (~9 MB), faster, less memory.",
         "settings": {"lora": True, "lora_rank": 8, "gradient_checkpointing": False},
     },
     "low-memory": {
-        "description": "8 GB cards: full UNet + text encoder with every memory saving on, including the optimizer "
-                       "step inside backward (which rules out gradient clipping).",
+        # A full fine-tune cannot fit 8 GB by the planner's own estimate: fp32 UNet + text encoder weights
+        # (3.7 GiB) and 8-bit Adam states (1.8 GiB) leave too little for two images' activations (~9.2 GiB
+        # reserved with every saving on). LoRA on the fp16 base needs ~4.5 GiB, so 8 GB cards train LoRA;
+        # `--no-lora` keeps every saving for a full fine-tune on 10-12 GB cards.
+        "description": "8 GB cards (fits in 6.5 GiB): LoRA rank 8 on UNet and text encoder with every memory saving "
+                       "on (gradient checkpointing, the optimizer step inside backward, so no gradient clipping); "
+                       "--no-lora: a full fine-tune with the same savings for 10-12 GB cards (~9.2 GiB).",
         # max_grad_norm 0: clipping needs every gradient at once, the very thing the step inside backward avoids.
         # Adam already bounds each weight's step by its learning rate; DreamBooth's rates are small.
-        "settings": {"gradient_checkpointing": True, "use_8bit_adam": True, "cache_latents": True,
-                     "class_images_batch_size": 1, "memory_plan": "smallest", "max_grad_norm": 0.0},
+        "settings": {"lora": True, "lora_rank": 8, "gradient_checkpointing": True, "use_8bit_adam": True,
+                     "cache_latents": True, "class_images_batch_size": 1, "memory_plan": "smallest",
+                     "max_grad_norm": 0.0},
     },
     "large-gpu": {
         "description": "24 GB+ (A100, L4, 3090/4090): no gradient checkpointing, bf16 where supported, batch 2.",
@@ -124,7 +131,8 @@ _LEARNING_RATE_HELP = (
 _TEXT_ENCODER_LEARNING_RATE_HELP = (
     "Text encoder learning rate (default: the UNet's for a full fine-tune; with --lora, "
     + ("half" if LORA_TEXT_ENCODER_SHARE == 0.5 else f"{LORA_TEXT_ENCODER_SHARE:g} times")
-    + " the UNet's, because text adapters drift fastest)."
+    + f" the UNet's, because text adapters drift fastest; for the toy model {TOY_TEXT_ENCODER_SHARE:g} times "
+    "the UNet's, which keeps the class prompt varied)."
 )
 _CLASS_IMAGES_HELP = (
     f"How many class images prior preservation generates (default: {_CLASS_IMAGES_PER_KIND}"
@@ -174,6 +182,8 @@ class TrainConfig:
     crop: str = setting("center", "center: crop each photo to a square; pad: keep the whole photo and pad it.", DATA,
                         choices=CROP_MODES)
     random_flip: bool = setting(False, "Mirror images at random; not for asymmetric subjects or text.", DATA)
+    remove_bars: bool = setting(False, "Crop flat letterbox/pillarbox bars off each photo before the square crop; "
+                                "the dataset doctor reports photos that have them.", DATA)
 
     # Prior preservation: generated class images keep the model's idea of the class intact.
     with_prior_preservation: bool = setting(True, "Train on generated class images too, so the model keeps knowing "
@@ -204,7 +214,8 @@ class TrainConfig:
                                        WEIGHTS)
     stop_text_encoder_training_at: int | None = setting(None, "Freeze the text encoder after this many steps.",
                                                         WEIGHTS)
-    lora: bool = setting(False, "Train small LoRA adapters instead of all weights: ~6 MB output, less memory.",
+    lora: bool = setting(False, "Train small LoRA adapters instead of all weights: ~9 MB output at rank 8, less "
+                         "memory.",
                          WEIGHTS)
     lora_rank: int = setting(4, "LoRA rank; 8-32 for harder subjects.", WEIGHTS)
     lora_alpha: int | None = setting(None, "LoRA scale numerator (default: equal to --lora-rank).", WEIGHTS)
@@ -240,6 +251,9 @@ class TrainConfig:
                                         "instance prompt).", OUTPUTS, flag="--sample-prompt")
     sample_steps: int = setting(20, "Denoising steps per sample image.", OUTPUTS)
     sample_seed: int = setting(1234, "Seed of the sample images, the same at every step so they compare.", OUTPUTS)
+    safety_checker: bool = setting(True, "Keep the base model's safety checker in the saved model (+1.2 GB): it "
+                                   "blacks out images it flags as NSFW, sometimes harmless ones. Off: the model is "
+                                   "saved without it, unfiltered, and diffusers warns whoever loads it.", OUTPUTS)
 
     # ------------------------------------------------------------------ construction
 
@@ -281,7 +295,7 @@ class TrainConfig:
         """As given; else the UNet's rate (given or the recipe's) times the text encoder's share of it."""
         if self.text_encoder_learning_rate is not None:
             return self.text_encoder_learning_rate
-        return self.effective_learning_rate * text_encoder_share(self.lora)
+        return self.effective_learning_rate * text_encoder_share(self.lora, toy_model=self.model == TOY_MODEL)
 
     @property
     def effective_num_class_images(self) -> int:

@@ -373,9 +373,70 @@ def require_usable(report: DatasetReport) -> DatasetReport:
 # ---------------------------------------------------------------------------- preparing
 
 
-def prepare_image(image: Image.Image, resolution: int, crop: str = "center") -> Image.Image:
-    """A square `resolution` RGB image: centre-cropped, or padded with white to keep the whole photo."""
+BAR_TOLERANCE = 12  # 0-255: how far a pixel may stray from the bar's colour (JPEG noise on a flat bar)
+MIN_BAR_FRACTION = 0.02  # of the side: thinner uniform edges are a frame line, not a letterbox
+
+
+def find_bars(image: Image.Image) -> tuple[int, int, int, int]:
+    """The part of `image` inside letterbox/pillarbox bars, as a (left, top, right, bottom) pixel box.
+
+    A bar is a run of edge rows (or columns) of one flat colour whose end is a sharp edge across most of the
+    frame. That last condition keeps a plain studio backdrop, which fades into the subject only where the
+    subject is, from counting as a bar. The whole image is returned when there are none.
+    """
+    rgb = image.convert("RGB")
+    scale = min(1.0, 256 / max(rgb.size))
+    small = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.Resampling.BOX)
+    pixels = np.asarray(small, dtype=np.int16)
+
+    def flat_run(lines: np.ndarray) -> tuple[int, float, np.ndarray]:
+        """(depth of the run of flat lines at this edge, share of the next line that differs from it, its colour);
+        `lines` is (n_lines, length, 3), the first line at the frame's edge."""
+        length = len(lines)
+        colour = np.median(lines[0], axis=0)
+        lines = lines[:int(0.45 * length) + 3]  # a bar deeper than 45% of the frame is not a bar
+        off = np.abs(lines - colour).max(axis=2) > BAR_TOLERANCE  # (n_lines, length): pixels not of the bar
+        flat = off.mean(axis=1) <= 0.01
+        depth = int(np.argmin(flat)) if not flat.all() else len(lines)
+        if depth < MIN_BAR_FRACTION * length or depth > 0.45 * length:
+            return 0, 0.0, colour
+        # The line after the bar (or the one after a blended line) differs from the bar nearly all across: a
+        # photo starts there. A backdrop changes only where the subject is, so it is no bar.
+        return depth, float(off[depth:depth + 2].mean(axis=1).max()), colour
+
+    def pair(first: np.ndarray, second: np.ndarray) -> tuple[int, int]:
+        """Bars at two opposite edges. One with a clear edge makes its twin believable without one (a photo dark
+        at one side meets a black bar there softly), if the twin is as deep and of the same colour."""
+        (depth_a, edge_a, colour_a), (depth_b, edge_b, colour_b) = flat_run(first), flat_run(second)
+        twins = abs(depth_a - depth_b) <= 2 and np.abs(colour_a - colour_b).max() <= BAR_TOLERANCE
+        keep_a = edge_a >= 0.8 or (twins and edge_b >= 0.8)
+        keep_b = edge_b >= 0.8 or (twins and edge_a >= 0.8)
+        return depth_a if keep_a else 0, depth_b if keep_b else 0
+
+    top, bottom = pair(pixels, pixels[::-1])
+    left, right = pair(pixels.transpose(1, 0, 2), pixels.transpose(1, 0, 2)[::-1])
+    # Back to full size, one small pixel further in: the resized edge line is a blend of bar and photo.
+    def inward(depth: int) -> int:  # full-size pixels to cut at an edge: none where there is no bar
+        return round((depth + 1) / scale) if depth else 0
+
+    box = (inward(left), inward(top), image.width - inward(right), image.height - inward(bottom))
+    return box if box[2] > box[0] and box[3] > box[1] else (0, 0, image.width, image.height)
+
+
+def trim_bars(image: Image.Image) -> Image.Image:
+    """`image` without its letterbox/pillarbox bars (unchanged when it has none)."""
+    box = find_bars(image)
+    return image if box == (0, 0, image.width, image.height) else image.crop(box)
+
+
+def prepare_image(image: Image.Image, resolution: int, crop: str = "center", remove_bars: bool = False) -> Image.Image:
+    """A square `resolution` RGB image: centre-cropped, or padded with white to keep the whole photo.
+
+    `remove_bars` first crops away letterbox/pillarbox bars (`find_bars`), which the model would otherwise learn.
+    """
     image = image.convert("RGB")
+    if remove_bars:
+        image = trim_bars(image)
     if crop == "pad":
         fitted = ImageOps.contain(image, (resolution, resolution), Image.Resampling.LANCZOS)
         canvas = Image.new("RGB", (resolution, resolution), (255, 255, 255))

@@ -1,32 +1,41 @@
 """A web demo for a trained model: a Gradio page plus a small REST API, from one process.
 
-`launch_demo(model)` starts the server at once and loads the model in the background (the page
-says so while it loads), exactly once per process. Requests from the page and the API share one
-queue: a second user waits for the first instead of running two generations on one GPU.
+`launch_demo(model)` checks what it can (model reference, LoRA, address, auth), starts the server and
+loads the model in the background (the page says so while it loads), exactly once per process. The
+command line waits for that load and stops with the reason when it fails.
+
+One queue, first come first served: the page and the REST API put their requests into the same FIFO,
+which one worker thread serves, so a second user waits for the first instead of running two
+generations on one GPU, and the page shows how many requests (from either side) are ahead.
 
 REST API, beside the page on the same port (and through the share link):
 
-    GET  /api/health    -> {"status": "loading" | "ready" | "failed", "model": ..., "message": ...}
+    GET  /api/health    -> {"status": "loading" | "ready" | "failed", "model": ..., "queue": ..., "message": ...}
     POST /api/generate  {"prompt": "...", "negative_prompt": "", "steps": 25, "guidance": 7.5,
                          "seed": 1234 or null, "num_images": 1, "width": null, "height": null}
                         -> {"images": [{"seed": 1234, "png_base64": "..."}], "seeds": [...], ...}
 
-Files: the demo writes generated images into its own output folder and serves nothing else
-(Gradio's cache is pointed there too).
-
-No `from __future__ import annotations` here: FastAPI reads the request model from the route
-function's annotations, which must be real classes, not strings.
+What a share link shows of the model is its name (a Hub id, or a local folder's name), never a local path.
+Files: the demo writes the page's images into its own output folder (the newest few are kept) and serves
+nothing else (Gradio's cache is pointed there too); the folder goes away on close, Ctrl+C or SIGTERM.
 """
 
+import asyncio
 import base64
+import collections
+import concurrent.futures
 import contextlib
+import dataclasses
 import io
+import ipaddress
 import json
 import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -34,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DreamBoothError
+from .config import TINY_MODEL, TOY_MODEL
+from .errors import ConfigError, DreamBoothError, ModelLoadError
 from .inference import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -45,15 +55,17 @@ from .inference import (
     resolve_model,
     save_images,
 )
-from .models import OFFLINE_RESOLUTIONS, SD_RESOLUTION
+from .models import OFFLINE_RESOLUTIONS, SD15_RANDOM, SD_RESOLUTION
 
 logger = logging.getLogger(__name__)
 RANDOM_SEED = "random"
+BUILT_IN_MODELS = (TINY_MODEL, TOY_MODEL, SD15_RANDOM)
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 
 
 @dataclass(frozen=True)
 class DemoLimits:
-    """Bounds on what one request may ask for, so a public link cannot exhaust the GPU."""
+    """Bounds on what one request may ask for, so a public link cannot exhaust the GPU or the disk."""
 
     max_prompt_chars: int = 500
     max_steps: int = 100
@@ -62,6 +74,7 @@ class DemoLimits:
     max_resolution: int | None = None  # None: 1.5x the model's resolution (768 for SD 1.x)
     max_queue: int = 32  # requests waiting beyond this are turned away ("busy, try again")
     max_request_bytes: int = 64 * 1024  # a request carries a prompt, not a file
+    max_saved_images: int = 200  # the page's images kept on disk; older ones are deleted
 
 
 def parse_auth(text: str) -> tuple[str, str]:
@@ -76,6 +89,8 @@ def parse_seed(value: Any) -> int | None:
     """A seed from a form field: "random" or empty -> None (pick one), else a whole number."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", RANDOM_SEED)):
         return None
+    if isinstance(value, bool):  # True is an int to Python, not a seed to a user
+        raise ConfigError(f'Seed {value!r} is not a whole number; give a number or "random".')
     try:
         seed = int(str(value).strip())
     except ValueError:
@@ -83,29 +98,168 @@ def parse_seed(value: Any) -> int | None:
     return seed
 
 
+# ---------------------------------------------------------------------------- checks before serving
+
+
+def _looks_like_local_path(reference: str) -> bool:
+    # A Hub id is exactly OWNER/NAME; anything else that is not a folder here was meant as a path.
+    return reference.startswith((".", "/", "~")) or "\\" in reference or reference.count("/") != 1
+
+
+def display_name(reference: str | None) -> str | None:
+    """What the page, the API and PNG metadata show for a model or LoRA: a Hub id or built-in name as given,
+    a local file or folder by its name only, so a share link never reveals where things live on this machine."""
+    if reference is None or reference in BUILT_IN_MODELS:
+        return reference
+    path = Path(reference).expanduser()
+    if path.exists():
+        return path.resolve().name or reference
+    if _looks_like_local_path(reference):
+        return path.name or "model"
+    return reference
+
+
+def check_model_reference(model: str) -> None:
+    """Refuse a --model that cannot load, as far as that is known without loading it (no network)."""
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError("--model is empty: give a trained output folder, a Hub id or \"toy\".")
+    if model in BUILT_IN_MODELS or Path(model).expanduser().exists():
+        return
+    if _looks_like_local_path(model):
+        raise ModelLoadError(f"--model {model!r}: no such file or folder. Check the path (the output folder of "
+                             "`train`), or give a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5.")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise ModelLoadError(f"--model {model!r} is neither a file or folder here nor a valid Hub id "
+                             "(OWNER/NAME with letters, digits, '-', '_' and '.').") from None
+
+
+def check_address(host: str, port: int | None) -> None:
+    """Refuse a --host or --port that cannot be listened on, before anything starts."""
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+        raise ConfigError(f"--port must be from 1 to 65535, or 0 for any free port (got {port!r}).")
+    try:
+        socket.getaddrinfo(host, port or None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, TypeError):
+        raise ConfigError(f"--host {host!r} is not an address of this machine. Use 127.0.0.1 (only this "
+                          "machine) or 0.0.0.0 (every network it is on).") from None
+
+
+def check_auth_pair(auth: Any) -> None:
+    if auth is None:
+        return
+    if (not isinstance(auth, (tuple, list)) or len(auth) != 2 or not all(isinstance(a, str) and a for a in auth)
+            or ":" in auth[0]):
+        raise ConfigError("auth must be a (user, password) pair of non-empty strings, the user without ':' "
+                          "(--auth USER:PASS).")
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def public_without_auth_warning(host: str, shared: bool, auth: Any) -> str | None:
+    """The warning for a demo anyone who finds it can use (and spend this GPU on), or None."""
+    if auth is not None:
+        return None
+    if shared:
+        where = "anyone with its public share link"
+    elif not is_loopback(host):
+        where = f"every network this machine is on (--host {host})"
+    else:
+        return None
+    return (f"warning: the demo is open to {where} without a password: anyone who finds it can generate "
+            "images on this GPU. Add --auth USER:PASS (launch_demo(..., auth=(user, password))) to require one.")
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    """Ctrl+C and SIGTERM do nothing inside this block (main thread only; elsewhere they never arrive)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _wait_interruptibly(event: threading.Event) -> None:
+    # Short waits keep Ctrl+C and SIGTERM (turned into KeyboardInterrupt) prompt in the main thread.
+    while not event.wait(0.25):
+        pass
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """Inside this block SIGTERM (kill, a container or service stopping) stops the demo as Ctrl+C does,
+    so the cleanup that follows Ctrl+C runs too. Only the main thread can install signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ---------------------------------------------------------------------------- the model, held once
 
 
+@dataclass(eq=False)
+class DemoJob:
+    """One request in the demo's queue: its settings, and the future its images (or its error) arrive in."""
+
+    settings: dict[str, Any]
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
 class DemoService:
-    """Owns the one model of a demo process: loads it (in the background), checks requests, generates."""
+    """Owns the one model of a demo process: loads it (in the background), checks requests, and serves them
+    first come, first served from one queue with one worker thread, whoever sent them (page or REST)."""
 
     def __init__(self, model: str, lora: str | None = None, *, limits: DemoLimits | None = None,
                  output_dir: str | Path | None = None, generator_options: dict[str, Any] | None = None):
         self.model, self.lora = model, lora
         self.limits = limits or DemoLimits()
         # Reading the training summary is cheap; the example prompts are shown before the model loads.
-        _, _, self.summary = resolve_model(model, lora)
+        self.base_model, self.lora_path, self.summary = resolve_model(model, lora)
+        self.model_name = display_name(model)
+        self.lora_name = display_name(lora)
         self.owns_output_dir = output_dir is None
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="dreambooth-demo-")).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.share_url: str | None = None  # set once the server runs; the page's API help links to it
         self._generator_options = generator_options or {}
         self._generator: Generator | None = None
         self._load_error: str | None = None
         self._loaded = threading.Event()
         self._load_started = threading.Lock()
         self._load_thread: threading.Thread | None = None
-        self._waiting = 0
-        self._waiting_lock = threading.Lock()
+        # The queue: waiting jobs in arrival order, the one running, and the condition guarding both.
+        self._jobs: collections.deque[DemoJob] = collections.deque()
+        self._running: DemoJob | None = None
+        self._jobs_changed = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self._saved: collections.deque[Path] = collections.deque()
+        self._saved_lock = threading.Lock()
+        self._saves = 0
 
     # -- loading
 
@@ -119,10 +273,10 @@ class DemoService:
         try:
             self._generator = load_generator(self.model, self.lora, **self._generator_options)
         except DreamBoothError as error:
-            self._load_error = str(error)
+            self._load_error = self.redact(str(error))
         except Exception as error:  # any failure must reach the page, not die in a thread
             logger.exception("Loading the demo model failed")
-            self._load_error = f"{type(error).__name__}: {error}"
+            self._load_error = self.redact(f"{type(error).__name__}: {error}")
         finally:
             self._loaded.set()
 
@@ -131,8 +285,24 @@ class DemoService:
         if not self._loaded.wait(timeout):
             raise DreamBoothError("The model is still loading; try again in a moment.")
         if self._generator is None:
-            raise DreamBoothError(f"The model could not be loaded: {self._load_error}")
+            raise ModelLoadError(f"The model could not be loaded: {self._load_error}")
         return self._generator
+
+    def redact(self, text: str) -> str:
+        """`text` with the local paths of the model and LoRA replaced by their names (messages reach the page)."""
+        replacements: dict[str, str] = {}
+        for reference in (self.model, self.lora, self.base_model, self.lora_path):
+            if not reference or reference in BUILT_IN_MODELS:
+                continue
+            name = display_name(reference) or ""
+            path = Path(reference).expanduser()
+            for form in {reference, str(path), str(path.resolve()) if path.exists() else str(path.absolute())}:
+                if form != name:
+                    replacements[form] = name
+        for form in sorted(replacements, key=len, reverse=True):  # longest first: a path before its prefix
+            text = text.replace(form, replacements[form])
+        home = str(Path.home())
+        return text.replace(home, "~") if len(home) > 1 else text
 
     @property
     def state(self) -> str:
@@ -153,23 +323,24 @@ class DemoService:
         return (self.resolution * 3 // 2) // 8 * 8
 
     def health(self) -> dict[str, Any]:
-        return {"status": self.state, "model": self.model, "lora": self.lora, "resolution": self.resolution,
-                "message": self.status_text(), "limits": self.limits.__dict__ | {"max_resolution":
-                                                                                   self.max_resolution}}
+        return {"status": self.state, "model": self.model_name, "lora": self.lora_name, "resolution": self.resolution,
+                "queue": self.queue_counts(), "message": self.status_text(),
+                "limits": self.limits.__dict__ | {"max_resolution": self.max_resolution}}
 
     def status_text(self) -> str:
-        name = f"`{self.model}`" + (f" + LoRA `{self.lora}`" if self.lora else "")
+        name = f"`{self.model_name}`" + (f" + LoRA `{self.lora_name}`" if self.lora else "")
         if self.state == "loading":
             return f"Loading {name}... The first load can take a few minutes while the weights download."
         if self.state == "failed":
             return f"The model could not be loaded: {self._load_error}"
         device = self._generator.device if self._generator else "?"
-        return f"Ready: {name} on {device}, {self.resolution} px. Type a prompt and press Generate."
+        unfiltered = f" **{self._generator.safety_note}**" if self._generator and self._generator.safety_note else ""
+        return f"Ready: {name} on {device}, {self.resolution} px. Type a prompt and press Generate.{unfiltered}"
 
     def example_prompts(self) -> list[str]:
         return example_prompts(self.summary)
 
-    # -- generating
+    # -- the queue
 
     def check_request(self, prompt: str, negative_prompt: str, steps: int, guidance: float, num_images: int,
                       width: int | None, height: int | None) -> None:
@@ -181,53 +352,154 @@ class DemoService:
             if len(text) > limits.max_prompt_chars:
                 raise ConfigError(f"The {name} is {len(text)} characters; this demo takes at most "
                                   f"{limits.max_prompt_chars}.")
-        if not isinstance(steps, int) or not 1 <= steps <= limits.max_steps:
+        if not _is_whole(steps) or not 1 <= steps <= limits.max_steps:
             raise ConfigError(f"steps must be from 1 to {limits.max_steps} in this demo (got {steps!r}).")
-        if not isinstance(num_images, int) or not 1 <= num_images <= limits.max_images:
+        if not _is_whole(num_images) or not 1 <= num_images <= limits.max_images:
             raise ConfigError(f"num_images must be from 1 to {limits.max_images} in this demo (got {num_images!r}).")
-        if not 0.0 <= float(guidance) <= limits.max_guidance:
+        if isinstance(guidance, bool) or not 0.0 <= float(guidance) <= limits.max_guidance:
             raise ConfigError(f"guidance must be from 0 to {limits.max_guidance:g} (got {guidance!r}).")
         for name, size in (("width", width), ("height", height)):
-            if size is not None and (not isinstance(size, int) or not 8 <= size <= self.max_resolution):
+            if size is not None and (not _is_whole(size) or not 8 <= size <= self.max_resolution):
                 raise ConfigError(f"{name} must be from 8 to {self.max_resolution} px in this demo (got {size!r}).")
+
+    def submit(self, prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
+               guidance: float = DEFAULT_GUIDANCE, seed: int | None = None, num_images: int = 1,
+               width: int | None = None, height: int | None = None) -> DemoJob:
+        """Check a request and put it at the end of the queue; its images arrive in `job.future`."""
+        self.check_request(prompt, negative_prompt, steps, guidance, num_images, width, height)
+        job = DemoJob(dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance,
+                           seed=seed, num_images=num_images, width=width, height=height))
+        with self._jobs_changed:
+            if self._closed:
+                raise DreamBoothError("The demo is shutting down.")
+            if len(self._jobs) + (self._running is not None) >= self.limits.max_queue:
+                raise DreamBoothError("The demo is busy (too many requests waiting); try again in a minute.")
+            self._jobs.append(job)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="demo-queue", daemon=True)
+                self._worker.start()
+            self._jobs_changed.notify_all()
+        return job
 
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = DEFAULT_STEPS,
                  guidance: float = DEFAULT_GUIDANCE, seed: int | None = None, num_images: int = 1,
                  width: int | None = None, height: int | None = None) -> list[GeneratedImage]:
         """Check, wait for the model and our turn, generate. Raises DreamBoothError with a readable message."""
-        self.check_request(prompt, negative_prompt, steps, guidance, num_images, width, height)
-        with self._waiting_lock:
-            if self._waiting >= self.limits.max_queue:
-                raise DreamBoothError("The demo is busy (too many requests waiting); try again in a minute.")
-            self._waiting += 1
+        job = self.submit(prompt, negative_prompt, steps, guidance, seed, num_images, width, height)
         try:
-            # Running out of GPU memory comes back as a GenerationError whose message says what to change.
-            return self.wait_until_loaded().generate(prompt, negative_prompt=negative_prompt, num_images=num_images,
-                                                     steps=steps, guidance_scale=guidance, seed=seed, width=width,
-                                                     height=height)
+            return job.future.result()
         finally:
-            with self._waiting_lock:
-                self._waiting -= 1
+            self.withdraw(job)
+
+    def ahead_of(self, job: DemoJob) -> int:
+        """How many requests are served before `job`: the running one and those that arrived earlier."""
+        with self._jobs_changed:
+            if job is self._running or job not in self._jobs:
+                return 0
+            return self._jobs.index(job) + (self._running is not None)
+
+    def queue_counts(self) -> dict[str, int]:
+        with self._jobs_changed:
+            return {"running": int(self._running is not None), "waiting": len(self._jobs)}
+
+    def withdraw(self, job: DemoJob) -> None:
+        """Take a job out of the queue if it has not started (its sender left); no-op otherwise."""
+        with self._jobs_changed:
+            if job in self._jobs:
+                self._jobs.remove(job)
+                job.future.cancel()
+
+    def _serve(self) -> None:
+        """The worker: one job at a time, in arrival order, until the service closes."""
+        while True:
+            with self._jobs_changed:
+                while not self._jobs and not self._closed:
+                    self._jobs_changed.wait()
+                if self._closed:
+                    return
+                job = self._running = self._jobs.popleft()
+            try:
+                if job.future.set_running_or_notify_cancel():
+                    try:
+                        job.future.set_result(self._run(job.settings))
+                    except Exception as error:  # the sender shows it; the worker goes on with the next job
+                        job.future.set_exception(error)
+            finally:
+                with self._jobs_changed:
+                    self._running = None
+
+    def _run(self, settings: dict[str, Any]) -> list[GeneratedImage]:
+        # Running out of GPU memory comes back as a GenerationError whose message says what to change.
+        results = self.wait_until_loaded().generate(**settings)
+        # The images carry the model's name, not where it lives here (their metadata travels with them).
+        return [dataclasses.replace(r, model=display_name(r.model), lora=display_name(r.lora)) for r in results]
+
+    # -- files
 
     def save(self, results: list[GeneratedImage]) -> list[Path]:
-        return save_images(results, self.output_dir / "images")
+        """Save the page's images into the output folder, keeping only the newest `limits.max_saved_images`."""
+        with self._saved_lock:
+            self._saves += 1
+            paths = save_images(results, self.output_dir / "images", prefix=f"page{self._saves:06d}")
+            self._saved.extend(paths)
+            while len(self._saved) > self.limits.max_saved_images:
+                self._saved.popleft().unlink(missing_ok=True)
+        return paths
 
     def cleanup(self) -> None:
+        with self._jobs_changed:
+            self._closed = True
+            for job in self._jobs:
+                job.future.cancel()
+            self._jobs.clear()
+            self._jobs_changed.notify_all()
         if self.owns_output_dir:
             shutil.rmtree(self.output_dir, ignore_errors=True)
 
 
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # ---------------------------------------------------------------------------- the page
 
+PAGE_ADDRESS = "http://ADDRESS-OF-THIS-PAGE"
 
-def build_ui(service: DemoService):
-    """The Gradio Blocks page: inputs bounded by the service's limits, a gallery, a status line."""
+
+def api_help(service: DemoService, base_url: str = PAGE_ADDRESS, auth: bool = False) -> str:
+    """The page's "REST API" section: a curl line that works as shown (the address is filled in on load)."""
+    base_url = base_url.rstrip("/")
+    prompt = service.example_prompts()[0]
+    user = " -u USER:PASS" if auth else ""
+    # The body goes between single quotes in the shell: a quote inside the prompt must close and reopen them.
+    body = json.dumps({"prompt": prompt, "steps": DEFAULT_STEPS, "seed": 1234, "num_images": 1}).replace("'", "'\\''")
+    return (
+        "Scripts can use this model over HTTP; their requests wait in the same queue as this page's.\n\n"
+        f"```bash\ncurl -s{user} -X POST {base_url}/api/generate -H 'Content-Type: application/json' \\\n"
+        f"     -d '{body}'\n```\n\n"
+        f"The answer is JSON: `images` (each a `seed` and a base64 `png_base64`), `seeds`, and the settings used. "
+        f"Optional fields: `negative_prompt`, `guidance`, `width`, `height`, `seed` (`null` for a random one). "
+        f"`GET {base_url}/api/health` says whether the model is ready and how many requests wait."
+    )
+
+
+def _page_address(request: Any) -> str:
+    """The address the visitor opened the page at (behind a proxy, the one the proxy says it served)."""
+    headers = getattr(request, "headers", None) or {}
+    host = headers.get("x-forwarded-host") or headers.get("host")
+    scheme = headers.get("x-forwarded-proto") or "http"
+    return f"{scheme}://{host}" if host else PAGE_ADDRESS
+
+
+def build_ui(service: DemoService, auth: bool = False):
+    """The Gradio Blocks page: inputs bounded by the service's limits, a gallery, a status line, API help."""
     import gradio as gr
 
     limits = service.limits
     title = "DreamBooth demo"
     with gr.Blocks(title=title, analytics_enabled=False) as ui:
-        gr.Markdown(f"# {title}\nModel `{service.model}`" + (f" with LoRA `{service.lora}`" if service.lora else ""))
+        gr.Markdown(f"# {title}\nModel `{service.model_name}`"
+                    + (f" with LoRA `{service.lora_name}`" if service.lora else ""))
         status = gr.Markdown(service.status_text(), elem_id="status")
         with gr.Row():
             with gr.Column(scale=1):
@@ -249,70 +521,149 @@ def build_ui(service: DemoService):
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery")
         gr.Examples(examples=[[p] for p in service.example_prompts()], inputs=[prompt], label="Try these")
+        with gr.Accordion("REST API", open=False):
+            api_markdown = gr.Markdown(api_help(service, auth=auth), elem_id="rest-api")
+
+        # The images this visitor sees, so a failed request can leave them in place. (A gr.skip() for the
+        # gallery would make Gradio build a new gallery whose file cache is outside the demo's folder.)
+        shown = gr.State([])
 
         def on_generate(prompt_text, negative_text, steps_value, guidance_value, images_value, size_value,
-                        seed_text):
+                        seed_text, shown_items, progress=gr.Progress()):
+            """Queue the request with the REST API's, say how many are ahead while it waits, then show it."""
             start = time.perf_counter()
+            kept = [item for item in shown_items or [] if Path(item[0]).is_file()]
             try:
-                results = service.generate(
-                    prompt_text, negative_text or "", int(steps_value), float(guidance_value),
-                    parse_seed(seed_text), int(images_value), int(size_value), int(size_value))
+                job = service.submit(prompt_text, negative_text or "", int(steps_value), float(guidance_value),
+                                     parse_seed(seed_text), int(images_value), int(size_value), int(size_value))
+                try:
+                    while True:
+                        progress(None, desc=_queue_text(service.ahead_of(job), int(images_value)))
+                        try:
+                            results = job.future.result(timeout=0.5)
+                            break
+                        except concurrent.futures.TimeoutError:
+                            continue
+                finally:
+                    service.withdraw(job)  # no-op once it ran
             except DreamBoothError as error:
-                return gr.skip(), f"Generation failed: {error}"
+                return kept, f"Generation failed: {error}", kept
             except Exception as error:  # show every failure on the page, keep the traceback in the log
                 logger.exception("Generation failed")
-                return gr.skip(), f"Generation failed ({type(error).__name__}: {error})."
+                return kept, service.redact(f"Generation failed ({type(error).__name__}: {error})."), kept
             paths = service.save(results)
             seeds = ", ".join(str(r.seed) for r in results)
             elapsed = time.perf_counter() - start
-            gallery_items = [(str(path), f"seed {r.seed}") for path, r in zip(paths, results, strict=True)]
-            return gallery_items, f"Done: {len(results)} image(s) in {elapsed:.1f} s, seeds {seeds}."
+            items = [(str(path), f"seed {r.seed}") for path, r in zip(paths, results, strict=True)]
+            return items, f"Done: {len(results)} image(s) in {elapsed:.1f} s, seeds {seeds}.", items
 
-        inputs = [prompt, negative, steps, guidance, num_images, size, seed]
-        gr.on([button.click, prompt.submit], on_generate, inputs=inputs, outputs=[gallery, status],
-              concurrency_limit=1, api_name="generate")
+        inputs = [prompt, negative, steps, guidance, num_images, size, seed, shown]
+        # No concurrency limit here: every request goes straight into the service's one FIFO, which serves
+        # page and REST requests in arrival order (a limit would hold page requests back in a second queue).
+        gr.on([button.click, prompt.submit], on_generate, inputs=inputs, outputs=[gallery, status, shown],
+              concurrency_limit=None, api_name="generate")
 
         # While the model loads, refresh the status line every second; stop once it is ready or failed.
+        # These are the page's own plumbing, hidden from "Use via API" and from API clients.
         timer = gr.Timer(1.0, active=service.state == "loading")
 
         def refresh_status():
             return service.status_text(), gr.Timer(active=service.state == "loading")
 
-        timer.tick(refresh_status, outputs=[status, timer], queue=False, show_progress="hidden")
-        ui.load(refresh_status, outputs=[status, timer], queue=False, show_progress="hidden")
+        def on_page_load(request: gr.Request):
+            address = service.share_url or _page_address(request)
+            return (*refresh_status(), api_help(service, address, auth=auth))
+
+        timer.tick(refresh_status, outputs=[status, timer], queue=False, show_progress="hidden",
+                   api_visibility="private")
+        ui.load(on_page_load, outputs=[status, timer, api_markdown], queue=False, show_progress="hidden",
+                api_visibility="private")
     ui.queue(default_concurrency_limit=1, max_size=limits.max_queue)
     return ui
 
 
+def _queue_text(ahead: int, images: int) -> str:
+    if ahead == 0:
+        return f"Generating {images} image(s)..."
+    return (f"Waiting for your turn: {ahead} request(s) ahead of yours (this page and the REST API share one "
+            "queue, first come, first served).")
+
+
 # ---------------------------------------------------------------------------- the REST API
 
+# What each field of POST /api/generate takes, for the message when a value has the wrong type.
+REQUEST_FIELDS = {
+    "prompt": "a string", "negative_prompt": "a string", "steps": "a whole number", "guidance": "a number",
+    "seed": 'a whole number, "random" or null', "num_images": "a whole number",
+    "width": "a whole number or null", "height": "a whole number or null",
+}
 
-def add_rest_api(app, service: DemoService, auth: tuple[str, str] | None = None) -> None:
-    """Add GET /api/health and POST /api/generate to a FastAPI app (Gradio's own, or any other)."""
-    from fastapi import APIRouter, Depends, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
-    from pydantic import BaseModel, Field
+
+def _request_model():
+    """The body of POST /api/generate. Strict: true is not a number and "5" is not a whole number, as
+    JSON means them; unknown fields are refused rather than ignored (a typo would silently do nothing)."""
+    from pydantic import BaseModel, ConfigDict
 
     class GenerateRequest(BaseModel):
+        model_config = ConfigDict(strict=True, extra="forbid")
+
         prompt: str
         negative_prompt: str = ""
         steps: int = DEFAULT_STEPS
         guidance: float = DEFAULT_GUIDANCE
-        seed: int | str | None = Field(default=None, description='a number, or null / "random"')
+        seed: int | str | None = None  # a number, or null / "random"
         num_images: int = 1
         width: int | None = None
         height: int | None = None
 
-    basic = HTTPBasic(auto_error=False)
+    return GenerateRequest
 
-    def check_auth(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
-        if auth is None:
-            return
-        valid = credentials is not None and secrets.compare_digest(credentials.username, auth[0]) \
-            and secrets.compare_digest(credentials.password, auth[1])
-        if not valid:
+
+def request_errors_text(error, body: Any) -> str:
+    """One readable sentence per wrong field of a pydantic ValidationError, naming what the field takes."""
+    problems: dict[str, str] = {}
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else "body"
+        if item["type"] == "missing":
+            problems[name] = f"{name} is missing"
+        elif item["type"] == "extra_forbidden":
+            problems[name] = f"unknown field {name!r} (the fields are: {', '.join(REQUEST_FIELDS)})"
+        elif name in REQUEST_FIELDS:
+            got = json.dumps(body.get(name)) if isinstance(body, dict) else "?"
+            problems[name] = f"{name} must be {REQUEST_FIELDS[name]} (got {got})"
+        else:
+            problems[name] = f"{name}: {item['msg']}"
+    return "; ".join(problems.values()) + "."
+
+
+def _credentials_match(header: str | None, auth: tuple[str, str]) -> bool:
+    """Whether an `Authorization: Basic ...` header carries `auth`, compared as UTF-8 bytes in constant time
+    (non-ASCII users and passwords work; nothing here can raise on what a client sends)."""
+    scheme, _, encoded = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        sent = base64.b64decode(encoded.strip(), validate=True)
+    except ValueError:
+        return False
+    user, sep, password = sent.partition(b":")
+    user_ok = secrets.compare_digest(user, auth[0].encode("utf-8"))
+    password_ok = secrets.compare_digest(password, auth[1].encode("utf-8"))
+    return bool(sep) and user_ok and password_ok
+
+
+def add_rest_api(app, service: DemoService, auth: tuple[str, str] | None = None) -> None:
+    """Add GET /api/health and POST /api/generate to a FastAPI app (Gradio's own, or any other)."""
+    from fastapi import APIRouter, Depends, HTTPException, Request
+    from pydantic import ValidationError
+    from starlette.concurrency import run_in_threadpool
+
+    generate_request = _request_model()
+
+    def check_auth(request: Request) -> None:
+        if auth is not None and not _credentials_match(request.headers.get("authorization"), auth):
             raise HTTPException(401, "Give the demo's USER:PASS with HTTP basic auth (curl -u USER:PASS).",
-                                headers={"WWW-Authenticate": "Basic"})
+                                headers={"WWW-Authenticate": 'Basic realm="demo", charset="UTF-8"'})
 
     router = APIRouter(prefix="/api", dependencies=[Depends(check_auth)])
 
@@ -320,24 +671,43 @@ def add_rest_api(app, service: DemoService, auth: tuple[str, str] | None = None)
     def health() -> dict[str, Any]:
         return service.health()
 
-    # A plain `def`: FastAPI runs it in a worker thread, so a long generation never blocks the page.
+    # Async: the request joins the queue on the event loop, in the order requests arrive, and waits for its
+    # turn without holding a thread.
     @router.post("/generate")
-    def generate(request: GenerateRequest) -> dict[str, Any]:
+    async def generate(request: Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise HTTPException(400, 'The body must be JSON, e.g. {"prompt": "a photo of sks dog"}.') from None
+        try:
+            params = generate_request.model_validate(body)
+        except ValidationError as error:
+            raise HTTPException(422, request_errors_text(error, body)) from None
         if service.state == "loading":
             raise HTTPException(503, service.status_text(), headers={"Retry-After": "10"})
         try:
-            results = service.generate(request.prompt, request.negative_prompt, request.steps, request.guidance,
-                                       parse_seed(request.seed), request.num_images, request.width, request.height)
+            job = service.submit(params.prompt, params.negative_prompt, params.steps, params.guidance,
+                                 parse_seed(params.seed), params.num_images, params.width, params.height)
         except ConfigError as error:
             raise HTTPException(422, str(error)) from None
         except DreamBoothError as error:
             raise HTTPException(503, str(error)) from None
+        try:
+            results = await asyncio.wrap_future(job.future)
+        except ConfigError as error:
+            raise HTTPException(422, str(error)) from None
+        except DreamBoothError as error:
+            raise HTTPException(503, str(error)) from None
+        except asyncio.CancelledError:  # the client went away: give up its place
+            service.withdraw(job)
+            raise
+        images = await run_in_threadpool(lambda: [_png_base64(r) for r in results])
         return {
-            "images": [{"seed": r.seed, "png_base64": _png_base64(r)} for r in results],
+            "images": [{"seed": r.seed, "png_base64": image} for r, image in zip(results, images, strict=True)],
             "seeds": [r.seed for r in results],
-            "prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
-            "guidance": request.guidance, "width": results[0].width, "height": results[0].height,
-            "scheduler": results[0].scheduler, "model": service.model, "lora": service.lora,
+            "prompt": params.prompt, "negative_prompt": params.negative_prompt, "steps": params.steps,
+            "guidance": params.guidance, "width": results[0].width, "height": results[0].height,
+            "scheduler": results[0].scheduler, "model": service.model_name, "lora": service.lora_name,
             "seconds_per_image": round(results[0].seconds, 3),
         }
 
@@ -347,12 +717,18 @@ def add_rest_api(app, service: DemoService, auth: tuple[str, str] | None = None)
     app.router.routes[:] = ours + [route for route in app.router.routes if route not in ours]
 
 
+# Gradio's login page posts its form as multipart/form-data (the browser's FormData); nothing else on this
+# demo takes a multipart body: the page sends JSON, and it has no file, audio or image input.
+MULTIPART_ROUTES = ("/login", "/login/")
+
+
 class RequestLimits:
     """ASGI middleware in front of the whole app (page, Gradio's API, the REST API).
 
-    It refuses file uploads (the page has no upload field, but Gradio's upload route would store anything
-    sent to it) and request bodies over `max_bytes`, so a public link cannot be used to fill the disk or
-    the memory. Bodies without a declared length are refused too, as their size is unknown up front.
+    It refuses file uploads (Gradio's upload and recording routes would store anything sent to them),
+    multipart bodies everywhere but the login form, and request bodies over `max_bytes`, so a public
+    link cannot be used to fill the disk or the memory. Bodies without a declared length are refused
+    too, as their size is unknown up front.
     """
 
     def __init__(self, app, max_bytes: int):
@@ -372,9 +748,12 @@ class RequestLimits:
     def _refusal(self, scope) -> tuple[int, str] | None:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None
-        if scope["path"].rstrip("/").endswith("/upload"):
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type", b"").lower()
+        if scope["path"].rstrip("/").endswith("/upload") or (
+                content_type.startswith(b"multipart/") and scope["path"] not in MULTIPART_ROUTES):
             return 403, "This demo takes no file uploads."
-        length = dict(scope["headers"]).get(b"content-length")
+        length = headers.get(b"content-length")
         if length is None:
             return 411, "Send a Content-Length header; bodies of unknown size are not accepted."
         if not length.isdigit() or int(length) > self.max_bytes:
@@ -423,20 +802,45 @@ class RunningDemo:
     share_url: str | None
     service: DemoService
     ui: Any = field(repr=False)
+    closed: bool = field(default=False, repr=False)
 
     @property
     def api_url(self) -> str:
         return f"{(self.share_url or self.url).rstrip('/')}/api/generate"
 
     def wait(self) -> None:
-        """Block until Ctrl+C (what the CLI does)."""
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                time.sleep(0.5)
+        """Block until Ctrl+C or SIGTERM (what the CLI does), then close the demo, removing its temporary files."""
+        with _sigterm_as_ctrl_c():
+            try:
+                while True:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                self.close()  # while SIGTERM still means "stop cleanly", not "die now"
+
+    def wait_for_model(self) -> bool:
+        """Block until the model has loaded (True), or Ctrl+C / SIGTERM stopped the demo meanwhile (False).
+        If the model cannot load, stop the demo and raise ModelLoadError saying why."""
+        with _sigterm_as_ctrl_c():
+            try:
+                _wait_interruptibly(self.service._loaded)
+            except KeyboardInterrupt:
+                self.close()
+                return False
+        if self.service.state == "failed":
+            message = self.service.status_text()
+            self.close()
+            raise ModelLoadError(f"{message} The demo was stopped.")
+        return True
 
     def close(self) -> None:
-        self.ui.close(verbose=False)
-        self.service.cleanup()
+        if self.closed:
+            return
+        self.closed = True
+        # A second Ctrl+C or SIGTERM (`timeout` and process managers often send two) must not cut the
+        # cleanup short and leave the temporary folder behind.
+        with _signals_ignored():
+            self.ui.close(verbose=False)
+            self.service.cleanup()
 
     def __enter__(self) -> "RunningDemo":
         return self
@@ -457,26 +861,31 @@ def launch_demo(
     limits: DemoLimits | None = None,
     output_dir: str | Path | None = None,
     quiet: bool = False,
+    wait_for_model: bool | None = None,
     **generator_options: Any,
 ) -> RunningDemo:
     """Start the demo for `model` (+ `lora`) and return at once (or, with `block`, when stopped).
 
     `share`: None lets Gradio decide (on in Colab, where localhost is not reachable), True asks for
     a public gradio.live link. `port`: None tries 7860 upwards, 0 picks any free port. `auth`:
-    (user, password) for the page and the API. `generator_options` go to `load_generator`
-    (scheduler, attention_slicing, vae_tiling, ...).
+    (user, password) for the page and the API. `wait_for_model` (default: same as `block`): return or
+    announce the addresses only once the model has loaded, and raise ModelLoadError if it cannot.
+    `generator_options` go to `load_generator` (scheduler, attention_slicing, vae_tiling, ...).
     """
     import gradio as gr  # noqa: F401  (fail here, clearly, when the demo extra is not installed)
     from starlette.middleware import Middleware
 
-    if auth is not None and (len(auth) != 2 or not all(auth)):
-        raise ConfigError("auth must be a (user, password) pair, both non-empty.")
+    # Everything that can be checked without loading is checked before anything starts.
+    check_auth_pair(auth)
+    auth = tuple(auth) if auth is not None else None
+    check_address(host, port)
+    check_model_reference(model)
     service = DemoService(model, lora, limits=limits, output_dir=output_dir, generator_options=generator_options)
     service.start_loading()
     if port == 0:
         port = free_port(host)
     with _gradio_files_in(service.output_dir):
-        ui = build_ui(service)
+        ui = build_ui(service, auth=auth is not None)
         try:
             _, local_url, share_url = ui.launch(
                 share=share, server_name=host, server_port=port, auth=auth, prevent_thread_lock=True,
@@ -489,14 +898,38 @@ def launch_demo(
             raise ConfigError(f"Could not start the demo on {host}:{port} ({error}). Another program may use the "
                               "port: pick another with --port, or --port 0 for any free one.") from None
     add_rest_api(ui.server_app, service, auth)
+    service.share_url = share_url
     demo = RunningDemo(url=local_url, share_url=share_url, service=service, ui=ui)
-    if not quiet:
-        print(f"Demo running at {local_url}")
-        if share_url:
-            print(f"Public link (share it; it lasts up to a week): {share_url}")
-        elif share:
-            print("The public share link could not be created (see the message above); the demo runs locally.")
-        print(f"REST API: POST {demo.api_url}  (health: GET {demo.api_url.rsplit('/', 1)[0]}/health)")
-    if block:
-        demo.wait()
+    # From here on SIGTERM stops a blocking demo as Ctrl+C does: closed, its temporary folder removed.
+    with _sigterm_as_ctrl_c() if block else contextlib.nullcontext():
+        try:
+            if wait_for_model if wait_for_model is not None else block:
+                if not quiet and service.state == "loading":
+                    print(f"Loading {service.model_name}... (the first load can take a few minutes while the "
+                          "weights download)", file=sys.stderr, flush=True)
+                if not demo.wait_for_model():
+                    return demo  # stopped while loading, and closed
+            warning = public_without_auth_warning(host, bool(share or share_url), auth)
+            if warning:  # shown even when quiet: it is about who can use this GPU
+                print(warning, file=sys.stderr, flush=True)
+            note = service._generator.safety_note if service._generator else None
+            if note and (share or share_url):  # unfiltered images on a public page: say so, even when quiet
+                print(f"{note} The public link serves them as they come.", file=sys.stderr, flush=True)
+            if not quiet:
+                _announce(demo, share)
+            if block:
+                demo.wait()
+        except KeyboardInterrupt:
+            if not block:
+                raise
+            demo.close()
     return demo
+
+
+def _announce(demo: RunningDemo, share: bool | None) -> None:
+    print(f"Demo running at {demo.url}")
+    if demo.share_url:
+        print(f"Public link (share it; it lasts up to a week): {demo.share_url}")
+    elif share:
+        print("The public share link could not be created (see the message above); the demo runs locally.")
+    print(f"REST API: POST {demo.api_url}  (health: GET {demo.api_url.rsplit('/', 1)[0]}/health)", flush=True)

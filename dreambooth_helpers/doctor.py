@@ -1,20 +1,25 @@
 """The dataset doctor: look at a set of training photos the way DreamBooth practice does, and say what to fix.
 
 `diagnose(source, kind="object")` reads the photos (through `data.read_images`) and returns a
-`DoctorReport` with structured `Finding`s: severity, file, what is wrong and what to do. Checks:
+`DoctorReport` with structured `Finding`s: severity, file, what is wrong and what to do. Precision comes
+first: a warning on a good photo teaches the user to ignore the doctor, so each check speaks only when its
+measurement is clear, and the subject checks only when the subject was found with confidence. Checks:
 
 - count (within the kind's recommended_photos, subject.py), resolution (below the training size means the
   model learns upscaling blur), transparency (the fill colour becomes part of the subject);
-- blur: variance of the Laplacian of a grey copy (sharp photos score in the hundreds);
-- exposure of the subject (the salient region, else the whole photo): too dark, too bright, or large
-  areas clipped to black or white;
-- near-duplicates: a DCT perceptual hash (pHash), robust to resizing and small edits;
-- subject too small, off-centre, or cut by the centre crop: a saliency map from colour contrast with
-  the photo's border (the border is usually background);
-- style sets: one object repeating across photos (the model would learn the object as "the style"),
-  by hashing the salient region of each photo.
+- blur: fine detail relative to coarser detail in the most detailed parts of the photo, at the size training
+  will see it. A ratio, so darkening a photo does not change it; the sharpest region counts, so a subject in
+  focus before a soft background is sharp;
+- exposure of the whole frame, leaving out a plain backdrop (a studio's white or black is not bad exposure);
+- letterbox/pillarbox bars that the centre crop would keep (`data.find_bars`);
+- near-duplicates: perceptual hashes of several crops of each photo and of its mirror image, so a mirrored copy
+  (exactly what training's flip augmentation makes) and a slightly reframed burst shot are caught;
+- subject too small, or cut by the centre crop: a saliency map from colour contrast with the photo's border,
+  trusted only when the border is a plain background and the salient pixels form one blob (`Subject.confidence`);
+- style sets: one object repeating across photos (the model would learn the object as "the style").
 
-Everything is numpy on thumbnails: a 20-photo set is checked in well under a second.
+Thresholds and their measured false-positive and miss rates on real photos: docs/doctor.md.
+Everything is numpy on one copy of each photo at the training size: 20 phone photos are checked in seconds.
 """
 
 from __future__ import annotations
@@ -24,20 +29,32 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .data import DatasetReport, ImageRecord, read_images
+from .data import DatasetReport, ImageRecord, find_bars, read_images
 from .errors import ConfigError
 from .subject import DEFAULT_KIND, SUBJECT_KINDS, recipe
 
 SEVERITIES = ("error", "warning", "info")  # error: training cannot use this; warning: hurts results; info: FYI
 
-BLUR_THRESHOLD = 60.0  # variance of the Laplacian on a <=512 px grey copy
-DARK_MEAN, BRIGHT_MEAN = 50.0, 210.0  # mean luminance (0-255) outside which a photo is badly exposed
-CLIPPED_FRACTION = 0.25  # share of pixels at pure black or pure white that means lost detail
-PHASH_DUPLICATE_BITS = 8  # of 64: photos this close are the same shot
-SUBJECT_MIN_AREA = 0.06  # salient bounding box below this share of the frame: subject too small
-SUBJECT_MAX_OFFSET = 0.22  # salient centre further than this (fraction of width/height) from the middle
+# Fine-to-coarse detail ratio (sharpness()) below which a photo is soft at the training size. The real photos of
+# the regression set measure 1.0-2.0 (also mirrored, re-encoded, +-0.5 EV, downscaled from 2048 px); blurred by
+# radius 2 at that size they measure 0.45-0.55, and a 2048 px photo blurred by radius 3 measures 0.6-0.75 at 512.
+BLUR_THRESHOLD = 0.85
+# Too dark: mean luminance AND the brightest 1% both below these (0-255). Good photos, night shots included, have
+# highlights over 150; 2 EV less light brings the set's photos to 120-135.
+DARK_MEAN, DARK_HIGHLIGHT = 80.0, 145.0
+# Too bright: mean luminance above BRIGHT_MEAN, or BLOWN_FRACTION of the pixels burnt to pure white, or
+# COLOUR_CLIPPED_FRACTION with a colour channel at its maximum (a blown-out colour subject is not white). Good photos
+# reach 0.38 of the latter with a bright sky; 2 EV too much light gives 0.5-0.75.
+BRIGHT_MEAN, BLOWN_FRACTION, COLOUR_CLIPPED_FRACTION = 185.0, 0.3, 0.5
+PLAIN_BACKDROP_BORDER = 0.8  # share of the border within BACKDROP_TOLERANCE of one colour: a plain backdrop
+BACKDROP_TOLERANCE = 30.0  # RGB distance: the noise and light falloff of a plain wall or paper backdrop
+MIN_BAR_SHARE = 0.03  # bars covering this share of the training square are learned as part of the subject
+PHASH_DUPLICATE_BITS = 8  # of 64, between the whole photos: the same shot
+CROP_DUPLICATE_BITS = 6  # of 64, between crops or mirror images: stricter, since many pairs are compared
+SUBJECT_MIN_CONFIDENCE = 0.7  # below this the subject checks say nothing
+SUBJECT_MIN_AREA = 0.06  # subject's bounding box below this share of the frame: too small
 CROP_CUT_FRACTION = 0.15  # share of the subject outside the centre square: the crop cuts it
 STYLE_REPEAT_BITS = 12  # pHash distance between salient regions that counts as "the same object"
 STYLE_REPEAT_SHARE = 0.3  # an object in this share of a style set (and at least 3 photos) is a repeat
@@ -89,38 +106,97 @@ class DoctorReport:
                 "findings": [asdict(f) for f in self.findings], "measurements": self.measurements}
 
 
-# ---------------------------------------------------------------------------- measurements
+# ---------------------------------------------------------------------------- sharpness
 
 
-def _grey(image: Image.Image, size: int = 512) -> np.ndarray:
-    grey = image.convert("L")
-    grey.thumbnail((size, size))
-    return np.asarray(grey, dtype=np.float64)
+def _gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    """A separable Gaussian blur of a 2-D array, edges repeated (numpy only: no SciPy at runtime)."""
+    radius = max(1, int(3 * sigma + 0.5))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = (taps / taps.sum()).astype(a.dtype)
+    rows = np.pad(a, ((radius, radius), (0, 0)), mode="edge")
+    a = sum(t * rows[k:k + a.shape[0]] for k, t in enumerate(taps))
+    columns = np.pad(a, ((0, 0), (radius, radius)), mode="edge")
+    return sum(t * columns[:, k:k + a.shape[1]] for k, t in enumerate(taps))
 
 
-def laplacian_variance(image: Image.Image) -> float:
-    """Sharpness: variance of the Laplacian of a grey copy at most 512 px wide. Low means blurry."""
-    a = _grey(image)
-    if min(a.shape) < 3:
-        return 0.0
-    lap = a[1:-1, :-2] + a[1:-1, 2:] + a[:-2, 1:-1] + a[2:, 1:-1] - 4 * a[1:-1, 1:-1]
-    return float(lap.var())
+def _tile_means(a: np.ndarray, tile: int) -> np.ndarray:
+    rows, cols = a.shape[0] // tile, a.shape[1] // tile
+    return a[:rows * tile, :cols * tile].reshape(rows, tile, cols, tile).mean(axis=(1, 3)).ravel()
 
 
-def exposure(image: Image.Image, box: tuple[float, float, float, float] | None = None) -> dict[str, float]:
-    """Mean luminance (0-255) and the share of pixels clipped to black (<=3) or white (>=252).
+def sharpness(image: Image.Image, resolution: int = 512) -> float:
+    """How much of the finest detail survives, at the size training sees the photo (its short side at
+    `resolution`; a smaller photo at its own size, where the resolution check speaks for it).
 
-    With `box` (left, top, right, bottom in 0..1), only that region counts: the subject's exposure is what
-    matters, and a plain white or black backdrop is not a badly exposed photo.
+    The energy of the finest band (the photo minus a radius-1 blur) over the next band (radius 1 minus radius 2),
+    in the quarter of 32 px tiles with the most detail: in focus, edges carry both bands; blurred, the finest is
+    gone. Being a ratio, it does not change when the photo is darkened or has low contrast, and looking at the
+    most detailed tiles only, a soft background behind a sharp subject does not count. 0 for a featureless image.
     """
-    a = _grey(image, 256)
-    if box is not None:
-        h, w = a.shape
-        region = a[int(box[1] * h):max(int(box[3] * h), int(box[1] * h) + 1),
-                   int(box[0] * w):max(int(box[2] * w), int(box[0] * w) + 1)]
-        a = region if region.size else a
-    return {"brightness": float(a.mean()), "black_clipped": float((a <= 3).mean()),
-            "white_clipped": float((a >= 252).mean())}
+    grey = image.convert("L")
+    scale = resolution / min(grey.size)
+    if scale < 0.999:
+        grey = grey.resize((max(1, round(grey.width * scale)), max(1, round(grey.height * scale))),
+                           Image.Resampling.LANCZOS)
+    a = np.asarray(grey, dtype=np.float32)
+    if min(a.shape) < 32:
+        return 0.0
+    once = _gaussian_blur(a, 1.0)
+    twice = _gaussian_blur(once, 3 ** 0.5)  # blurs add in quadrature: 1 then sqrt(3) is a blur of 2
+    fine, coarse = _tile_means((a - once) ** 2, 32), _tile_means((once - twice) ** 2, 32)
+    detailed = coarse >= np.quantile(coarse, 0.75)
+    if coarse[detailed].sum() < 1e-3:
+        return 0.0
+    return float(np.sqrt(fine[detailed].sum() / coarse[detailed].sum()))
+
+
+# ---------------------------------------------------------------------------- backdrop and exposure
+
+
+def _rgb_thumbnail(image: Image.Image, size: int) -> np.ndarray:
+    small = image.convert("RGB")
+    small.thumbnail((size, size), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float64)
+
+
+def _border(rgb: np.ndarray, ring: int) -> np.ndarray:
+    return np.concatenate([rgb[:ring].reshape(-1, 3), rgb[-ring:].reshape(-1, 3),
+                           rgb[ring:-ring, :ring].reshape(-1, 3), rgb[ring:-ring, -ring:].reshape(-1, 3)])
+
+
+def plain_backdrop(rgb: np.ndarray) -> np.ndarray | None:
+    """The colour of a plain backdrop (a wall, paper, a sheet) around the subject, or None when the border of
+    the photo is not one plain colour."""
+    border = _border(rgb, max(2, min(rgb.shape[:2]) // 24))
+    colour = np.median(border, axis=0)
+    agree = (np.linalg.norm(border - colour, axis=1) < BACKDROP_TOLERANCE).mean()
+    return colour if agree >= PLAIN_BACKDROP_BORDER else None
+
+
+def exposure(image: Image.Image) -> dict[str, float]:
+    """Brightness of the whole frame (0-255): mean luminance, the brightest 1% (`highlight`), the share of pixels
+    burnt to pure white (>= 250) and of pixels with a colour channel burnt out (>= 252), counted without a plain
+    backdrop: a studio's white or black backdrop (or a yellow wall) is a choice, and judging it would call every
+    such photo badly exposed. The frame is judged whole otherwise, never a guessed subject box."""
+    rgb = _rgb_thumbnail(image, 256)
+    luminance = rgb @ np.array([0.299, 0.587, 0.114])
+    judged = np.ones(luminance.shape, dtype=bool)
+    backdrop = plain_backdrop(rgb)
+    backdrop_share = 0.0
+    if backdrop is not None:
+        # Twice the tolerance: a lit backdrop darkens towards its edges, and near-backdrop pixels say little.
+        judged = np.linalg.norm(rgb - backdrop, axis=2) >= 2 * BACKDROP_TOLERANCE
+        backdrop_share = float(1 - judged.mean())
+        if judged.mean() < 0.005:  # nothing but backdrop: judge it all
+            judged[:] = True
+    values = luminance[judged]
+    return {"brightness": float(values.mean()), "highlight": float(np.percentile(values, 99)),
+            "white_clipped": float((values >= 250).mean()),
+            "colour_clipped": float((rgb.max(axis=2)[judged] >= 252).mean()), "backdrop": round(backdrop_share, 3)}
+
+
+# ---------------------------------------------------------------------------- duplicates
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -136,9 +212,16 @@ _DCT32 = _dct_matrix(32)
 def perceptual_hash(image: Image.Image) -> int:
     """pHash: 64 bits saying whether each of the 8x8 lowest DCT frequencies of a 32x32 grey copy is above
     their median. Low frequencies survive resizing, recompression and small colour changes."""
-    small = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    return _bits_to_int(_phash_bits(np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS),
+                                               dtype=np.float64)))
+
+
+def _phash_bits(small: np.ndarray) -> np.ndarray:
     low = (_DCT32 @ small @ _DCT32.T)[:8, :8].flatten()
-    bits = low > np.median(low[1:])  # the DC term (overall brightness) would dominate the median
+    return low > np.median(low[1:])  # the DC term (overall brightness) would dominate the median
+
+
+def _bits_to_int(bits: np.ndarray) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
@@ -146,9 +229,71 @@ def hamming(a: int, b: int) -> int:
     return bin(a ^ b).count("1")
 
 
-def near_duplicate_groups(records: Sequence[ImageRecord], max_bits: int = PHASH_DUPLICATE_BITS) -> list[list[str]]:
-    """Groups of file names whose pHashes are within `max_bits` of each other (linked pairs merged)."""
-    hashes = [perceptual_hash(r.image) for r in records]
+# Crops hashed besides the whole photo, as (left, top, size) fractions: 85% of the frame at nine places, and the
+# middle 70%. A burst shot reframed by up to ~10%, or a photo cropped from another, matches one of them.
+_CROPS = [(0.0, 0.0, 1.0)] + [(x, y, 0.85) for y in (0.0, 0.075, 0.15) for x in (0.0, 0.075, 0.15)] \
+    + [(0.15, 0.15, 0.7)]
+CROP_COLOUR_DIFFERENCE = 8.0  # mean difference (0-255) of 4x4 colour thumbnails of two crops that match
+
+
+def _crop(image: Image.Image, index: int) -> Image.Image:
+    left, top, size = _CROPS[index]
+    w, h = image.size
+    return image.crop((round(left * w), round(top * h), round((left + size) * w), round((top + size) * h)))
+
+
+def crop_hashes(image: Image.Image) -> np.ndarray:
+    """pHash bits (len(_CROPS), 64) of the photo's crops; the first row is the whole photo."""
+    grey = image.convert("L")  # a copy, so thumbnail() leaves `image` alone
+    grey.thumbnail((256, 256), Image.Resampling.BOX)
+    return np.array([_phash_bits(np.asarray(_crop(grey, k).resize((32, 32), Image.Resampling.LANCZOS),
+                                            dtype=np.float64)) for k in range(len(_CROPS))])
+
+
+@dataclass
+class _Shot:
+    """What duplicate search needs of one photo: a small copy, its mirror image, and both one's crop hashes."""
+
+    name: str
+    small: Image.Image
+    mirrored: Image.Image
+    hashes: np.ndarray
+    mirrored_hashes: np.ndarray
+
+    @classmethod
+    def of(cls, record: ImageRecord) -> _Shot:
+        small = record.image.convert("RGB")
+        small.thumbnail((256, 256), Image.Resampling.BOX)
+        mirrored = ImageOps.mirror(small)
+        return cls(record.name, small, mirrored, crop_hashes(small), crop_hashes(mirrored))
+
+
+def _same_colours(a: Image.Image, b: Image.Image, a_crop: int, b_crop: int) -> bool:
+    """Whether two matching crops also have the same colours: pHash sees only grey shapes, so two different
+    photos laid out alike (a centred object on a plain backdrop) can match in shape but not in colour."""
+    def colours(image: Image.Image, index: int) -> np.ndarray:
+        return np.asarray(_crop(image, index).resize((4, 4), Image.Resampling.BOX), dtype=np.float64)
+    return float(np.abs(colours(a, a_crop) - colours(b, b_crop)).mean()) <= CROP_COLOUR_DIFFERENCE
+
+
+def same_shot(a: _Shot, b: _Shot, max_bits: int = PHASH_DUPLICATE_BITS, max_crop_bits: int = CROP_DUPLICATE_BITS
+              ) -> bool:
+    """Whether `a` and `b` are the same shot: whole-photo pHashes within `max_bits`, or a crop of `a` within
+    `max_crop_bits` of a crop of `b` or of its mirror image, with the same colours there."""
+    if int((a.hashes[0] != b.hashes[0]).sum()) <= max_bits:
+        return True
+    for other, other_hashes in ((b.small, b.hashes), (b.mirrored, b.mirrored_hashes)):
+        distances = (a.hashes[:, None] != other_hashes[None]).sum(axis=2)
+        a_crop, b_crop = np.unravel_index(int(np.argmin(distances)), distances.shape)
+        if distances[a_crop, b_crop] <= max_crop_bits and _same_colours(a.small, other, a_crop, b_crop):
+            return True
+    return False
+
+
+def near_duplicate_groups(records: Sequence[ImageRecord], max_bits: int = PHASH_DUPLICATE_BITS,
+                          max_crop_bits: int = CROP_DUPLICATE_BITS) -> list[list[str]]:
+    """Groups of file names that are the same shot (`same_shot`), linked pairs merged."""
+    shots = [_Shot.of(record) for record in records]
     parent = list(range(len(records)))
 
     def root(i: int) -> int:
@@ -156,9 +301,9 @@ def near_duplicate_groups(records: Sequence[ImageRecord], max_bits: int = PHASH_
             i = parent[i]
         return i
 
-    for i in range(len(records)):
-        for j in range(i + 1, len(records)):
-            if hamming(hashes[i], hashes[j]) <= max_bits:
+    for i in range(len(shots)):
+        for j in range(i + 1, len(shots)):
+            if same_shot(shots[i], shots[j], max_bits, max_crop_bits):
                 parent[root(j)] = root(i)
     groups: dict[int, list[str]] = {}
     for i, record in enumerate(records):
@@ -166,41 +311,72 @@ def near_duplicate_groups(records: Sequence[ImageRecord], max_bits: int = PHASH_
     return [names for names in groups.values() if len(names) > 1]
 
 
+# ---------------------------------------------------------------------------- the subject
+
+
 @dataclass
 class Subject:
-    """Where the salient region of a photo is, in fractions of the frame."""
+    """Where the salient region of a photo is, in fractions of the frame, and how sure the finding is."""
 
     box: tuple[float, float, float, float]  # left, top, right, bottom in 0..1
     centre: tuple[float, float]
     area: float  # box area as a share of the frame
-    outside_centre_crop: float  # share of the salient mass a centre square crop would cut off
+    outside_centre_crop: float  # share of the subject a centre square crop would cut off
+    confidence: float  # 0..1: plain border x one blob x not cut by the frame; the checks need SUBJECT_MIN_CONFIDENCE
+
+
+def _largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of `mask`."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    sizes = [0]
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        sizes.append(0)
+        label, stack = len(sizes) - 1, [(y0, x0)]
+        labels[y0, x0] = label
+        while stack:
+            y, x = stack.pop()
+            sizes[label] += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+    return labels == int(np.argmax(sizes))
 
 
 def find_subject(image: Image.Image, size: int = 64) -> Subject | None:
-    """Saliency by contrast with the border: the border of a photo is usually background, so pixels whose
-    colour is far from the border's median colour are the subject. Returns None when nothing stands out
-    (a busy background or a close-up filling the frame), since then size and position cannot be judged."""
-    rgb = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64)
+    """Saliency by contrast with the border: where the border of a photo is one plain background, the pixels
+    whose colour is far from it are the subject. Returns None when nothing stands out.
+
+    `confidence` says how far to trust it: the share of the border that is one plain colour (a busy border
+    means the background is not plain and "different from the border" is not "the subject"), times the share of
+    salient pixels in the largest blob (scattered pixels are texture, not one subject), reduced when the blob
+    runs into the frame's edge (then its size and position are unknown)."""
+    rgb = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BOX), dtype=np.float64)
     ring = max(2, size // 16)
-    border = np.concatenate([rgb[:ring].reshape(-1, 3), rgb[-ring:].reshape(-1, 3),
-                             rgb[:, :ring].reshape(-1, 3), rgb[:, -ring:].reshape(-1, 3)])
+    border = _border(rgb, ring)
     background = np.median(border, axis=0)
-    border_spread = np.median(np.linalg.norm(border - background, axis=1))
+    border_distance = np.linalg.norm(border - background, axis=1)
+    plain_share = float((border_distance < BACKDROP_TOLERANCE).mean())
     distance = np.linalg.norm(rgb - background, axis=2)
-    # A 3x3 box blur so single noisy pixels do not count as subject.
-    padded = np.pad(distance, 1, mode="edge")
+    padded = np.pad(distance, 1, mode="edge")  # a 3x3 box blur: single noisy pixels are not a subject
     saliency = sum(padded[dy:dy + size, dx:dx + size] for dy in range(3) for dx in range(3)) / 9.0
-    threshold = max(40.0, 3.0 * border_spread)  # colour distance; 40 of ~441 is a clearly visible difference
+    threshold = max(40.0, 3.0 * float(np.median(border_distance)))  # 40 of ~441: a clearly visible difference
     mask = saliency > threshold
-    share = mask.mean()
-    if share < 0.002 or share > 0.9:
+    if not 0.002 <= mask.mean() <= 0.9:
         return None
-    ys, xs = np.nonzero(mask)
-    # 2nd-98th percentiles instead of min/max: a few stray salient pixels should not stretch the box.
-    left, right = np.percentile(xs, [2, 98]) / size
-    top, bottom = np.percentile(ys, [2, 98]) / size
-    right, bottom = right + 1 / size, bottom + 1 / size
-    weights = saliency[mask]
+    blob = _largest_blob(mask)
+    blob_share = float(blob.sum() / mask.sum())
+    edge = np.zeros(mask.shape, dtype=bool)
+    edge[:2], edge[-2:], edge[:, :2], edge[:, -2:] = True, True, True, True
+    edge_share = float(blob[edge].mean())
+    confidence = plain_share * blob_share * max(0.0, 1.0 - 5.0 * edge_share)
+    ys, xs = np.nonzero(blob)
+    left, right = xs.min() / size, (xs.max() + 1) / size
+    top, bottom = ys.min() / size, (ys.max() + 1) / size
+    weights = saliency[blob]
     centre = (float((xs * weights).sum() / weights.sum() + 0.5) / size,
               float((ys * weights).sum() / weights.sum() + 0.5) / size)
     # The centre square crop of a w x h photo keeps the middle min(w, h) of its longer side.
@@ -210,7 +386,7 @@ def find_subject(image: Image.Image, size: int = 64) -> Subject | None:
     lo, hi = (1 - keep) / 2 * size, (1 + keep) / 2 * size
     outside = float(((along < lo) | (along >= hi)).mean())
     return Subject((float(left), float(top), float(right), float(bottom)), centre,
-                   float((right - left) * (bottom - top)), outside)
+                   float((right - left) * (bottom - top)), outside, round(confidence, 3))
 
 
 def _subject_region_hash(image: Image.Image, subject: Subject) -> int:
@@ -244,6 +420,21 @@ def _check_count(report: DoctorReport) -> None:
                                        "Keep the sharpest, most varied ones, or raise --max-train-steps."))
 
 
+def _bar_share(image: Image.Image) -> tuple[float, str]:
+    """The share of the training square (centre crop) that letterbox/pillarbox bars fill, and where they are."""
+    w, h = image.size
+    left, top, right, bottom = find_bars(image)
+    side = min(w, h)
+    # The centre square keeps the middle `side` pixels of the longer dimension; bars there are cut off in part.
+    cut_x, cut_y = (w - side) / 2, (h - side) / 2
+    kept_x = max(0.0, left - cut_x) + max(0.0, (w - right) - cut_x)
+    kept_y = max(0.0, top - cut_y) + max(0.0, (h - bottom) - cut_y)
+    share = 1 - (1 - kept_x / side) * (1 - kept_y / side)
+    sides = [side for side, depth in (("top", top), ("bottom", h - bottom), ("left", left), ("right", w - right))
+             if depth]
+    return share, "at the " + " and ".join(sides) if sides else ""
+
+
 def _check_image(report: DoctorReport, record: ImageRecord) -> None:
     name, add = record.name, report.findings.append
     w, h = record.original_size
@@ -256,48 +447,57 @@ def _check_image(report: DoctorReport, record: ImageRecord) -> None:
         add(Finding("warning", "transparency", "Has transparent areas; they were filled with white, which the model "
                     "learns as part of the subject.", "Use a photo with a real background, or flatten it onto a "
                     "background you want.", name))
-    sharpness = laplacian_variance(record.image)
-    if sharpness < BLUR_THRESHOLD:
-        add(Finding("warning", "blur", f"Looks blurry (sharpness {sharpness:.0f}, sharp photos score over "
-                    f"{BLUR_THRESHOLD:.0f}).", "Blur is learned too: replace it with a sharp, in-focus photo.", name))
-    subject = find_subject(record.image)
-    light = exposure(record.image, subject.box if subject else None)
-    if light["brightness"] < DARK_MEAN:
-        add(Finding("warning", "exposure", f"Too dark (mean brightness {light['brightness']:.0f}/255).",
+    # One copy at the size training sees (short side at the resolution): every measurement below is relative to the
+    # frame or made at that size, and a 12 MP photo is not resampled five times.
+    working = record.image
+    if min(w, h) > report.resolution:
+        scale = report.resolution / min(working.size)
+        working = working.resize((max(1, round(working.width * scale)), max(1, round(working.height * scale))),
+                                 Image.Resampling.LANCZOS)
+    bars, where = _bar_share(working)
+    if bars >= MIN_BAR_SHARE:
+        add(Finding("warning", "bars", f"Has flat bars {where} (about {bars:.0%} of the training square): the model "
+                    "learns them as part of the picture.", "Crop them off, or train with --remove-bars.", name))
+    sharp = sharpness(working, report.resolution)
+    if sharp < BLUR_THRESHOLD:
+        add(Finding("warning", "blur", f"Looks soft at {report.resolution} px (detail score {sharp:.2f}; sharp photos "
+                    f"score over {BLUR_THRESHOLD:.2f}).",
+                    "Blur is learned too: replace it with a sharp, in-focus photo.", name))
+    light = exposure(working)
+    if light["brightness"] < DARK_MEAN and light["highlight"] < DARK_HIGHLIGHT:
+        add(Finding("warning", "exposure", f"Too dark (mean brightness {light['brightness']:.0f}/255, even its "
+                    f"brightest parts reach only {light['highlight']:.0f}).",
                     "Retake it in better light or brighten it; dark photos teach a dark, noisy subject.", name))
-    elif light["brightness"] > BRIGHT_MEAN:
-        add(Finding("warning", "exposure", f"Too bright (mean brightness {light['brightness']:.0f}/255).",
+    elif (light["brightness"] > BRIGHT_MEAN or light["white_clipped"] > BLOWN_FRACTION
+          or light["colour_clipped"] > COLOUR_CLIPPED_FRACTION):
+        add(Finding("warning", "exposure", f"Too bright (mean brightness {light['brightness']:.0f}/255; "
+                    f"{light['colour_clipped']:.0%} of the pixels have a colour burnt out, not counting a plain "
+                    "backdrop).",
                     "Retake it with less light or lower exposure; washed-out colours are learned as the subject's.",
                     name))
-    clipped = max(light["black_clipped"], light["white_clipped"])
-    if clipped > CLIPPED_FRACTION:
-        tone = "pure black" if light["black_clipped"] >= light["white_clipped"] else "pure white"
-        add(Finding("info", "exposure", f"{clipped:.0%} of the subject's pixels are {tone}: detail is lost there.",
-                    "Use a better-exposed photo if that part matters.", name))
-    report.measurements[name] = {"sharpness": round(sharpness, 1), **{k: round(v, 3) for k, v in light.items()},
-                                 "subject": asdict(subject) if subject else None}
-    if subject is None or report.kind == "style":
+    subject = find_subject(working)
+    report.measurements[name] = {"sharpness": round(sharp, 3), **{k: round(v, 3) for k, v in light.items()},
+                                 "bars": round(bars, 3), "subject": asdict(subject) if subject else None}
+    if subject is None or subject.confidence < SUBJECT_MIN_CONFIDENCE or report.kind == "style":
         return
     if subject.area < SUBJECT_MIN_AREA:
-        add(Finding("warning", "subject-size", f"The subject seems small (about {subject.area:.0%} of the frame).",
+        add(Finding("warning", "subject-size", f"The subject is small (about {subject.area:.0%} of the frame).",
                     "Crop closer so it fills a good part of the picture; at 512 px a small subject has few pixels "
                     "and the model learns the background instead.", name))
-    dx, dy = subject.centre[0] - 0.5, subject.centre[1] - 0.5
-    if max(abs(dx), abs(dy)) > SUBJECT_MAX_OFFSET:
-        side = ("left" if dx < 0 else "right") if abs(dx) >= abs(dy) else ("top" if dy < 0 else "bottom")
-        add(Finding("info", "subject-position", f"The subject seems off-centre (towards the {side}).",
-                    "Crop so it sits near the middle: training crops to the centre square.", name))
-    if subject.outside_centre_crop > CROP_CUT_FRACTION:
-        add(Finding("warning", "subject-crop", f"The centre square crop would cut off about "
-                    f"{subject.outside_centre_crop:.0%} of the subject.",
+    if max(w, h) > 1.05 * min(w, h) and subject.outside_centre_crop > CROP_CUT_FRACTION:
+        dx, dy = subject.centre[0] - 0.5, subject.centre[1] - 0.5
+        side = ("left" if dx < 0 else "right") if w >= h else ("top" if dy < 0 else "bottom")
+        add(Finding("warning", "subject-crop", f"The subject is towards the {side}: the centre square crop would cut "
+                    f"off about {subject.outside_centre_crop:.0%} of it.",
                     "Crop it to a square around the subject yourself, or train with --crop pad.", name))
 
 
 def _check_duplicates(report: DoctorReport) -> None:
     for group in near_duplicate_groups(report.dataset.images):
         report.findings.append(Finding(
-            "warning", "duplicates", f"{', '.join(group)} are near-duplicates (same shot).",
-            "Keep one: copies add no new view and push the model to reproduce that photo exactly."))
+            "warning", "duplicates", f"{', '.join(group)} are near-duplicates (the same shot, perhaps mirrored or "
+            "slightly reframed).", "Keep one: copies add no new view and push the model to reproduce that photo "
+            "exactly (a mirrored copy is what training's flip makes anyway)."))
 
 
 def _check_style_repeats(report: DoctorReport) -> None:
@@ -305,7 +505,7 @@ def _check_style_repeats(report: DoctorReport) -> None:
     regions = []
     for record in report.dataset.images:
         subject = find_subject(record.image)
-        if subject is not None:
+        if subject is not None and subject.confidence >= SUBJECT_MIN_CONFIDENCE:
             regions.append((record.name, _subject_region_hash(record.image, subject)))
     reported: set[str] = set()
     for name, region_hash in regions:

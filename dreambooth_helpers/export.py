@@ -21,17 +21,28 @@ the mid block is `mid.block_1`, `mid.attn_1`, `mid.block_2`, `conv_shortcut` -> 
 `q`/`k`/`v`/`proj_out` with `norm` for `group_norm`.
 
 A LoRA run is merged into its base model first, so the file is a complete model.
+
+Memory: the converted state dict holds the models' own tensors (renaming keys copies nothing) and the file is
+written tensor by tensor (fp16 conversion included), so the peak is the loaded model plus one tensor: 4.4 GiB RSS
+for an fp32 SD 1.5, where cloning every tensor took 8.4 GiB (benchmarks/export_memory.py measures both).
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import shutil
+import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .errors import ConfigError, ModelLoadError
 from .inference import apply_lora, resolve_model
 from .models import load_components, make_pipeline
+from .output_paths import check_output_file
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -157,7 +168,11 @@ def convert_vae(state_dict: dict[str, torch.Tensor], vae_config) -> dict[str, to
 
 
 def convert_to_original_layout(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """One state dict with the original Stable Diffusion key names, from the three diffusers models."""
+    """One state dict with the original Stable Diffusion key names, from the three diffusers models.
+
+    The values are the models' own tensors (or views of them: the VAE's 1x1 convolutions), never copies, so
+    converting costs no memory; the writer reads each one as it goes.
+    """
     checkpoint = {}
     checkpoint.update({UNET_PREFIX + k: v for k, v in convert_unet(unet.state_dict(), unet.config).items()})
     checkpoint.update({VAE_PREFIX + k: v for k, v in convert_vae(vae.state_dict(), vae.config).items()})
@@ -174,27 +189,100 @@ def convert_text_encoder(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state_dict.items()}
 
 
+# ---------------------------------------------------------------------------- writing, one tensor at a time
+
+# The safetensors format: an 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape
+# and byte range, then the tensors' bytes back to back.
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, *, metadata: dict[str, str] | None = None,
+                      dtype: torch.dtype | None = None) -> int:
+    """Write `tensors` as a .safetensors file, streaming: each tensor's bytes go straight from its own memory to
+    the file, and with `dtype` (fp16) floating-point tensors are converted one at a time. Peak memory is the
+    tensors themselves plus one converted tensor, where safetensors' save_file needs every tensor in its final
+    dtype and contiguous at once (a second model in RAM for an fp16 export). Returns the bytes written.
+
+    The file appears whole or not at all (written beside `path`, then renamed): an export cut short or out of
+    disk space leaves no truncated checkpoint for a UI to choke on.
+    """
+    def stored_dtype(tensor: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+    # Widest types first, as safetensors orders them, so every tensor starts aligned to its element size.
+    names = sorted(tensors, key=lambda name: (-stored_dtype(tensors[name]).itemsize, name))
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        kind = stored_dtype(tensor)
+        if kind not in SAFETENSORS_DTYPES:
+            raise ConfigError(f"Cannot store {name!r} ({kind}) in a .safetensors file.")
+        size = tensor.numel() * kind.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[kind], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
+    path = Path(path)
+    _require_free_space(path, 8 + len(header_bytes) + offset)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as file:
+            file.write(struct.pack("<Q", len(header_bytes)))
+            file.write(header_bytes)
+            for name in names:
+                tensor = tensors[name].detach()
+                if tensor.device.type != "cpu" or tensor.dtype != stored_dtype(tensor):
+                    tensor = tensor.to("cpu", stored_dtype(tensor))  # this tensor only, freed after writing
+                # A contiguous tensor is written from its own memory (a byte view, no copy).
+                file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        os.replace(partial, path)
+    except BaseException as error:
+        partial.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise ConfigError(f"The disk filled up while writing {str(path)!r}. Free some space (the file needs "
+                              f"{_gib(8 + len(header_bytes) + offset)}), or write elsewhere with --out.") from None
+        raise
+    return 8 + len(header_bytes) + offset
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
+def _require_free_space(path: Path, size: int) -> None:
+    free = shutil.disk_usage(path.parent).free
+    if free < size:
+        raise ConfigError(f"Not enough disk space for {str(path)!r}: it needs {_gib(size)}, {_gib(free)} are free. "
+                          "Free some space, write elsewhere with --out, or use --half (half the size).")
+
+
 def export_single_file(model: str, out: str | Path, *, lora: str | None = None, half_precision: bool = False) -> Path:
     """Write `model` (trained folder, LoRA run, diffusers folder, Hub id or "tiny") as one .safetensors file; with
-    `lora`, those LoRA weights merged into it (for a LoRA run whose summary does not name its base model)."""
-    from safetensors.torch import save_file
+    `lora`, those LoRA weights merged into it (for a LoRA run whose summary does not name its base model).
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"--out {str(out)!r}: the file name must end in .safetensors.")
+    `out` is checked before the model loads. Memory: the loaded model plus one tensor (see write_safetensors).
+    """
+    out = check_output_file(out, "--out", ".safetensors")
     base, lora_path, _ = resolve_model(model, lora)
     components = load_components(base)
     if lora_path:
         pipeline = make_pipeline(components)
         apply_lora(pipeline, lora_path)
         pipeline.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
+        del pipeline
+    return write_checkpoint(components, out, half_precision=half_precision, source=str(Path(model).name or model))
+
+
+def write_checkpoint(components, out: str | Path, *, half_precision: bool = False, source: str = "") -> Path:
+    """Write loaded components (their UNet, VAE and text encoder) to `out` in the original layout, streaming."""
     if any("lora_" in key or "base_layer" in key for key in components.unet.state_dict()):
         raise ModelLoadError("The UNet still carries LoRA adapter layers after merging; export a full model.")
     checkpoint = convert_to_original_layout(components.unet, components.vae, components.text_encoder)
-    dtype = torch.float16 if half_precision else torch.float32
-    # safetensors needs contiguous tensors that share no memory.
-    checkpoint = {k: v.detach().to(dtype).contiguous().clone() for k, v in checkpoint.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(checkpoint, str(out), metadata={"format": "pt", "source": str(Path(model).name or model),
-                                              "exported_by": "dreambooth-helpers"})
-    return out
+    metadata = {"format": "pt", "source": source, "exported_by": "dreambooth-helpers"}
+    with torch.no_grad():
+        write_safetensors(checkpoint, out, metadata=metadata, dtype=torch.float16 if half_precision else None)
+    return Path(out)

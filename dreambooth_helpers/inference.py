@@ -13,6 +13,7 @@ on its own; `save_images` writes the prompt, seed and settings into each PNG.
 from __future__ import annotations
 
 import json
+import numbers
 import random
 import re
 import threading
@@ -30,7 +31,8 @@ from .errors import ConfigError, ModelLoadError
 from .failures import generation_out_of_memory, is_out_of_memory
 from .files import LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SUMMARY_FILE
 from .grids import labelled_grid
-from .models import load_components, make_pipeline
+from .models import load_components, load_safety_checker, make_pipeline, safety_checker_note
+from .output_paths import check_output_folder
 
 DEFAULT_SCHEDULER = "dpm++"
 DEFAULT_STEPS = 25
@@ -205,6 +207,7 @@ class Generator:
     scheduler_name: str
     device: str
     summary: dict[str, Any] | None = None
+    safety_note: str | None = None  # set when images are not NSFW-filtered (models.safety_checker_note)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -228,21 +231,13 @@ class Generator:
         scheduler: str | None = None,
     ) -> list[GeneratedImage]:
         """Make `num_images` images of `prompt`. Image i uses seed `seed + i` (random `seed` when None)."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ConfigError("The prompt is empty: describe the image, e.g. \"a photo of sks dog on the beach\".")
-        _check_int("num_images", num_images, 1, 64)
-        _check_int("steps", steps, 1, 500)
-        if not 0.0 <= float(guidance_scale) <= 50.0:
-            raise ConfigError(f"guidance_scale must be from 0 to 50 (got {guidance_scale}); 5-9 is usual.")
+        check_generation_settings(prompt, num_images=num_images, steps=steps, guidance_scale=guidance_scale,
+                                  seed=seed, width=width, height=height, size_multiple=self.resolution_multiple)
         if seed is None:
             seed = random.randint(0, MAX_SEED - num_images)
-        _check_int("seed", seed, 0, MAX_SEED - num_images + 1)
         width = width or self.default_resolution
         height = height or self.default_resolution
-        for name, size in (("width", width), ("height", height)):
-            _check_int(name, size, 8, 2048)
-            if size % self.resolution_multiple:
-                raise ConfigError(f"{name} must be a multiple of {self.resolution_multiple} (got {size}).")
+        check_generation_settings(prompt, width=width, height=height, size_multiple=self.resolution_multiple)
         seeds = [seed + i for i in range(num_images)]
         # CPU generators make a seed give the same starting noise on any device.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -270,6 +265,28 @@ class Generator:
                            scheduler=scheduler_name, model=self.model, lora=self.lora, seconds=seconds)
             for image, s in zip(output.images, seeds, strict=True)
         ]
+
+
+def check_generation_settings(prompt: str, *, num_images: int = 1, steps: int = DEFAULT_STEPS,
+                              guidance_scale: float = DEFAULT_GUIDANCE, seed: int | None = None,
+                              width: int | None = None, height: int | None = None, size_multiple: int = 8) -> None:
+    """Refuse settings no generation can use (ConfigError). Called by `generate` and, with the same values, by the
+    CLI and `generate()` before the model loads, so a typo costs a second, not a model load. None: decided later
+    (a random seed, the model's resolution)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError("The prompt is empty: describe the image, e.g. \"a photo of sks dog on the beach\".")
+    _check_int("num_images", num_images, 1, 64)
+    _check_int("steps", steps, 1, 500)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not (
+            0.0 <= guidance_scale <= 50.0):
+        raise ConfigError(f"guidance_scale must be a number from 0 to 50 (got {guidance_scale!r}); 5-9 is usual.")
+    if seed is not None:
+        _check_int("seed", seed, 0, MAX_SEED - num_images + 1)
+    for name, size in (("width", width), ("height", height)):
+        if size is not None:
+            _check_int(name, size, 8, 2048)
+            if size % size_multiple:
+                raise ConfigError(f"{name} must be a multiple of {size_multiple} (got {size}).")
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:
@@ -313,18 +330,22 @@ def load_generator(
     attention_slicing: bool = False,
     vae_tiling: bool = False,
     progress_bar: bool = False,
+    safety_checker: bool = True,
 ) -> Generator:
     """Load a model (and LoRA weights) once, for any number of `generate` calls.
 
     `device` defaults to CUDA when present; `half_precision` (fp16) defaults to on with CUDA.
-    `attention_slicing` and `vae_tiling` trade speed for memory on small GPUs.
+    `attention_slicing` and `vae_tiling` trade speed for memory on small GPUs. `safety_checker`: use the
+    model's (or LoRA base's) NSFW filter when it has one; off, or without one, `Generator.safety_note` says so.
     """
     base, lora_path, summary = resolve_model(model, lora)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if half_precision is None:
         half_precision = device.startswith("cuda")
-    components = load_components(base)
-    pipeline = make_pipeline(components)
+    variant = "fp16" if half_precision else None  # fp16 generation: the fp16 files, half the download, where present
+    components = load_components(base, variant=variant)
+    with_checker = safety_checker and load_safety_checker(components, variant=variant)
+    pipeline = make_pipeline(components, safety_checker=with_checker)
     pipeline.scheduler = make_scheduler(scheduler, components.scheduler.config)
     if lora_path:
         apply_lora(pipeline, lora_path)
@@ -337,7 +358,8 @@ def load_generator(
     pipeline.set_progress_bar_config(disable=not progress_bar)
     resolution = int((summary or {}).get("resolution") or components.native_resolution)
     return Generator(pipeline=pipeline, model=base, lora=lora_path, default_resolution=resolution,
-                     scheduler_name=scheduler, device=device, summary=summary)
+                     scheduler_name=scheduler, device=device, summary=summary,
+                     safety_note=safety_checker_note(components, with_checker))
 
 
 def save_memory(pipeline, *, attention_slicing: bool = False, vae_tiling: bool = False) -> None:
@@ -379,6 +401,9 @@ def generate(
     `settings` are `Generator.generate`'s: negative_prompt, num_images, steps, guidance_scale, seed,
     width, height. To make many batches, use `load_generator` once instead.
     """
+    check_generation_settings(prompt, **{k: v for k, v in settings.items() if k != "negative_prompt"})
+    if out_dir is not None:
+        check_output_folder(out_dir, "out_dir")
     generator = load_generator(model, lora, scheduler=scheduler, attention_slicing=attention_slicing,
                                vae_tiling=vae_tiling, progress_bar=True)
     results = generator.generate(prompt, **settings)

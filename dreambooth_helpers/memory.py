@@ -20,6 +20,8 @@ explains each constant.
 
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -136,6 +138,53 @@ class MemoryPlan:
     estimate: MemoryEstimate
     free_bytes: int
     reason: str  # one line for the user: what was chosen and why
+    precision: str = "fp16"
+    use_8bit_adam: bool = True  # False also when bitsandbytes failed to load (the run uses plain AdamW)
+
+
+# ---------------------------------------------------------------------------- what the GPU and its libraries can do
+
+# bf16 runs in hardware from compute capability 8.0 (A100, L4, RTX 30xx and newer).
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def bf16_in_hardware() -> bool:
+    """Whether the current CUDA GPU computes in bf16 natively.
+
+    torch.cuda.is_bf16_supported() also counts emulation, so it answers True on a T4 (sm_75), where bf16
+    matmuls are emulated and several times slower than fp16: the compute capability is the honest test.
+    """
+    return tuple(torch.cuda.get_device_capability()) >= BF16_MIN_CAPABILITY
+
+
+def bitsandbytes_failure() -> str | None:
+    """None when bitsandbytes imports; else why not ("ModuleNotFoundError: No module named 'bitsandbytes'").
+
+    Its import also sets up its CUDA library, so a wheel built for another CUDA fails here, not mid-run.
+    """
+    try:
+        importlib.import_module("bitsandbytes")
+    except Exception as error:  # missing, or its CUDA setup failed: both mean no 8-bit AdamW
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+    return None
+
+
+def plain_adam_extra_bytes(config: TrainConfig, size: ModelSize = SD1_SIZE) -> int:
+    """GPU memory plain AdamW's fp32 moments take beyond 8-bit AdamW's, for this run's trainable weights."""
+    settings = MemorySettings(config.gradient_checkpointing, config.step_in_backward)
+    with_8bit = estimate_memory(config, settings, use_8bit_adam=True, size=size).optimizer_states
+    plain = estimate_memory(config, settings, use_8bit_adam=False, size=size).optimizer_states
+    return plain - with_8bit
+
+
+def bitsandbytes_notice(config: TrainConfig, failure: str, size: ModelSize = SD1_SIZE) -> str:
+    """One line: bitsandbytes failed and why, what the run uses instead, what that costs, how to fix it."""
+    extra = plain_adam_extra_bytes(config, size)
+    cost = (f"+~{extra / GIB:.1f} GiB of GPU memory for the optimizer states" if extra >= GIB // 10
+            else "about the same memory for these small LoRA weights")
+    return (f"bitsandbytes failed to load ({failure}), so 8-bit AdamW is off: plain AdamW, {cost}. Fix: "
+            "`pip install -U bitsandbytes`, then restart the runtime (Colab: Runtime > Restart session).")
 
 
 def estimate_memory(config: TrainConfig, settings: MemorySettings, *, precision: str | None = None,
@@ -178,7 +227,10 @@ def estimate_memory(config: TrainConfig, settings: MemorySettings, *, precision:
     if text_trains:
         activations += TEXT_ACTIVATION_GIB_PER_IMAGE * images * GIB
     tail = TAIL_GIB_PER_IMAGE[settings.gradient_checkpointing] * per_image
-    peak = weights + states + max(activations, gradients + tail)
+    if process_count() > 1:  # each process holds all of this; DDP's buckets hold the gradients from the start
+        peak = weights + states + gradients + max(activations, tail)
+    else:
+        peak = weights + states + max(activations, gradients + tail)
     reserved = peak * RESERVED_PER_ALLOCATED + WORKSPACE_GIB * GIB
     return MemoryEstimate(int(weights), int(states), int(gradients), int(activations), int(tail), int(peak),
                           int(reserved))
@@ -192,7 +244,8 @@ def candidate_settings(config: TrainConfig) -> list[MemorySettings]:
     """
     if config.memory_plan == "as-set":
         return [MemorySettings(config.gradient_checkpointing, config.step_in_backward)]
-    in_backward = [False, True] if step_in_backward_allowed(config) is None else [False]
+    allowed = step_in_backward_allowed(config) is None and process_count() == 1  # DDP averages after backward
+    in_backward = [False, True] if allowed else [False]
     ordered = [MemorySettings(ckpt, sib) for ckpt in (False, True) for sib in in_backward]
     return ordered[-1:] if config.memory_plan == "smallest" else ordered
 
@@ -202,18 +255,47 @@ def planning_size(model: str) -> ModelSize:
     return model_size(load_components(model)) if model in (TINY_MODEL, TOY_MODEL) else SD1_SIZE
 
 
+def process_count() -> int:
+    """How many processes train together (accelerate launch and torchrun set WORLD_SIZE): each holds the whole
+    run on its own GPU, with its gradients in DDP's all-reduce buckets, and none can step inside backward."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
 def cuda_free_bytes() -> int:
     free, _total = torch.cuda.mem_get_info()
     return int(free)
 
 
+# The plan of the run in progress (one per process), so out-of-memory advice starts from what the planner chose.
+_current_plan: tuple[tuple, MemoryPlan] | None = None
+
+
+def _plan_key(config: TrainConfig) -> tuple:
+    """The settings a plan depends on: two configs with the same key get the same plan."""
+    return tuple(getattr(config, name) for name in (
+        "model", "lora", "lora_rank", "train_text_encoder", "cache_latents", "cache_text_embeddings",
+        "train_batch_size", "with_prior_preservation", "resolution", "mixed_precision", "use_8bit_adam",
+        "memory_plan", "gradient_checkpointing", "step_in_backward", "max_grad_norm", "gradient_accumulation_steps"))
+
+
+def current_plan(config: TrainConfig) -> MemoryPlan | None:
+    """The plan plan_memory last made for a run with `config`'s memory settings, if any."""
+    if _current_plan is not None and _current_plan[0] == _plan_key(config):
+        return _current_plan[1]
+    return None
+
+
 def plan_memory(config: TrainConfig, *, precision: str | None = None, use_8bit_adam: bool | None = None,
-                free_bytes: int | None = None, size: ModelSize = SD1_SIZE) -> MemoryPlan:
+                free_bytes: int | None = None, size: ModelSize = SD1_SIZE,
+                bitsandbytes_error: str | None = None) -> MemoryPlan:
     """The fastest candidate settings whose estimated reserved peak fits in `free_bytes` (default: the GPU's).
 
-    Raises ConfigError naming the setting to change when none fits.
+    Raises ConfigError naming the setting to change when none fits. `bitsandbytes_error` (bitsandbytes_failure's
+    answer, when it failed) leads that message: then the first thing to fix is bitsandbytes, not the settings.
     """
+    global _current_plan
     precision = precision or config.mixed_precision
+    adam8 = config.use_8bit_adam if use_8bit_adam is None else use_8bit_adam
     free = cuda_free_bytes() if free_bytes is None else free_bytes
     candidates = candidate_settings(config)
     estimates = [estimate_memory(config, s, precision=precision, use_8bit_adam=use_8bit_adam, size=size)
@@ -225,11 +307,20 @@ def plan_memory(config: TrainConfig, *, precision: str | None = None, use_8bit_a
                    if faster else "the fastest setting")
             reason = (f"Memory plan: {settings.describe()} (~{estimate.peak_allocated / GIB:.1f} GiB peak, "
                       f"{free / GIB:.1f} GiB free; {why}).")
-            return MemoryPlan(settings, estimate, free, reason)
+            plan = MemoryPlan(settings, estimate, free, reason, precision, adam8)
+            _current_plan = (_plan_key(config), plan)
+            return plan
     smallest = estimates[-1]
-    raise ConfigError(f"This run needs ~{smallest.peak_reserved / GIB:.1f} GiB of GPU memory even with "
-                      f"{candidates[-1].describe()}, and {free / GIB:.1f} GiB is free. "
-                      + _what_to_change(config, precision, use_8bit_adam, free, size))
+    refusal = (f"This run needs ~{smallest.peak_reserved / GIB:.1f} GiB of GPU memory even with "
+               f"{candidates[-1].describe()}, and {free / GIB:.1f} GiB is free. "
+               + _what_to_change(config, precision, use_8bit_adam, free, size))
+    if bitsandbytes_error and config.use_8bit_adam and not adam8:
+        with_8bit = estimate_memory(config, candidates[-1], precision=precision, use_8bit_adam=True, size=size)
+        fixed = ("with it this run fits" if with_8bit.peak_reserved <= free
+                 else f"with it this run still needs ~{with_8bit.peak_reserved / GIB:.1f} GiB")
+        refusal = (bitsandbytes_notice(config, bitsandbytes_error, size) + f" 8-bit AdamW was planned: {fixed}. "
+                   "Without it: " + refusal)
+    raise ConfigError(refusal)
 
 
 # Changes that shrink a run, least costly to the result first: (option to name, config changes).
@@ -278,9 +369,15 @@ def oom_advice(config: TrainConfig, *, settings: MemorySettings | None = None, p
                use_8bit_adam: bool | None = None, total_bytes: int | None = None, size: ModelSize = SD1_SIZE) -> str:
     """What to tell the user after a CUDA out-of-memory error: the estimate, and the setting to change.
 
-    `settings` are the ones the run used (default: the config's); `total_bytes` is the GPU's memory
-    (default: the device's), since at the moment of the error almost nothing is free.
+    `settings`, `precision` and `use_8bit_adam` are what the run used (default: what the planner chose for this
+    config, current_plan; without a plan, the config's); `total_bytes` is the GPU's memory (default: the
+    device's), since at the moment of the error almost nothing is free.
     """
+    plan = current_plan(config)
+    if plan is not None:
+        settings = settings or plan.settings
+        precision = precision or plan.precision
+        use_8bit_adam = plan.use_8bit_adam if use_8bit_adam is None else use_8bit_adam
     precision = precision or config.mixed_precision
     settings = settings or MemorySettings(config.gradient_checkpointing, config.step_in_backward)
     if total_bytes is None:
@@ -288,7 +385,16 @@ def oom_advice(config: TrainConfig, *, settings: MemorySettings | None = None, p
     used = estimate_memory(config, settings, precision=precision, use_8bit_adam=use_8bit_adam, size=size)
     head = (f"The GPU ran out of memory: this run needs ~{used.peak_allocated / GIB:.1f} GiB by our estimate, "
             f"the GPU has {total_bytes / GIB:.1f} GiB, and other programs on it (another notebook) use some. ")
-    for smaller in candidate_settings(config.replace(memory_plan="auto")):
+    if process_count() > 1:
+        head += (f"Each of the {process_count()} processes needs all of it on its own GPU (more GPUs do not share it); "
+                 "two processes on one GPU need twice. ")
+    if config.use_8bit_adam and use_8bit_adam is False:
+        head += ("8-bit AdamW was off (bitsandbytes did not load): fixing bitsandbytes saves "
+                 f"~{plain_adam_extra_bytes(config, size) / GIB:.1f} GiB. ")
+    # A run that used the smallest setting it may (memory plan "smallest", or the planner's last resort) has no
+    # smaller one to turn on: advise from the settings that change the run instead.
+    smaller_allowed = [] if config.memory_plan == "smallest" else candidate_settings(config.replace(memory_plan="auto"))
+    for smaller in smaller_allowed:
         estimate = estimate_memory(config, smaller, precision=precision, use_8bit_adam=use_8bit_adam, size=size)
         if estimate.peak_allocated < used.peak_allocated and estimate.peak_reserved <= total_bytes:
             if config.memory_plan == "auto":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,30 @@ class SDComponents:
     scheduler: Any  # the model's own inference scheduler
     source: str  # what was loaded, for summaries and model cards
     native_resolution: int = SD_RESOLUTION
+    # The base model's NSFW filter: whether its model_index.json names one, and the parts once loaded
+    # (load_safety_checker; only saving a full model and generating need them).
+    safety_checker_in_base: bool = False
+    safety_checker: Any = None
+    feature_extractor: Any = None
+    # fp32 weights of frozen parts, kept before training casts them to fp16/bf16 (keep_fp32_originals), so the
+    # saved model holds the base model's own weights, not half-precision-rounded copies.
+    fp32_originals: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def keep_fp32_originals(self, *names: str) -> None:
+        """Remember the current (fp32) weights of the parts `names` ("vae", "text_encoder") before a cast.
+
+        No copy is made: casting a module to another dtype gives it new tensors, and these references keep the
+        old ones. Costs their fp32 size in CPU memory (VAE 0.3 GB, text encoder 0.5 GB for SD 1.x).
+        """
+        for name in names:
+            self.fp32_originals[name] = {key: value.detach() for key, value in getattr(self, name).state_dict().items()}
+
+    def restore_fp32_originals(self, pipeline) -> None:
+        """Put the kept fp32 weights back into the pipeline's parts of the same names (after pipeline.to(fp32))."""
+        for name, weights in self.fp32_originals.items():
+            module = getattr(pipeline, name)
+            device = next(module.parameters()).device
+            module.load_state_dict({key: value.to(device, torch.float32) for key, value in weights.items()})
 
     @property
     def vae_scale_factor(self) -> int:
@@ -130,18 +154,43 @@ def build_tiny_tokenizer(model_max_length: int = 77):
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=model_max_length)
 
 
+SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def write_slow_tokenizer_files(tokenizer, folder: str | Path) -> None:
+    """Write vocab.json and merges.txt into `folder` (a saved tokenizer/ folder).
+
+    transformers 5 saves a CLIP tokenizer as tokenizer.json only; transformers 4.x's CLIPTokenizer (the
+    "slow" one, still what many scripts and Spaces load) reads only these two files, so a model published
+    without them cannot be loaded there. The BPE model behind tokenizer.json holds exactly their content.
+    """
+    folder = Path(folder)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.model.save(str(folder))
+    else:  # a slow tokenizer: it has the files itself
+        tokenizer.save_vocabulary(str(folder))
+    missing = [name for name in SLOW_TOKENIZER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ModelLoadError(f"Could not write the tokenizer's {', '.join(missing)} into {folder}: this tokenizer "
+                             f"({type(tokenizer).__name__}) is not a CLIP BPE tokenizer.")
+
+
 # ---------------------------------------------------------------------------- models built in code
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
-    """Run with a fixed global seed, then restore the caller's RNG (model constructors use it)."""
+def seeded_rng(seed: int):
+    """Run with a fixed global seed, then restore the caller's RNG (model constructors and LoRA init use it)."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         yield
     finally:
         torch.random.set_rng_state(state)
+
+
+_seeded = seeded_rng
 
 
 def _schedulers(prediction_type: str = "epsilon"):
@@ -216,10 +265,27 @@ def build_sd15_shaped_components(seed: int = 0) -> SDComponents:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_components(model: str, *, seed: int = 0) -> SDComponents:
+# The Hub's SD 1.x repositories also hold each part's weights in fp16 ("*.fp16.safetensors"): half the download.
+FP16_VARIANT = "fp16"
+
+
+def base_weights_variant(lora: bool, precision: str) -> str | None:
+    """The weight files a run needs: FP16_VARIANT when fp16 weights lose nothing, else None (the fp32 files).
+
+    LoRA under fp16 keeps the whole base model frozen in fp16 and trains new fp32 adapters, so the fp16
+    files (2.1 GB for SD 1.5 instead of 4.3 GB) give bit-for-bit the same run. A full fine-tune needs the fp32
+    files: its fp32 master weights start from the base model's own values (fp16 rounding is larger than a
+    DreamBooth step's update), and the parts it does not train are saved as the base model has them.
+    """
+    return FP16_VARIANT if lora and precision == "fp16" else None
+
+
+def load_components(model: str, *, seed: int = 0, variant: str | None = None) -> SDComponents:
     """Load SD 1.x from `model`: "tiny", "sd15-random", a local folder or file, or a Hub id.
 
-    Weights load in fp32: training keeps trainable weights in fp32 and casts frozen ones itself.
+    Weights load in fp32: training keeps trainable weights in fp32 and casts frozen ones itself. `variant`
+    ("fp16", see base_weights_variant) reads a diffusers folder's or Hub repository's fp16 files instead, and
+    only those are downloaded; where a part has none, its fp32 files are read.
     """
     if model == TINY_MODEL:
         return build_tiny_components(seed)
@@ -236,17 +302,34 @@ def load_components(model: str, *, seed: int = 0) -> SDComponents:
     if path.is_file():
         return _load_single_file(path)
     if path.is_dir():
-        return _load_diffusers_folder(str(path), local=True)
+        return _load_diffusers_folder(str(path), local=True, variant=variant)
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelLoadError(f"--model {model!r}: no such file or folder. Check the path, or give a Hub id "
                              "such as stable-diffusion-v1-5/stable-diffusion-v1-5.")
     if model in MOVED_REPOS:
         raise ModelLoadError(f"--model {model!r} was removed from the Hugging Face Hub in 2024. "
                              f"Use --model {MOVED_REPOS[model]} (the same weights).")
-    return _load_diffusers_folder(model, local=False)
+    return _load_diffusers_folder(model, local=False, variant=variant)
 
 
-def _load_diffusers_folder(where: str, *, local: bool) -> SDComponents:
+def _from_pretrained_variant(cls, where: str, subfolder: str, variant: str | None):
+    """`cls.from_pretrained` of one part in fp32, from its `variant` files when it has them.
+
+    The dtype is asked for explicitly: transformers 5 otherwise loads in the dtype config.json names, which is
+    float16 in folders saved from a half-precision model.
+    """
+    from transformers import PreTrainedModel
+
+    in_fp32 = {"dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype": torch.float32}
+    if variant is not None:
+        try:
+            return cls.from_pretrained(where, subfolder=subfolder, variant=variant, **in_fp32)
+        except (OSError, ValueError):  # no files of that variant for this part: read the plain ones
+            pass
+    return cls.from_pretrained(where, subfolder=subfolder, **in_fp32)
+
+
+def _load_diffusers_folder(where: str, *, local: bool, variant: str | None = None) -> SDComponents:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -257,9 +340,9 @@ def _load_diffusers_folder(where: str, *, local: bool) -> SDComponents:
         )
     try:
         tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(where, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet")
+        text_encoder = _from_pretrained_variant(CLIPTextModel, where, "text_encoder", variant)
+        vae = _from_pretrained_variant(AutoencoderKL, where, "vae", variant)
+        unet = _from_pretrained_variant(UNet2DConditionModel, where, "unet", variant)
         scheduler_config = DDPMScheduler.load_config(where, subfolder="scheduler")
     except (OSError, ValueError) as error:
         raise ModelLoadError(_load_advice(where, local, error)) from None
@@ -267,7 +350,8 @@ def _load_diffusers_folder(where: str, *, local: bool) -> SDComponents:
     scheduler = _inference_scheduler_from_config(scheduler_config)
     resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler, scheduler,
-                        source=where, native_resolution=resolution)
+                        source=where, native_resolution=resolution,
+                        safety_checker_in_base=_names_safety_checker(where, local))
 
 
 def _inference_scheduler_from_config(config: dict):
@@ -306,15 +390,74 @@ def _load_advice(where: str, local: bool, error: Exception) -> str:
     )
 
 
-def make_pipeline(components: SDComponents, *, unet=None, text_encoder=None):
+def make_pipeline(components: SDComponents, *, unet=None, text_encoder=None, safety_checker: bool = False):
     """A StableDiffusionPipeline over these components (optionally with trained replacements).
 
-    The safety checker is left out: it turns many harmless images black and adds 1.2 GB.
+    `safety_checker`: include the base model's NSFW filter (loaded with load_safety_checker), which blacks out
+    images it flags. Without it, a pipeline of a base that has one keeps `requires_safety_checker` true, so
+    diffusers says the filter is off whenever the pipeline is built or a saved copy is loaded: leaving it out
+    is never silent. Training's sample images and class images are made without it (previews on the
+    user's own disk; the filter would black out some at random and cost 0.6 GB of GPU memory).
     """
     from diffusers import StableDiffusionPipeline
 
+    checker = components.safety_checker if safety_checker else None
+    if safety_checker and components.safety_checker_in_base and checker is None:
+        raise ModelLoadError("The safety checker was asked for but not loaded: call load_safety_checker first.")
     return StableDiffusionPipeline(
         vae=components.vae, text_encoder=text_encoder or components.text_encoder, tokenizer=components.tokenizer,
-        unet=unet or components.unet, scheduler=components.scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        unet=unet or components.unet, scheduler=components.scheduler, safety_checker=checker,
+        feature_extractor=components.feature_extractor if checker is not None else None,
+        requires_safety_checker=components.safety_checker_in_base,
     )
+
+
+SAFETY_CHECKER_DIR, FEATURE_EXTRACTOR_DIR = "safety_checker", "feature_extractor"
+
+
+def safety_checker_note(components: SDComponents, used: bool) -> str | None:
+    """What to tell whoever sees the images when they are not filtered; None when they are (or for the built-in
+    toy models, which draw coloured shapes)."""
+    if used or components.source in (TINY_MODEL, TOY_MODEL):
+        return None
+    if components.safety_checker_in_base:
+        return "Safety checker off: images are not filtered for NSFW content."
+    return "This model has no safety checker: images are not filtered for NSFW content."
+
+
+def _names_safety_checker(where: str, local: bool) -> bool:
+    """Whether the diffusers model at `where` declares a safety checker in its model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = json.loads(Path(where, "model_index.json").read_text()) if local else DiffusionPipeline.load_config(
+            where)
+    except (OSError, ValueError):  # no index (a bare folder of parts): nothing declared
+        return False
+    entry = index.get(SAFETY_CHECKER_DIR)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
+
+
+def load_safety_checker(components: SDComponents, *, variant: str | None = None) -> bool:
+    """Load the safety checker and its feature extractor of the model `components` came from, once.
+
+    Returns whether there is one (False for models without: the built-in ones, or a base saved without it).
+    `variant` "fp16" downloads its 0.6 GB of fp16 weights instead of 1.2 GB, for half-precision generation.
+    """
+    if components.safety_checker is not None or not components.safety_checker_in_base:
+        return components.safety_checker is not None
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    try:
+        components.safety_checker = _from_pretrained_variant(StableDiffusionSafetyChecker, components.source,
+                                                             SAFETY_CHECKER_DIR, variant)
+        components.feature_extractor = CLIPImageProcessor.from_pretrained(components.source,
+                                                                          subfolder=FEATURE_EXTRACTOR_DIR)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"Could not load the safety checker of {components.source!r} ({type(error).__name__}: {error}). "
+            "Check your network and disk space, or turn it off knowingly (--no-safety-checker): images are then "
+            "not filtered for NSFW content."
+        ) from None
+    return True

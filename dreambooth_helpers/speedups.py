@@ -105,6 +105,46 @@ class StepInBackward(torch.optim.Optimizer):
         self._hooks.clear()
 
 
+def optimizer_state_for(optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """`saved` (an optimizer state_dict from a checkpoint) in the layout `optimizer` loads.
+
+    The memory planner may choose the plain optimizer step in one session and the step inside backward in
+    the next (less free memory after a reconnect), and their state_dicts differ: a plain optimizer's has
+    "state" and "param_groups" over all parameters, StepInBackward's one inner state_dict per parameter. Both
+    number the parameters in the same order (groups, then parameters), and each inner optimizer is the plain
+    one's kind over one parameter, so the moments carry over unchanged either way.
+    """
+    wants_inner = isinstance(optimizer, StepInBackward)
+    if wants_inner == ("inner" in saved):
+        return saved  # already in the right layout
+    groups = optimizer.param_groups
+    if wants_inner:  # plain -> one inner state per parameter
+        settings_of, inner = [], []
+        for saved_group in saved["param_groups"]:
+            settings = {k: v for k, v in saved_group.items() if k != "params"}
+            settings_of.append(settings)
+            for position in saved_group["params"]:
+                state = saved["state"].get(position, saved["state"].get(str(position)))
+                inner.append({"state": {0: state} if state is not None else {},
+                              "param_groups": [{**settings, "params": [0]}]})
+        return {"inner": inner, "lr": [settings["lr"] for settings in settings_of], "loss_scale": None,
+                "clean_steps": 0}
+    # one inner state per parameter -> plain: renumber the parameters in order, groups as the optimizer has them
+    state, param_groups, position = {}, [], 0
+    inner_states = iter(saved["inner"])
+    for group, lr in zip(groups, saved["lr"], strict=True):
+        indices = []
+        for _param in group["params"]:
+            one = next(inner_states)
+            if one["state"]:
+                state[position] = next(iter(one["state"].values()))
+            indices.append(position)
+            position += 1
+        settings = {k: v for k, v in group.items() if k != "params"}
+        param_groups.append({**settings, "lr": lr, "params": indices})
+    return {"state": state, "param_groups": param_groups}
+
+
 class TextEmbeddingCache:
     """Hidden states of each distinct prompt from a frozen text encoder, computed on first use.
 

@@ -17,8 +17,11 @@
                          for the class, optimizer step), then samples, on_step, checkpoint
     _finish              the final model and training_summary.json (with every step's logs, resumed or not)
 
-Every random draw of step k (which images, flips, noise, timesteps) comes from a generator seeded by
-(seed, k), so a resumed run continues exactly as an uninterrupted one would.
+Every random draw (which images, flips, noise, timesteps) belongs to one example of the run's stream of
+examples and comes from a generator seeded by (seed, that example's place in the stream), so a resumed run
+continues exactly as an uninterrupted one would. Under `accelerate launch` each process takes its own slice
+of every global batch of that stream (_train_step), so N processes with batch B draw exactly what one process
+with batch N x B draws.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -47,8 +51,24 @@ from .data import DatasetReport, images_to_tensor, prepare_image, read_images, r
 from .errors import ConfigError, DreamBoothError, TrainingError
 from .failures import is_out_of_memory, training_out_of_memory
 from .files import LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SAMPLES_DIR, SUMMARY_FILE
-from .memory import plan_memory, planning_size
-from .models import SD15_RANDOM, SDComponents, load_components, make_pipeline
+from .memory import (
+    bf16_in_hardware,
+    bitsandbytes_failure,
+    bitsandbytes_notice,
+    plan_memory,
+    planning_size,
+    process_count,
+)
+from .models import (
+    SD15_RANDOM,
+    SDComponents,
+    base_weights_variant,
+    load_components,
+    load_safety_checker,
+    make_pipeline,
+    seeded_rng,
+    write_slow_tokenizer_files,
+)
 from .speedups import StepInBackward, TextEmbeddingCache, live_text_embeddings, use_channels_last
 
 LORA_TARGETS_UNET = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -107,6 +127,9 @@ def resolve_runtime(config: TrainConfig, cuda_available: bool | None = None, *,
         notices.append(f"--learning-rate {config.effective_learning_rate:g} is high for a full fine-tune of SD 1.x: "
                        "expect the model to forget other subjects quickly. 1e-6..5e-6 is usual; LoRA uses ~1e-4.")
     precision, adam8, xformers = config.mixed_precision, config.use_8bit_adam, False
+    if not config.safety_checker and not config.lora and config.model not in (TINY_MODEL, TOY_MODEL):
+        notices.append("Safety checker off (--no-safety-checker): the saved model will not filter NSFW images, and "
+                       "diffusers warns whoever loads it. Do not serve it publicly without a filter of your own.")
     if not cuda:
         if precision != "no":
             notices.append(f"No GPU: training in fp32 instead of {precision} (fine for the offline toy and tiny "
@@ -116,25 +139,27 @@ def resolve_runtime(config: TrainConfig, cuda_available: bool | None = None, *,
             notices.append("No GPU: bitsandbytes 8-bit AdamW needs CUDA, using plain AdamW.")
             adam8 = False
     else:
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        if precision == "bf16" and not bf16_in_hardware():  # is_bf16_supported() is True on a T4: emulated
             raise ConfigError(f"--mixed-precision bf16 is not supported by {torch.cuda.get_device_name()} "
-                              "(T4 and older): use --mixed-precision fp16.")
-        if adam8:
-            try:
-                import bitsandbytes  # noqa: F401
-            except Exception as error:  # missing, or its CUDA setup failed
-                notices.append(f"bitsandbytes unavailable ({type(error).__name__}): plain AdamW, +~2.4 GiB memory. "
-                               "Fix with `pip install -U bitsandbytes`.")
-                adam8 = False
+                              "(T4 and older; bf16 needs compute capability 8.0+): use --mixed-precision fp16.")
+        bitsandbytes_error = bitsandbytes_failure() if adam8 else None
+        if bitsandbytes_error:
+            notices.append(bitsandbytes_notice(config, bitsandbytes_error, planning_size(config.model)))
+            adam8 = False
         if config.attention in ("auto", "xformers"):
             xformers = _xformers_works()
             if config.attention == "xformers" and not xformers:
                 notices.append("xformers is not installed or not built for this torch: using PyTorch SDPA attention.")
     checkpointing, in_backward = config.gradient_checkpointing, config.step_in_backward
     if cuda:  # refuse here, before the model loads, when nothing fits
-        plan = plan_memory(config, precision=precision, use_8bit_adam=adam8, size=planning_size(config.model))
+        plan = plan_memory(config, precision=precision, use_8bit_adam=adam8, size=planning_size(config.model),
+                           bitsandbytes_error=bitsandbytes_error)
         checkpointing, in_backward = plan.settings.gradient_checkpointing, plan.settings.step_in_backward
         notices.append(plan.reason)
+    if in_backward and process_count() > 1:  # the planner never picks it then: only --step-in-backward gets here
+        raise ConfigError(f"--step-in-backward does not work with several processes (this run has {process_count()}):"
+                          " their gradients are averaged after the backward pass, so no weight may change during it."
+                          " Drop --step-in-backward, or launch one process.")
     return Runtime("cuda" if cuda else "cpu", precision, adam8, xformers, notices, checkpointing, in_backward)
 
 
@@ -413,15 +438,20 @@ def _start(config: TrainConfig, runtime: Runtime, max_steps: int, identity: dict
            say: Callable[[str], None]) -> _Run:
     """The Accelerator for this run's precision; `say` prints the runtime's notices once (on the main process)."""
     from accelerate import Accelerator
-    from accelerate.utils import GradScalerKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs
 
     _allow_another_mixed_precision(runtime.mixed_precision)
+    # Under accelerate launch: the gradients are views into DDP's all-reduce buckets instead of a second copy of
+    # them (a full fine-tune's 3.4 GiB), and the other processes wait up to 2 hours (not torch's 30 minutes) at a
+    # barrier while the main process makes the class images. Both do nothing in a single process.
+    handlers = [DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+                InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))]
     # The step inside backward scales the fp16 loss itself, per parameter (speedups.StepInBackward).
-    own_loss_scaling = runtime.step_in_backward and runtime.mixed_precision == "fp16"
+    if runtime.step_in_backward and runtime.mixed_precision == "fp16":
+        handlers.append(GradScalerKwargs(enabled=False))
     accelerator = Accelerator(mixed_precision=runtime.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              cpu=runtime.device == "cpu",
-                              kwargs_handlers=[GradScalerKwargs(enabled=False)] if own_loss_scaling else None)
+                              cpu=runtime.device == "cpu", kwargs_handlers=handlers)
     for notice in runtime.notices:
         say(notice)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(runtime.mixed_precision, torch.float32)
@@ -447,12 +477,15 @@ def _allow_another_mixed_precision(precision: str) -> None:
 def _load_model(run: _Run) -> _Model:
     """The base model, with what trains in fp32 (fp16 master weights break loss scaling) and the rest frozen."""
     config = run.config
-    components = load_components(config.model, seed=config.seed)
+    variant = base_weights_variant(config.lora, run.runtime.mixed_precision)  # fp16 files: half the download
+    components = load_components(config.model, seed=config.seed, variant=variant)
     resolution = config.resolution or components.native_resolution
     if resolution % components.resolution_multiple:
         raise ConfigError(f"--resolution {resolution} does not fit this model: use a multiple of "
                           f"{components.resolution_multiple} (SD 1.x: 512).")
     unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
+    if run.weight_dtype != torch.float32 and not config.lora:  # the saved model gets the frozen parts' own weights
+        components.keep_fp32_originals("vae", *(() if config.train_text_encoder else ("text_encoder",)))
     set_up_trainable(unet, text_encoder, vae, config, run.runtime, run.accelerator.device, run.weight_dtype)
     return _Model(components, unet, text_encoder, vae, resolution)
 
@@ -465,7 +498,8 @@ def _load_data(run: _Run, model: _Model, photos: list[DatasetReport]) -> _Data:
     for concept, report in zip(config.concepts, photos, strict=True):
         if report.skipped:
             run.say("Skipped: " + "; ".join(f"{s.name} ({s.reason})" for s in report.skipped))
-        images = [prepare_image(record.image, model.resolution, config.crop) for record in report.images]
+        images = [prepare_image(record.image, model.resolution, config.crop, config.remove_bars)
+                  for record in report.images]
         instances += _make_examples(images, concept.instance_prompt, model.components, config, run.runtime,
                                     run.weight_dtype)
     if config.with_prior_preservation:
@@ -551,17 +585,19 @@ def _train_step(run: _Run, model: _Model, data: _Data, optim: _Optim, step: int)
     unet.train()
     text_encoder.train(text_training)
     skipped = None
+    # Each micro-batch is a global batch of size x processes examples of the run's stream; this process takes
+    # the slice at its rank, so together the processes draw what one process with the whole batch would.
+    # DDP averages the processes' gradients, which is the gradient of the whole batch's mean loss.
+    size, processes = config.train_batch_size, accelerator.num_processes
+    trained = [unet, text_encoder] if config.train_text_encoder else [unet]
     for micro in range(config.gradient_accumulation_steps):
-        position = (step * config.gradient_accumulation_steps + micro) * accelerator.num_processes \
-            + accelerator.process_index
-        generator = torch.Generator(device.type).manual_seed(config.seed * 1_000_003 + position)
-        batch = _assemble(data.instances, data.classes, position, config, generator)
-        with accelerator.accumulate(unet):
+        first = ((step * config.gradient_accumulation_steps + micro) * processes + accelerator.process_index) * size
+        batch = _assemble(data.instances, data.classes, first, config, device)
+        with accelerator.accumulate(*trained):
             with accelerator.autocast():  # the forward pass only, see the backward below
-                latents = _latents(batch, model.vae, config, device, run.weight_dtype, generator)
-                noise = torch.randn(latents.shape, generator=generator, device=device)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          generator=generator, device=device)
+                latents = _latents(batch, model.vae, config, device, run.weight_dtype)
+                noise, timesteps = _noise_and_timesteps(batch, latents, noise_scheduler.config.num_train_timesteps,
+                                                        device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 hidden = text_encoder(batch["input_ids"].to(device))[0] if text_training \
                     else data.frozen_text(text_encoder, batch["input_ids"], device)
@@ -570,10 +606,18 @@ def _train_step(run: _Run, model: _Model, data: _Data, optim: _Optim, step: int)
                     else noise_scheduler.get_velocity(latents, noise, timesteps)
                 loss, instance_loss, prior_loss = dreambooth_loss(prediction, target, batch["num_instance"],
                                                                   config.prior_loss_weight)
-            # A NaN/inf forward loss is never applied (no backward, no step), so the weights stay those
-            # of the last good step. The fp16 loss scaler cannot catch this: it only inspects gradients.
-            if not torch.isfinite(loss.detach()):
+            # The whole global batch's losses, the same on every process: what is logged, and what decides
+            # below whether this step is applied (all processes decide alike, or their all-reduces would hang).
+            reported = torch.stack([loss.detach(), instance_loss.detach(),
+                                    loss.detach() * 0 if prior_loss is None else prior_loss.detach()])
+            if processes > 1:
+                reported = accelerator.reduce(reported, "mean")
+            # A NaN/inf forward loss is never applied (no step), so the weights stay those of the last good step.
+            # The fp16 loss scaler cannot catch this: it only inspects gradients.
+            if not torch.isfinite(reported[0]):
                 skipped = "the loss was NaN/inf"
+                if processes > 1:  # DDP expects a backward after each forward; its gradients are dropped below
+                    accelerator.backward(loss * 0)
                 optimizer.zero_grad(set_to_none=True)
                 lr_scheduler.step()
                 continue
@@ -599,8 +643,8 @@ def _train_step(run: _Run, model: _Model, data: _Data, optim: _Optim, step: int)
             optimizer.zero_grad(set_to_none=True)
     overflowed = skipped is None and (bool(getattr(optimizer, "step_was_skipped", False)) or bool(
         in_backward and in_backward.loss_scale is not None and in_backward.last_step_nonfinite))
-    return StepOutcome(float(loss.detach()), float(instance_loss.detach()),
-                       None if prior_loss is None else float(prior_loss.detach()), skipped, overflowed, text_training)
+    total, instance, prior_part = (float(value) for value in reported)
+    return StepOutcome(total, instance, None if prior_loss is None else prior_part, skipped, overflowed, text_training)
 
 
 def _finish(run: _Run, model: _Model, data: _Data, optim: _Optim, history: list[dict[str, Any]],
@@ -624,10 +668,12 @@ def _finish(run: _Run, model: _Model, data: _Data, optim: _Optim, history: list[
                    "num_instance_images": len(data.instances), "num_class_images": len(data.classes),
                    "device": run.runtime.device, "mixed_precision": run.runtime.mixed_precision,
                    "optimizer": type(getattr(optim.optimizer, "optimizer", optim.optimizer)).__name__,
+                   "use_8bit_adam": run.runtime.use_8bit_adam,  # after the fallback to AdamW (the model card)
                    "notices": run.runtime.notices, "wall_time_s": round(time.time() - run.started, 2),
                    "peak_gpu_memory_gib": result.peak_memory_gib, "history": history, "losses": result.losses,
                    "versions": _versions()}
         ckpt.write_json_atomically(result.summary_path, summary)
+    accelerator.wait_for_everyone()  # every process returns once the model is there, not only the one that wrote it
     return result
 
 
@@ -645,9 +691,11 @@ def _run_identity(config: TrainConfig, max_steps: int, photos: list[DatasetRepor
 
     Saved in every checkpoint and in the summary: a run resumes only its own checkpoints, and reuses only its own
     finished model. The photos count by their bytes in reading order, so other or replaced photos make another
-    run, whatever their folder is called.
+    run, whatever their folder is called. Under accelerate launch the process count counts too: with it the
+    global batch, the stream of examples and the learning-rate schedule's step count change.
     """
-    return {**_settings_identity(config, max_steps), "photos": _photos_digest(photos)}
+    processes = {"num_processes": process_count()} if process_count() > 1 else {}  # one process: as before
+    return {**_settings_identity(config, max_steps), **processes, "photos": _photos_digest(photos)}
 
 
 def _settings_identity(config: TrainConfig, max_steps: int) -> dict[str, Any]:
@@ -734,11 +782,12 @@ def set_up_trainable(unet, text_encoder, vae, config: TrainConfig, runtime: Runt
         unet.requires_grad_(False).to(device, weight_dtype)
         text_encoder.requires_grad_(False).to(device, weight_dtype)
         alpha = config.lora_alpha or config.lora_rank
-        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS_UNET))
-        if train_text:
-            text_encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                                target_modules=LORA_TARGETS_TEXT))
+        with seeded_rng(config.seed):  # the adapters' random init: two runs with one seed train the same
+            unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                        target_modules=LORA_TARGETS_UNET))
+            if train_text:
+                text_encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha,
+                                                    init_lora_weights="gaussian", target_modules=LORA_TARGETS_TEXT))
         for model in (unet, text_encoder):
             for p in model.parameters():
                 if p.requires_grad:
@@ -764,7 +813,8 @@ def _diverged_message(step: int, reason: str, config: TrainConfig, output_dir: P
     lr = config.effective_learning_rate
     kept = (f"The last good checkpoint, {good[-1]}, is kept: after the change, continue with --resume latest."
             if good else "No checkpoint was saved yet; --checkpoint-every N keeps progress for a resume.")
-    precision = " or --mixed-precision bf16 (no fp16 overflow)" if config.mixed_precision == "fp16" else ""
+    bf16_helps = config.mixed_precision == "fp16" and torch.cuda.is_available() and bf16_in_hardware()
+    precision = " or --mixed-precision bf16 (no fp16 overflow)" if bf16_helps else ""
     return (f"Training stopped at step {step}: {reason} on {patience} steps in a row, so training diverged. "
             f"Those updates were not applied and no NaN weights were saved. Lower --learning-rate (now {lr:g}, "
             f"try {lr / 4:g}){precision}. {kept}")
@@ -783,32 +833,57 @@ def _make_optimizer(groups, config: TrainConfig, runtime: Runtime):
     return torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay, fused=runtime.device == "cuda")
 
 
-def _assemble(instances, classes, position: int, config: TrainConfig, generator) -> dict[str, Any]:
-    """The instance examples of this position, then as many class examples (prior preservation)."""
+def _example_seed(seed: int, index: int, is_class: bool, purpose: int) -> int:
+    """The seed of one random draw of the example at `index` in the run's stream: purpose 0 its flip, 1 the rest.
+
+    Keyed by the example, not by the step or the process, so the same example draws the same whatever batch or
+    process it lands in (1 process with batch 2 draws what 2 processes with batch 1 draw together).
+    """
+    return ((seed * 1_000_003 + index) * 2 + int(is_class)) * 2 + purpose
+
+
+def _assemble(instances, classes, first: int, config: TrainConfig, device) -> dict[str, Any]:
+    """The instance examples at stream places first..first+batch-1, then as many class examples (prior
+    preservation), each with its flip and its own generator for the latent, noise and timestep draws."""
     size = config.train_batch_size
-    chosen = [instances[_pick(len(instances), position * size + k, config.seed)] for k in range(size)]
-    if classes:
-        chosen += [classes[_pick(len(classes), position * size + k, config.seed + 1)] for k in range(size)]
-    flips = [int(torch.randint(0, 2, (1,), generator=torch.Generator().manual_seed(config.seed + position * 31 + k)))
-             if config.random_flip else 0 for k in range(len(chosen))]
-    return {"examples": chosen, "flips": flips, "num_instance": size,
+    places = [(first + k, False) for k in range(size)] + ([(first + k, True) for k in range(size)] if classes else [])
+    chosen = [classes[_pick(len(classes), index, config.seed + 1)] if is_class
+              else instances[_pick(len(instances), index, config.seed)] for index, is_class in places]
+    flips = [int(torch.randint(0, 2, (1,), generator=torch.Generator().manual_seed(
+        _example_seed(config.seed, index, is_class, 0)))) if config.random_flip else 0 for index, is_class in places]
+    generators = [torch.Generator(device.type).manual_seed(_example_seed(config.seed, index, is_class, 1))
+                  for index, is_class in places]
+    return {"examples": chosen, "flips": flips, "num_instance": size, "generators": generators,
             "input_ids": torch.stack([e.input_ids for e in chosen])}
 
 
-def _latents(batch, vae, config: TrainConfig, device, vae_dtype, generator) -> torch.Tensor:
+def _per_example_randn(batch, shape, device, dtype=torch.float32) -> torch.Tensor:
+    """One standard normal tensor of `shape` per example, each from the example's own generator."""
+    return torch.stack([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in batch["generators"]])
+
+
+def _latents(batch, vae, config: TrainConfig, device, vae_dtype) -> torch.Tensor:
     """Latents for the batch: sampled from the cached distribution, or encoded now."""
     pairs = list(zip(batch["examples"], batch["flips"]))
     if config.cache_latents:
         mean = torch.stack([e.latent_mean[f] for e, f in pairs]).to(device)
         std = torch.stack([e.latent_std[f] for e, f in pairs]).to(device)
-        sample = mean + std * torch.randn(mean.shape, generator=generator, device=device)
+        sample = mean + std * _per_example_randn(batch, mean.shape[1:], device)
     else:
         pixels = torch.stack([e.pixels[f] for e, f in pairs]).to(device, vae_dtype)
         with torch.no_grad():
             dist = vae.encode(pixels).latent_dist
-        sample = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator, device=device,
-                                                     dtype=dist.mean.dtype)).float()
+        sample = (dist.mean + dist.std * _per_example_randn(batch, dist.mean.shape[1:], device,
+                                                            dist.mean.dtype)).float()
     return sample * vae.config.scaling_factor
+
+
+def _noise_and_timesteps(batch, latents: torch.Tensor, num_train_timesteps: int, device):
+    """The noise added to each latent and its timestep, drawn after the latent from the example's generator."""
+    noise = _per_example_randn(batch, latents.shape[1:], device)
+    timesteps = torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g, device=device)
+                           for g in batch["generators"]])
+    return noise, timesteps
 
 
 def _save_samples(run: _Run, model: _Model, step: int) -> list[Path]:
@@ -859,9 +934,13 @@ def _save_final_model(components: SDComponents, accelerator, unet, text_encoder,
             (staging / raw).unlink(missing_ok=True)  # resume-only copies; the diffusers file is the model
         ckpt.replace_atomically(staging, output_dir, LORA_WEIGHTS_FILE)
         return
-    pipe = make_pipeline(components, unet=unet, text_encoder=text_encoder or components.text_encoder)
+    with_checker = config.safety_checker and load_safety_checker(components)  # the base's NSFW filter, if any
+    pipe = make_pipeline(components, unet=unet, text_encoder=text_encoder or components.text_encoder,
+                         safety_checker=with_checker)
     pipe.to(torch.float32)  # one dtype for every part, so a plain from_pretrained runs as is
+    components.restore_fp32_originals(pipe)  # not the fp16-rounded copies training used
     pipe.save_pretrained(staging, safe_serialization=True)
+    write_slow_tokenizer_files(components.tokenizer, staging / "tokenizer")  # for transformers 4.x
     ckpt.replace_atomically(staging, output_dir, MODEL_INDEX_FILE)
 
 

@@ -7,6 +7,7 @@ gathers its public names so that cells read `widgets.ImagePicker(...)`, `widgets
 
 from .failures import free_gpu_memory
 from .notebook.after import (
+    DEMO_USER,
     GenerationSettings,
     class_image_grid,
     default_repo_id,

@@ -216,7 +216,7 @@ def test_train_help_shows_the_recipe_and_preset_defaults(capsys):
             in text
         assert "{} {}-{}".format(kind, *recipe.recommended_photos) in text  # --instance-dir
     assert "learning rate 2e-6" in text and "e-06" not in text  # rates as the README writes them
-    assert "LoRA rank; 8-32 for harder subjects (default 4; t4-lora: 8)." in text
+    assert "LoRA rank; 8-32 for harder subjects (default 4; t4-lora: 8; low-memory: 8)." in text
     assert "Starting settings for your GPU (default t4)." in text
     assert "(default toy)" in text and ") (" not in text  # one parenthesis per help, defaults included
     # All kinds generate the same number of class images: it is said once, by --num-class-images.

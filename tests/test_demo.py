@@ -58,7 +58,7 @@ def decode(item) -> Image.Image:
 def test_health_reports_the_model_and_limits(demo, trained_dir):
     _, url = demo
     health = httpx.get(f"{url}/api/health").json()
-    assert health["status"] == "ready" and health["model"] == str(trained_dir) and health["resolution"] == 64
+    assert health["status"] == "ready" and health["model"] == trained_dir.name and health["resolution"] == 64
     assert health["limits"]["max_images"] == 3 and health["limits"]["max_resolution"] == 96
     assert "Ready" in health["message"]
 
@@ -77,6 +77,31 @@ def test_generate_returns_pngs_with_seeds_and_is_reproducible(demo):
     assert images[0].text["prompt"] == "a photo of sks dog" and images[0].text["seed"] == "21"
     again = httpx.post(f"{url}/api/generate", json=request, timeout=60).json()
     assert np.array_equal(np.asarray(images[0]), np.asarray(decode(again["images"][0])))
+
+
+def test_no_local_path_reaches_a_visitor(demo, trained_dir):
+    """Health, answers, the page's config and status, and every PNG's metadata name the model, never its path."""
+    from gradio_client import Client
+
+    running, url = demo
+    local_path = str(trained_dir)
+    texts = [httpx.get(f"{url}/api/health").text, httpx.get(f"{url}/config").text,
+             httpx.get(f"{url}/gradio_api/info").text, running.service.status_text()]
+    answer = httpx.post(f"{url}/api/generate", json={"prompt": "a photo of sks dog", "steps": 2, "seed": 4},
+                        timeout=60)
+    texts.append(answer.text)
+    rest_png = decode(answer.json()["images"][0])
+    assert answer.json()["model"] == trained_dir.name and rest_png.text["model"] == trained_dir.name
+    texts += rest_png.text.values()
+    before = set((running.service.output_dir / "images").glob("*.png"))
+    _, status = Client(url + "/", verbose=False, download_files=False).predict(
+        "a photo of sks dog", "", 2, 7.5, 1, 64, "4", api_name="/generate")
+    page_png = Image.open(next(iter(set((running.service.output_dir / "images").glob("*.png")) - before)))
+    assert page_png.text["model"] == trained_dir.name and f"Model: {trained_dir.name}" in page_png.text["parameters"]
+    texts += [status, *page_png.text.values()]
+    assert trained_dir.name in texts[0] and trained_dir.name in texts[1]
+    leaks = [text[:200] for text in texts if local_path in text]
+    assert not leaks, leaks
 
 
 def test_random_seed_and_size(demo):
@@ -206,6 +231,9 @@ def test_page_in_a_real_browser_generates_an_image(demo):
             expect(page.locator("#status")).to_contain_text("Ready", timeout=60_000)
             # Example prompts come from the trained token and class in training_summary.json.
             expect(page.get_by_text("a photo of sks dog on the beach").first).to_be_visible()
+            # The REST API section's curl line carries the address this page was opened at.
+            page.get_by_text("REST API").first.click()
+            expect(page.locator("#rest-api")).to_contain_text(f"curl -s -X POST {url}/api/generate", timeout=30_000)
             page.locator("#prompt textarea").fill("a photo of sks dog in the snow")
             page.locator("#generate").click()
             expect(page.locator("#gallery img").first).to_be_visible(timeout=90_000)

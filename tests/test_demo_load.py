@@ -21,6 +21,7 @@ import torch
 
 from dreambooth_helpers.demo import DemoLimits, DemoService, launch_demo
 from dreambooth_helpers.errors import DreamBoothError
+from tests.demo_fakes import FakeGenerator, use_generator
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 REQUESTS = 20
@@ -105,17 +106,7 @@ def test_twenty_concurrent_page_requests_wait_in_gradios_queue(demo):
 def test_a_full_queue_says_busy_instead_of_dropping_requests(tmp_path):
     service = DemoService("tiny", limits=DemoLimits(max_queue=3), output_dir=tmp_path)
     release = threading.Event()
-
-    class SlowGenerator:
-        device = "cpu"
-        default_resolution = 64
-
-        def generate(self, prompt, **kwargs):
-            release.wait(30)
-            return [prompt]
-
-    service._generator = SlowGenerator()
-    service._loaded.set()
+    use_generator(service, FakeGenerator(gate=release))
     outcomes = []
 
     def call(index):

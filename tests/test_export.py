@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +136,90 @@ def test_export_cli_and_mistakes(tmp_path, capsys):
     assert ".safetensors" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         export_single_file("tiny", tmp_path / "x.bin")
+
+
+# ---------------------------------------------------------------------------- checks first, memory
+
+
+def test_export_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import dreambooth_helpers.export as export
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(export, "load_components", refuse)
+    folder = tmp_path / "exports.safetensors"  # a folder, however it is named
+    folder.mkdir()
+    assert main(["export-single-file", "--model", "tiny", "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is a folder" in err and "model.safetensors" in err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert main(["export-single-file", "--model", "tiny", "--out", str(a_file / "model.safetensors")]) == 2
+    assert "cannot be made" in capsys.readouterr().err
+    assert main(["export-single-file", "--model", "tiny", "--out", str(tmp_path / "model.ckpt")]) == 2
+    assert ".safetensors" in capsys.readouterr().err
+    if os.path.isdir("/proc/self"):  # a place no one (not even root) can make files in
+        assert main(["export-single-file", "--model", "tiny", "--out", "/proc/exports/model.safetensors"]) == 2
+        assert "cannot write in '/proc'" in capsys.readouterr().err
+
+
+def test_conversion_keeps_the_models_own_tensors_and_writing_clones_nothing(tmp_path, monkeypatch):
+    """Renaming keys and reshaping the VAE's attention weights are views of the loaded weights; the writer streams
+    them (fp16 conversion one tensor at a time), so no second copy of the model is ever made."""
+    from dreambooth_helpers.export import convert_to_original_layout, write_checkpoint
+
+    components = build_tiny_components()
+    own = {t.untyped_storage().data_ptr() for m in (components.unet, components.vae, components.text_encoder)
+           for t in m.state_dict().values()}
+    checkpoint = convert_to_original_layout(components.unet, components.vae, components.text_encoder)
+    assert {t.untyped_storage().data_ptr() for t in checkpoint.values()} <= own
+    reference = {key: tensor.detach().clone() for key, tensor in checkpoint.items()}
+
+    def no_clone(self, *args, **kwargs):
+        raise AssertionError("export cloned a tensor")
+
+    monkeypatch.setattr(torch.Tensor, "clone", no_clone)
+    write_checkpoint(components, tmp_path / "fp32.safetensors")
+    write_checkpoint(components, tmp_path / "fp16.safetensors", half_precision=True)
+    monkeypatch.undo()
+    fp32, fp16 = load_file(tmp_path / "fp32.safetensors"), load_file(tmp_path / "fp16.safetensors")
+    assert fp32.keys() == fp16.keys() == reference.keys()
+    for key, tensor in reference.items():
+        assert torch.equal(fp32[key], tensor), key
+        assert fp16[key].dtype == torch.float16 and torch.equal(fp16[key], tensor.half()), key
+    assert not list(tmp_path.glob(".*partial"))  # written beside the target, then renamed
+
+
+def _rss_status(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.parametrize("half", [False, True])
+def test_export_peak_memory_stays_near_one_model(tmp_path, half):
+    """The memory the export adds on top of the loaded model (peak RSS, reset after loading) stays far below the
+    model's size: before issue 14 every tensor was cloned, adding a whole model (half one with --half)."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_helpers.export import write_checkpoint
+
+    components = build_tiny_components()
+    torch.manual_seed(0)
+    # SD 1.5's block layout at a width that makes the model ~90 MB: large against the noise of the process.
+    components.unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 192, 192),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=32)
+    model_bytes = sum(t.numel() * t.element_size() for m in (components.unet, components.vae, components.text_encoder)
+                      for t in m.state_dict().values())
+    assert model_bytes > 60 * 2**20
+    gc.collect()
+    before = _rss_status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
+    write_checkpoint(components, tmp_path / "model.safetensors", half_precision=half)
+    extra = _rss_status("VmHWM") - before
+    assert extra < 0.25 * model_bytes, f"export added {extra / 2**20:.0f} MiB to a {model_bytes / 2**20:.0f} MiB model"
+    assert (tmp_path / "model.safetensors").stat().st_size > model_bytes * (0.45 if half else 0.95)

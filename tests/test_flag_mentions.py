@@ -188,6 +188,11 @@ def callers_by_name() -> dict[str, set[str]]:
             for node in ast.walk(function):
                 if isinstance(node, ast.Call) and _called_name(node):
                     callers[_called_name(node)].add(function.name)
+                    # threading.Thread(target=self._serve) runs _serve for this function: count it as a call.
+                    for keyword in node.keywords:
+                        if keyword.arg == "target" and isinstance(keyword.value, (ast.Name, ast.Attribute)):
+                            target = keyword.value
+                            callers[target.id if isinstance(target, ast.Name) else target.attr].add(function.name)
     return callers
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -176,3 +178,82 @@ def test_generate_cli_reports_user_errors(tmp_path, capsys):
     code = main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path)])
     assert code == 2 and "no such file or folder" in capsys.readouterr().err
     assert issubclass(ModelLoadError, DreamBoothError)
+
+
+# ---------------------------------------------------------------------------- checked before the model loads
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fails the test if anything starts loading a model: the checks must come first."""
+    import dreambooth_helpers.inference as inference
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(inference, "load_components", refuse)
+    monkeypatch.setattr(inference, "load_generator", refuse)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "steps must be a whole number from 1"),
+    (["--num-images", "0"], "num_images must be a whole number from 1"),
+    (["--num-images", "65"], "num_images"),
+    (["--prompt", "   "], "prompt is empty"),
+    (["--guidance", "99"], "guidance_scale must be a number from 0 to 50"),
+    (["--guidance", "nan"], "guidance_scale"),
+    (["--seed", "-1"], "seed must be a whole number"),
+    (["--width", "30"], "width must be a multiple of 8"),
+    (["--height", "4096"], "height must be a whole number from 8 to 2048"),
+])
+def test_generate_settings_are_checked_before_the_model_loads(flags, message, tmp_path, capsys, no_model_loads):
+    args = ["generate", "--model", "tiny", "--prompt", "a photo of sks dog", "--out", str(tmp_path / "images")]
+    assert main(args + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "images").exists()  # nothing was created for a run that cannot happen
+
+
+def test_generate_out_is_checked_before_the_model_loads(tmp_path, capsys, no_model_loads):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    assert main(["generate", "--model", "tiny", "--prompt", "a dog", "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "--out" in err
+    # A folder that cannot be made: its parent is a file.
+    assert main(["generate", "--model", "tiny", "--prompt", "a dog", "--out", str(a_file / "images")]) == 2
+    assert "cannot be made" in capsys.readouterr().err
+    # --grid would write grid.png where a folder of that name is.
+    (tmp_path / "out" / "grid.png").mkdir(parents=True)
+    assert main(["generate", "--model", "tiny", "--prompt", "a dog", "--grid", "--out", str(tmp_path / "out")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_generate_out_in_an_unwritable_folder_is_refused_first(tmp_path, capsys, no_model_loads):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(["generate", "--model", "tiny", "--prompt", "a dog", "--out", str(locked / "images")]) == 2
+        assert "cannot write in" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_generate_function_checks_before_loading(tmp_path, no_model_loads):
+    from dreambooth_helpers.inference import generate
+
+    with pytest.raises(ConfigError, match="steps"):
+        generate("tiny", "a dog", steps=0)
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        generate("tiny", "a dog", out_dir=tmp_path / "taken")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc, where no one can make files")
+def test_generate_out_in_a_place_no_one_can_write_is_refused_first(capsys, no_model_loads):
+    assert main(["generate", "--model", "tiny", "--prompt", "a dog", "--out", "/proc/dreambooth-images"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out '/proc/dreambooth-images': cannot write in '/proc'") and "Traceback" not in err

@@ -125,7 +125,7 @@ def test_prior_preservation_batches_hold_class_images_and_loss_uses_the_weight(m
            for p in ("a photo of sks dog", "a photo of dog")}
     instances = [Example(None, torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2), ids["a photo of sks dog"])] * 3
     classes = [Example(None, torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2), ids["a photo of dog"])] * 5
-    batch = _assemble(instances, classes, 7, config.replace(train_batch_size=2), torch.Generator())
+    batch = _assemble(instances, classes, 7, config.replace(train_batch_size=2), torch.device("cpu"))
     assert batch["num_instance"] == 2
     assert torch.equal(batch["input_ids"][:2], ids["a photo of sks dog"].expand(2, -1))
     assert torch.equal(batch["input_ids"][2:], ids["a photo of dog"].expand(2, -1))

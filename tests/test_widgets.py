@@ -237,8 +237,7 @@ def test_settings_to_config_choices(tmp_path, instance_dir):
                                                   ("style", "low-memory", 20)])
 def test_the_notebook_and_the_cli_make_the_same_config(tmp_path, instance_dir, kind, preset, photos):
     """Same subject, same choices: the form's config and `train --kind ...` are equal, field for field."""
-    settings = widgets.NotebookSettings(token="sks", class_noun="person", kind=kind, preset=preset,
-                                        lora=preset == "t4-lora")
+    settings = widgets.NotebookSettings(token="sks", class_noun="person", kind=kind, preset=preset)
     notebook = widgets.settings_to_config(settings, instance_dir, photos, tmp_path / "run", widgets.SD15_MODEL, PLAIN)
     concept = notebook.concepts[0]
     argv = ["train", "--kind", kind, "--preset", preset, "--instance-dir", concept.instance_dir,
@@ -482,7 +481,8 @@ def test_settings_form_follows_kind_and_preset(tmp_path, instance_dir, monkeypat
     import IPython.display
 
     form = widgets.SettingsForm(num_images=4)
-    assert form.settings() == widgets.NotebookSettings(num_class_images=subject.recipe("object").num_class_images)
+    assert form.settings() == widgets.NotebookSettings(num_class_images=subject.recipe("object").num_class_images,
+                                                       lora=False)
     assert "a photo of sks dog" in form.summary.value and f"<b>{subject.default_steps(4)}</b>" in form.summary.value
     form.kind.value = "person"
     assert form.class_noun.value == "person" and f"<b>{subject.default_steps(4, 'person')}</b>" in form.summary.value
@@ -768,3 +768,17 @@ def test_training_facts_name_the_precision_and_a_finished_line_has_no_time_left(
     facts = widgets.training_facts({"steps": 4, "history": history(4), "mixed_precision": "no"})
     assert "precision fp32" in facts
     assert "min left" not in widgets.progress_line(10, 10, {"loss": 0.1, "lr": 1e-6, "time": 3.0}, 0.5)
+
+
+def test_the_notebook_demo_password_protects_page_and_api():
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("gradio")
+    demo = widgets.start_demo("tiny", SMOKE, password="pässwort")
+    try:
+        url = demo.url.rstrip("/")
+        assert httpx.get(f"{url}/api/health").status_code == 401
+        assert httpx.get(f"{url}/api/health", auth=(widgets.DEMO_USER, "wrong")).status_code == 401
+        answer = httpx.get(f"{url}/api/health", auth=(widgets.DEMO_USER.encode(), "pässwort".encode()))
+        assert answer.status_code == 200 and answer.json()["status"] == "ready"
+    finally:
+        widgets.stop_demo(demo, True, SMOKE)

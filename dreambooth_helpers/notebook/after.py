@@ -110,13 +110,19 @@ def generate_examples(generator, prompts: Sequence[str], settings: GenerationSet
     return labelled_grid(rows, cell=cell), results
 
 
-def start_demo(model_dir: str | Path, runtime: NotebookRuntime, **options: Any):
+DEMO_USER = "friend"  # the user name the notebook's demo asks for when a password is set
+
+
+def start_demo(model_dir: str | Path, runtime: NotebookRuntime, password: str = "", **options: Any):
     """Launch the Gradio demo for the trained model. In Colab Gradio makes the public share link itself.
 
-    Smoke mode starts it on a free local port, without a share link, and waits until the model is loaded.
+    A non-empty `password` protects the page and the REST API (user name DEMO_USER). Smoke mode starts it
+    on a free local port, without a share link, and waits until the model is loaded.
     """
     from ..demo import launch_demo
 
+    if password:
+        options = {"auth": (DEMO_USER, password), **options}
     if runtime.smoke:
         options = {"share": False, "port": 0, **options}
     demo = launch_demo(str(model_dir), **options)

@@ -203,14 +203,17 @@ def _picker_widget(sample_ticked: bool):
     return w.VBox([upload, path, use_sample])
 
 
-def prepared_images(selection: ImageSelection, resolution: int = 512, crop: str = "center"):
-    """The photos exactly as training sees them: cropped (or padded) to a square and resized."""
-    return [prepare_image(record.image, resolution, crop) for record in selection.report.images]
+def prepared_images(selection: ImageSelection, resolution: int = 512, crop: str = "center",
+                    remove_bars: bool = False):
+    """The photos exactly as training sees them: bars trimmed if asked, cropped (or padded) to a square, resized."""
+    return [prepare_image(record.image, resolution, crop, remove_bars=remove_bars)
+            for record in selection.report.images]
 
 
-def preview_grid(selection: ImageSelection, resolution: int = 512, crop: str = "center", cell: int = 128):
+def preview_grid(selection: ImageSelection, resolution: int = 512, crop: str = "center", cell: int = 128,
+                 remove_bars: bool = False):
     """A grid of the prepared photos, five per row, each row labelled with the photos' names."""
-    images = prepared_images(selection, resolution, crop)
+    images = prepared_images(selection, resolution, crop, remove_bars)
     names = [record.name for record in selection.report.images]
     rows = [(", ".join(names[i:i + 5]), images[i:i + 5]) for i in range(0, len(images), 5)]
     return labelled_grid(rows, cell=cell)
@@ -242,11 +245,15 @@ class NotebookSettings:
     steps: int | None = None
     learning_rate: float | None = None
     train_text_encoder: bool = True
-    lora: bool = False
+    lora: bool | None = None  # None: what the preset chooses (t4-lora and low-memory train LoRA)
     num_class_images: int | None = None  # 0: no prior preservation
 
     def prompts(self) -> subject.SubjectPrompts:
         return subject.prompts_for(self.token, self.class_noun, self.kind)
+
+
+def _preset_lora(preset: str) -> bool:
+    return bool(PRESETS[preset]["settings"].get("lora", False))
 
 
 def run_name(token: str, class_noun: str) -> str:
@@ -362,7 +369,8 @@ class SettingsForm:
                                                 description="Learning rate (0 = rec.)", **wide)
         self.train_text_encoder = w.Checkbox(value=d.train_text_encoder, description="Train the text encoder too",
                                              indent=False)
-        self.lora = w.Checkbox(value=d.lora, description="LoRA (small file, less memory)", indent=False)
+        self.lora = w.Checkbox(value=_preset_lora(d.preset) if d.lora is None else d.lora,
+                               description="LoRA (small file, less memory)", indent=False)
         default_class_images = subject.recipe(d.kind).num_class_images if d.num_class_images is None \
             else d.num_class_images
         self.num_class_images = w.IntSlider(value=default_class_images, min=0, max=300, step=10,
@@ -397,7 +405,7 @@ class SettingsForm:
         self.refresh()
 
     def _on_preset(self, change) -> None:
-        self.lora.value = bool(PRESETS[change["new"]]["settings"].get("lora", False))
+        self.lora.value = _preset_lora(change["new"])
         self.refresh()
 
     def settings(self) -> NotebookSettings:

@@ -211,6 +211,7 @@ NOTEBOOK_WORDS = {
     "--num-class-images": "'Class images' in the settings form",
     "--no-prior-preservation": "'Class images' set to 0 in the settings form",
     "--instance-dir": "the photos you chose in section 3",
+    "--remove-bars": "`REMOVE_BARS` ticked in section 3",
     "--model": "BASE_MODEL",
     "--checkpoint-every N": "Google Drive (section 2), where checkpoints are kept for resuming",
     # Generation (out-of-memory advice): options of the cell that loads the trained model.
