@@ -1,5 +1,6 @@
 """dreambooth-helpers: teach Stable Diffusion 1.x a new subject from a few photos, on a free Colab T4."""
 
+from .app import AppLimits, RunningApp, TrainingApp, launch_app
 from .config import PRESETS, Concept, TrainConfig
 from .data import DatasetReport, load_instance_images, prepare_image, read_images
 from .demo import DemoLimits, RunningDemo, launch_demo
@@ -25,11 +26,19 @@ from .evaluation import (
 from .export import export_single_file
 from .hub import build_model_card, push_to_hub, stage_for_upload
 from .inference import GeneratedImage, Generator, generate, image_grid, load_generator, save_images
+from .jobs import Job, JobError, JobRunner
 from .models import SDComponents, build_sd15_shaped_components, build_tiny_components, load_components
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AppLimits",
+    "Job",
+    "JobError",
+    "JobRunner",
+    "RunningApp",
+    "TrainingApp",
+    "launch_app",
     "CheckpointComparison",
     "DoctorReport",
     "EvaluationReport",

@@ -102,6 +102,23 @@ def identity_differences(saved: Any, wanted: Any) -> list[str]:
     return [_setting_words(key) for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key)]
 
 
+# Schedules whose learning rate at step k does not depend on the run's step count: a run of N steps with one of
+# them is, up to step N, the same run as one of M > N steps, so its checkpoints can continue to M.
+STEP_COUNT_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def _same_run_up_to(saved: Any, wanted: Any, step: int) -> bool:
+    """Whether a checkpoint at `step` of the run `saved` is also a checkpoint of `wanted`: the same identity, or
+    one that differs only in the step count (step <= it) under a schedule that does not read the step count."""
+    if not (isinstance(saved, dict) and isinstance(wanted, dict)):
+        return saved == wanted
+    others = {key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key)}
+    if not others:
+        return True
+    return others == {"max_train_steps"} and wanted.get("lr_scheduler") in STEP_COUNT_FREE_SCHEDULES \
+        and step <= int(wanted["max_train_steps"])
+
+
 def _setting_words(name: str) -> str:
     """A TrainConfig field as its flag (the notebook rewrites flags in its own words), else "the photos"."""
     return option_name(name) if name in TrainConfig.__dataclass_fields__ else "the " + name.replace("_", " ")
@@ -123,8 +140,11 @@ def resolve_resume(resume: str | None, output_dir: str | Path, identity: Any, ma
         for path in reversed(list_checkpoints(output_dir)):  # newest first
             state = _read_state(path)
             different = identity_differences(state.get("identity"), identity)
-            if not different and int(state["step"]) <= max_steps:
+            if _same_run_up_to(state.get("identity"), identity, int(state["step"])) and int(state["step"]) <= max_steps:
                 found = path
+                if different:  # only the step count changed: the run continues to its new length
+                    say(f"{path.name} was saved by this run with another step count: continuing it to {max_steps} "
+                        "steps (the learning-rate schedule does not depend on the step count).")
                 break
             passed_over.insert(0, path.name)
             differences.update(different or [f"more than {max_steps} steps"])
@@ -141,7 +161,7 @@ def resolve_resume(resume: str | None, output_dir: str | Path, identity: Any, ma
                             f"or one of: {saved}.")
     state = _read_state(path)
     different = identity_differences(state.get("identity"), identity)
-    if different or int(state["step"]) > max_steps:
+    if not _same_run_up_to(state.get("identity"), identity, int(state["step"])) or int(state["step"]) > max_steps:
         what = ", ".join(different) or f"it is at step {state['step']}, past this run's {max_steps}"
         raise TrainingError(f"--resume {resume!r} was saved by a run with other settings ({what}): resuming it would "
                             "continue that run's weights under this run's settings. Resume it with the settings it "

@@ -17,7 +17,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_PRESET, PRESETS, WHAT, Concept, TrainConfig, option_name, per_kind, short_number
+from .config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    TINY_MODEL,
+    TOY_MODEL,
+    WHAT,
+    Concept,
+    TrainConfig,
+    option_name,
+    per_kind,
+    short_number,
+)
 from .errors import ConfigError, DreamBoothError
 from .files import GRID_FILE, LORA_WEIGHTS_FILE
 from .subject import DEFAULT_KIND, SUBJECT_KINDS
@@ -370,7 +381,33 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_add_train, _add_check_images, _add_generate, _add_demo, _add_push, _add_export, _add_evaluate)
+def _add_app(subparsers) -> None:
+    p = subparsers.add_parser("app", help="The whole journey in one web page: photos, training, trying, publishing.",
+                              description="Serve a Gradio page to upload photos, train (in the background, one run "
+                              "at a time, resumable), try the model and publish it. Everything lives in --workdir. "
+                              "Runs until Ctrl+C; a run still training goes on and the next app finds it.")
+    p.add_argument("--workdir", default="dreambooth-app", help="Folder for photos, runs and models "
+                   "(default dreambooth-app). Nothing outside it is served.")
+    p.add_argument("--share", action="store_true", help="Also open a public gradio.live link (use with --auth).")
+    p.add_argument("--auth", action="append", metavar="USER:PASS",
+                   help="Require a sign-in; repeat for several users, each then gets a folder of their own.")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 to let your network in).")
+    p.add_argument("--port", type=int, default=7860, help="Port (default 7860; 0 picks a free one).")
+    p.add_argument("--model", help="Base model the Train tab starts with (default: SD 1.5 on a GPU, toy without).")
+    _add_memory_savers(p)  # for the Try it tab's generation
+    p.set_defaults(run=_run_app)
+
+
+def _run_app(args: argparse.Namespace) -> int:
+    from .app import launch_app
+
+    launch_app(args.workdir, share=args.share, auth=args.auth, host=args.host, port=args.port, model=args.model,
+               block=True, generator_options={"attention_slicing": args.attention_slicing,
+                                              "vae_tiling": args.vae_tiling})
+    return 0
+
+
+COMMANDS = (_add_train, _add_check_images, _add_generate, _add_demo, _add_push, _add_export, _add_evaluate, _add_app)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,8 +418,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_thread_for_built_in_models(args: argparse.Namespace) -> None:
+    """The built-in toy and tiny models on a CPU run on one thread unless OMP_NUM_THREADS says otherwise.
+
+    Their operations are too small to split: extra threads mostly wait for each other, and on a busy machine
+    they wait for the other programs too (20 toy training steps on a shared 2-core machine: 10 s on one thread,
+    173 s on two). Real models are left to torch's default.
+    """
+    import torch
+
+    if getattr(args, "model", None) in (TINY_MODEL, TOY_MODEL) and "OMP_NUM_THREADS" not in os.environ \
+            and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _one_thread_for_built_in_models(args)
     try:
         return args.run(args) or 0
     except DreamBoothError as error:

@@ -39,6 +39,8 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 CROP_MODES = ("center", "pad")
 MEMORY_PLANS = ("auto", "as-set", "smallest")
+CAPTION_MODES = ("auto", "strict", "off")  # captions.py
+REPORT_TO_CHOICES = ("auto", "tensorboard", "mlflow", "wandb", "none")  # tracking.py
 TINY_MODEL = "tiny"
 TOY_MODEL = "toy"  # the offline default, trained on the toy world and shipped (models.TOY_MODEL_DIR)
 DEFAULT_PRESET = "t4"
@@ -184,6 +186,11 @@ class TrainConfig:
     random_flip: bool = setting(False, "Mirror images at random; not for asymmetric subjects or text.", DATA)
     remove_bars: bool = setting(False, "Crop flat letterbox/pillarbox bars off each photo before the square crop; "
                                 "the dataset doctor reports photos that have them.", DATA)
+    captions: str = setting("auto", "Per-photo captions: photo.txt beside photo.jpg, or a metadata.jsonl "
+                            '({"file_name": ..., "text": ...} per line) in the photos\' folder. auto: read them and '
+                            "put the instance prompt in front of a caption without the identifier; strict: such a "
+                            "caption is an error; off: every photo trains on the instance prompt. Photos without a "
+                            "caption always train on the instance prompt.", DATA, choices=CAPTION_MODES)
 
     # Prior preservation: generated class images keep the model's idea of the class intact.
     with_prior_preservation: bool = setting(True, "Train on generated class images too, so the model keeps knowing "
@@ -251,6 +258,12 @@ class TrainConfig:
                                         "instance prompt).", OUTPUTS, flag="--sample-prompt")
     sample_steps: int = setting(20, "Denoising steps per sample image.", OUTPUTS)
     sample_seed: int = setting(1234, "Seed of the sample images, the same at every step so they compare.", OUTPUTS)
+    report_to: str = setting("auto", "Experiment tracking of parameters, loss, learning rate, samples, peak memory "
+                             "and time: tensorboard (event files in OUTPUT_DIR/logs), mlflow (MLFLOW_TRACKING_URI, "
+                             "else a file store in OUTPUT_DIR/mlruns; the model is logged as an artifact), wandb "
+                             "(WANDB_MODE=offline works without an account) or none. auto: tensorboard when the "
+                             "tensorboard package is installed (Colab has it), else none.", OUTPUTS,
+                             choices=REPORT_TO_CHOICES)
     safety_checker: bool = setting(True, "Keep the base model's safety checker in the saved model (+1.2 GB): it "
                                    "blacks out images it flags as NSFW, sometimes harmless ones. Off: the model is "
                                    "saved without it, unfiltered, and diffusers warns whoever loads it.", OUTPUTS)
@@ -349,6 +362,8 @@ class TrainConfig:
         _choice("--lr-scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("--crop", self.crop, CROP_MODES)
         _choice("--memory-plan", self.memory_plan, MEMORY_PLANS)
+        _choice("--captions", self.captions, CAPTION_MODES)
+        _choice("--report-to", self.report_to, REPORT_TO_CHOICES)
         if self.resolution is not None:
             _int_range("--resolution", self.resolution, 16, 2048)
         if self.resolution is not None and self.resolution % 8:

@@ -58,6 +58,7 @@ class ImageRecord:
     original_mode: str
     notes: list[str] = field(default_factory=list)
     digest: str = ""  # sha256 of the file's bytes (set by read_images): the same photo, whatever its name
+    caption: str | None = None  # its own training caption (captions.attach_captions); None: the instance prompt
 
 
 @dataclass

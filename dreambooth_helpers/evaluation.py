@@ -9,8 +9,13 @@ prompts, several images each, and comparing them:
 - CLIP-I: the same with CLIP image embeddings (subject fidelity, coarser).
 - CLIP-T: mean cosine similarity between each image and the CLIP embedding of its prompt (prompt fidelity).
 
+Prior preservation is measured as in the paper's Table 3, on images of the class prompt from the trained model
+and from its base model (before/after): PRES (DINO similarity to the subject's photos) and DIV (mean pairwise
+LPIPS, or an offline colour-histogram + SSIM stand-in when LPIPS cannot load; `class_prior_scores`).
+
 `evaluate_model(model, instance_dir, class_noun)` runs that protocol and writes a JSON + markdown report
-and an image grid; `evaluate_checkpoints(run_dir, ...)` does it for every saved checkpoint, plots the
+and image grids (the class prompt before and after side by side: `class_comparison_grid`);
+`evaluate_checkpoints(run_dir, ...)` does it for every saved checkpoint, plots the
 numbers against steps and recommends one (`choose_checkpoint` states the rule). Encoders sit behind two
 small classes (`DinoImageEncoder`, `ClipEncoder`) so tests and offline runs use tiny random ones
 (`build_tiny_encoders`) and Colab uses the real Hub models (`load_encoders("paper")`).
@@ -398,6 +403,191 @@ def real_image_scores(real_images: Sequence[Image.Image], encoders: Encoders) ->
             "clip_i": mean_cosine(*(2 * [encoders.clip.embed_images(real_images)]), exclude_diagonal=True)}
 
 
+# ---------------------------------------------------------------------------- the class prior: DIV and PRES
+
+# Prior preservation is meant to keep the class itself ("a photo of dog") as the base model drew it. The paper
+# (Table 3) measures that with two numbers on class-prompt samples: PRES, the mean DINO similarity between them
+# and the subject's photos (lower: ordinary dogs look less like yours), and DIV, the mean pairwise LPIPS between
+# them (higher: more varied). Here both are measured on the base model (before) and the trained one (after).
+PAPER_PRIOR_FIGURES: dict[str, dict[str, float]] = {
+    "DreamBooth (Imagen) with prior preservation, paper": {"pres": 0.493, "div": 0.391},
+    "DreamBooth (Imagen) without prior preservation, paper": {"pres": 0.664, "div": 0.371},
+}
+DEFAULT_CLASS_SAMPLES = 16  # class-prompt images per model: 120 pairs for DIV
+DISTANCE_CHOICES = ("auto", "lpips", "histogram-ssim")
+# Below this share of the base model's DIV, the report says the class is collapsing (see docs/evaluation.md).
+DIV_COLLAPSE_RATIO = 0.8
+_STAND_IN_SIZE = 64  # the stand-in compares 64 px copies: colours and layout, not texture
+
+
+class LpipsDistance:
+    """LPIPS (Zhang et al. 2018, AlexNet), the paper's DIV distance: needs the `lpips` package, whose wheel ships
+    its linear layers, and torchvision's ImageNet AlexNet, which downloads once."""
+
+    name = "LPIPS (AlexNet)"
+
+    def __init__(self, device=None):
+        import lpips  # optional: pip install lpips
+
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = lpips.LPIPS(net="alex", verbose=False).to(self.device).eval()
+
+    @torch.inference_mode()
+    def pairwise(self, images: Sequence[Image.Image]) -> np.ndarray:
+        pixels = torch.stack([torch.from_numpy(np.asarray(image.convert("RGB").resize((256, 256)), np.float32))
+                              for image in images]).permute(0, 3, 1, 2) / 127.5 - 1.0
+        pixels = pixels.to(self.device)
+        n = len(images)
+        distances = np.zeros((n, n))
+        for i in range(n - 1):  # image i against every later one, in one batch
+            row = self.model(pixels[i:i + 1].expand(n - i - 1, -1, -1, -1), pixels[i + 1:]).flatten().float().cpu()
+            distances[i, i + 1:] = distances[i + 1:, i] = row.numpy()
+        return distances
+
+
+class HistogramSsimDistance:
+    """The offline stand-in for LPIPS: half colour, half structure, each from 0 (same) to 1.
+
+    - colour: total-variation distance between the two images' RGB histograms (8 levels per channel);
+    - structure: (1 - SSIM) / 2 of their grey 64 px copies (SSIM with 7 px windows, Wang et al. 2004).
+    It needs no weights, so it runs anywhere; it sees colour and layout, not texture or identity, so its numbers
+    are not on LPIPS's scale: compare before with after, not with the paper.
+    """
+
+    name = "colour histogram + SSIM (offline stand-in for LPIPS)"
+    BINS = 8
+
+    def _features(self, image: Image.Image) -> tuple[np.ndarray, torch.Tensor]:
+        small = np.asarray(image.convert("RGB").resize((_STAND_IN_SIZE, _STAND_IN_SIZE), Image.Resampling.BILINEAR))
+        cells = (small.reshape(-1, 3).astype(np.int64) * self.BINS) // 256
+        index = (cells[:, 0] * self.BINS + cells[:, 1]) * self.BINS + cells[:, 2]
+        histogram = np.bincount(index, minlength=self.BINS**3) / index.size
+        grey = torch.from_numpy(small.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0)
+        return histogram, grey[None, None]
+
+    @staticmethod
+    def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
+        """Mean SSIM of two (1, 1, H, W) images in [0, 1], uniform windows, the usual constants."""
+        c1, c2 = 0.01**2, 0.03**2
+        mean = torch.nn.functional.avg_pool2d
+        mu_a, mu_b = mean(a, window, 1), mean(b, window, 1)
+        var_a = mean(a * a, window, 1) - mu_a**2
+        var_b = mean(b * b, window, 1) - mu_b**2
+        cov = mean(a * b, window, 1) - mu_a * mu_b
+        ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+        return float(ssim.mean())
+
+    def distance(self, a: Image.Image, b: Image.Image) -> float:
+        (hist_a, grey_a), (hist_b, grey_b) = self._features(a), self._features(b)
+        colour = 0.5 * np.abs(hist_a - hist_b).sum()
+        structure = (1.0 - self.ssim(grey_a, grey_b)) / 2.0
+        return float(0.5 * colour + 0.5 * structure)
+
+    def pairwise(self, images: Sequence[Image.Image]) -> np.ndarray:
+        features = [self._features(image) for image in images]
+        n = len(images)
+        distances = np.zeros((n, n))
+        for i in range(n):
+            for j in range(i + 1, n):
+                colour = 0.5 * np.abs(features[i][0] - features[j][0]).sum()
+                structure = (1.0 - self.ssim(features[i][1], features[j][1])) / 2.0
+                distances[i, j] = distances[j, i] = 0.5 * colour + 0.5 * structure
+        return distances
+
+
+def load_perceptual_distance(which: str = "auto", *, device=None):
+    """The DIV distance: "lpips" (the paper's; fails with a clear error when it cannot load), "histogram-ssim"
+    (the offline stand-in), or "auto": LPIPS when the `lpips` package and its backbone's weights load, else the
+    stand-in (the report names the one used)."""
+    if which not in DISTANCE_CHOICES:
+        raise ConfigError(f"--diversity-distance {which!r}: choose one of {', '.join(DISTANCE_CHOICES)}.")
+    if which == "histogram-ssim":
+        return HistogramSsimDistance()
+    try:
+        return LpipsDistance(device)
+    except Exception as error:  # ImportError without the package; a network or file error for AlexNet's weights
+        if which == "lpips":
+            raise ModelLoadError(
+                f"LPIPS could not be loaded ({type(error).__name__}: {error}). It needs `pip install lpips` and "
+                "torchvision's ImageNet AlexNet weights, which download once. Offline, use --diversity-distance "
+                "histogram-ssim (or auto, which falls back to it)."
+            ) from None
+        return HistogramSsimDistance()
+
+
+def diversity(images: Sequence[Image.Image], distance) -> float:
+    """DIV: the mean `distance` over every distinct pair of `images` (higher: more varied)."""
+    if len(images) < 2:
+        raise ConfigError(f"Diversity needs at least 2 class images (got {len(images)}); use --class-samples 2 or "
+                          "more (16 by default).")
+    pairwise = distance.pairwise(images)
+    n = len(images)
+    return float(pairwise[np.triu_indices(n, k=1)].mean())
+
+
+def preservation_score(class_images: Sequence[Image.Image], real_images: Sequence[Image.Image],
+                       encoders: Encoders) -> float:
+    """PRES: mean DINO cosine similarity between class-prompt images and the subject's photos (lower: ordinary
+    members of the class look less like your subject)."""
+    return mean_cosine(encoders.dino.embed_images(class_images), encoders.dino.embed_images(real_images))
+
+
+@dataclass
+class ClassPriorScores:
+    """DIV and PRES of the class prompt's images, on the base model (before) and the trained model (after)."""
+
+    class_prompt: str
+    num_samples: int
+    distance: str  # which DIV distance: LPIPS or the stand-in
+    div_after: float
+    pres_after: float | None
+    div_before: float | None = None  # None when the base model is unknown or not loaded
+    pres_before: float | None = None
+    base_model: str | None = None
+
+    @property
+    def div_ratio(self) -> float | None:
+        """DIV after over DIV before: 1 means the class kept its variety; under DIV_COLLAPSE_RATIO it is collapsing."""
+        if self.div_before is None or self.div_before <= 0:
+            return None
+        return self.div_after / self.div_before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "div_ratio": self.div_ratio}
+
+    def verdict(self) -> str:
+        ratio = self.div_ratio
+        if ratio is None:
+            return "No base model to compare with: DIV and PRES are shown for this model only."
+        if ratio < DIV_COLLAPSE_RATIO:
+            return (f"The class is collapsing: its images are {ratio:.2f}x as varied as the base model's (under "
+                    f"{DIV_COLLAPSE_RATIO}x). Stop text-encoder training early (--stop-text-encoder-training-at), "
+                    "lower the learning rate, or train fewer steps; see docs/evaluation.md.")
+        return f"The class kept its variety: {ratio:.2f}x the base model's DIV."
+
+
+def class_prior_scores(after: Sequence[Image.Image], class_prompt: str, *, before: Sequence[Image.Image] = (),
+                       real_images: Sequence[Image.Image] = (), encoders: Encoders | None = None, distance=None,
+                       base_model: str | None = None) -> ClassPriorScores:
+    """DIV (and PRES, given `encoders` and `real_images`) of the trained model's class images `after`, and of
+    the base model's `before` (same seeds) when given."""
+    distance = distance or load_perceptual_distance()
+    with_pres = encoders is not None and len(real_images) > 0
+    return ClassPriorScores(
+        class_prompt, len(after), distance.name, diversity(after, distance),
+        preservation_score(after, real_images, encoders) if with_pres else None,
+        diversity(before, distance) if before else None,
+        preservation_score(before, real_images, encoders) if with_pres and before else None, base_model)
+
+
+def class_comparison_grid(before: Sequence[Image.Image], after: Sequence[Image.Image], class_prompt: str,
+                          cell: int = 128) -> Image.Image:
+    """The class prompt's images before and after training, one row each; column j of both rows comes from
+    the same seed, so each column shows what training did to one picture."""
+    return labelled_grid([(f'before training: "{class_prompt}"', list(before)),
+                          (f'after training: "{class_prompt}"', list(after))], cell=cell)
+
+
 # ---------------------------------------------------------------------------- generation
 
 
@@ -474,9 +664,11 @@ class EvaluationReport:
     encoders: str
     encoder_weights: str
     paper: dict[str, dict[str, float | None]] = field(default_factory=lambda: dict(PAPER_FIGURES))
+    class_prior: ClassPriorScores | None = None  # DIV and PRES of the class prompt, before and after
     json_path: str | None = None
     markdown_path: str | None = None
     grid_path: str | None = None
+    class_grid_path: str | None = None  # the class prompt's images before and after, side by side
 
     @property
     def figures(self) -> dict[str, float]:
@@ -486,7 +678,9 @@ class EvaluationReport:
         return {"figures": self.figures, "scores": self.scores.to_dict(), "real_images": self.real_images,
                 "paper": self.paper, "settings": self.settings, "timings": self.timings, "encoders": self.encoders,
                 "encoder_weights": self.encoder_weights,
-                "files": {"json": self.json_path, "markdown": self.markdown_path, "grid": self.grid_path}}
+                "class_prior": self.class_prior.to_dict() if self.class_prior else None,
+                "files": {"json": self.json_path, "markdown": self.markdown_path, "grid": self.grid_path,
+                          "class_grid": self.class_grid_path}}
 
     def to_markdown(self) -> str:
         def cell(value):
@@ -517,6 +711,8 @@ class EvaluationReport:
                   "| --- | --- | --- | --- |"]
         lines += [f"| {p.prompt} | {cell(p.dino)} | {cell(p.clip_i)} | {cell(p.clip_t)} |"
                   for p in self.scores.per_prompt]
+        if self.class_prior is not None:
+            lines += ["", *self._class_prior_markdown(cell)]
         t = self.timings
         lines += ["", f"Time: generation {t['generation_s']:.1f} s, metrics {t['metrics_s']:.2f} s "
                   f"({self.scores.num_images} images)."]
@@ -524,12 +720,36 @@ class EvaluationReport:
             lines += ["", f"![images]({Path(self.grid_path).name})"]
         return "\n".join(lines) + "\n"
 
-    def save(self, output_dir: str | Path, grid: Image.Image | None = None) -> EvaluationReport:
+    def _class_prior_markdown(self, cell) -> list[str]:
+        prior = self.class_prior
+        lines = [f"## What prior preservation protects: \"{prior.class_prompt}\"", "",
+                 f"{prior.num_samples} images of the class prompt per model, the same seeds before and after. "
+                 "PRES: DINO similarity of the class images to your photos (lower: ordinary members of the class "
+                 f"look less like your subject). DIV: mean pairwise distance between them, {prior.distance} "
+                 "(higher: more varied).", "", "| | PRES | DIV |", "| --- | --- | --- |"]
+        if prior.div_before is not None:
+            lines.append(f"| base model `{prior.base_model}` (before) | {cell(prior.pres_before)} | "
+                         f"{cell(prior.div_before)} |")
+        lines.append(f"| **this model** (after) | {cell(prior.pres_after)} | {cell(prior.div_after)} |")
+        lines += [f"| {name} | {v['pres']:.3f} | {v['div']:.3f} |" for name, v in PAPER_PRIOR_FIGURES.items()]
+        lines += ["", prior.verdict()]
+        if "LPIPS" not in prior.distance:
+            lines.append("DIV here uses the offline stand-in, not LPIPS: compare before with after, not with the "
+                         "paper's DIV.")
+        if self.class_grid_path:
+            lines += ["", f"![class images before and after]({Path(self.class_grid_path).name})"]
+        return lines
+
+    def save(self, output_dir: str | Path, grid: Image.Image | None = None,
+             class_grid: Image.Image | None = None) -> EvaluationReport:
         folder = Path(output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         if grid is not None:
             self.grid_path = str(folder / "evaluation_grid.png")
             grid.save(self.grid_path)
+        if class_grid is not None:
+            self.class_grid_path = str(folder / "class_prior_grid.png")
+            class_grid.save(self.class_grid_path)
         self.json_path, self.markdown_path = str(folder / "evaluation.json"), str(folder / "evaluation.md")
         Path(self.json_path).write_text(json.dumps(self.to_dict(), indent=2))
         Path(self.markdown_path).write_text(self.to_markdown())
@@ -564,7 +784,9 @@ def evaluate_model(model: Any, class_noun: str, *, instance_dir: Any = None, pro
                    resolution: int | None = None, encoders: Encoders | str | None = DEFAULT_ENCODERS,
                    output_dir: str | Path | None = None, lora: str | None = None,
                    generate: GenerateFn | None = None, attention_slicing: bool = False,
-                   vae_tiling: bool = False) -> EvaluationReport:
+                   vae_tiling: bool = False, class_samples: int = DEFAULT_CLASS_SAMPLES,
+                   class_prompt: str | None = None, base_model: str | None = None,
+                   diversity_distance: str = "auto", base_generate: GenerateFn | None = None) -> EvaluationReport:
     """Run the paper's protocol on `model` and (with `output_dir`) write evaluation.json/.md and a grid.
 
     `model`: a trained output folder (full or LoRA), a Hub id, "tiny", or an `inference.Generator` already
@@ -573,6 +795,11 @@ def evaluate_model(model: Any, class_noun: str, *, instance_dir: Any = None, pro
     `num_prompts` takes the first N of the 25 for a quick look; the paper uses all 25 with 4 images each.
     `generate` replaces the model entirely (tests, or a custom sampler). `attention_slicing` and `vae_tiling`
     save GPU memory when the model is loaded here (see `inference.load_generator`).
+
+    What prior preservation protects: `class_samples` images of `class_prompt` (default: the run's class prompt,
+    else "a photo of CLASS_NOUN") from this model and from its base model (`base_model`, default: the one the run
+    trained from; `base_generate` replaces it), scored with DIV and PRES (`class_prior_scores`) and drawn side by
+    side (`class_comparison_grid`). `class_samples=0` skips it.
     """
     summary = _summary(model)
     prompt_set = prompt_set_for(prompt_set, summary)
@@ -581,6 +808,13 @@ def evaluate_model(model: Any, class_noun: str, *, instance_dir: Any = None, pro
     identifier, identifier_source = _identifier_for(summary, identifier)
     prompts = paper_prompts(class_noun, prompt_set=prompt_set, identifier=identifier, count=num_prompts)
     real = _real_images(instance_dir)
+    if class_samples and class_samples < 2:
+        raise ConfigError(f"--class-samples {class_samples}: DIV compares pairs, so use 2 or more (16 by default), "
+                          "or 0 to skip the class-prompt check.")
+    distance = load_perceptual_distance(diversity_distance) if class_samples else None
+    class_prompt = class_prompt or _class_prompt_for(summary, class_noun)
+    base_model = base_model or _base_model_for(summary, model, lora)
+    loads_models = generate is None
     if generate is None:
         loaded = model if hasattr(model, "generate") else load_generator(
             str(model), lora, attention_slicing=attention_slicing, vae_tiling=vae_tiling)
@@ -588,21 +822,59 @@ def evaluate_model(model: Any, class_noun: str, *, instance_dir: Any = None, pro
                                 resolution=resolution)
     started = time.perf_counter()
     generated = generate_images(generate, prompts, images_per_prompt, seed)
+    class_after = generate(class_prompt, seed, class_samples) if class_samples else []
+    if class_samples and base_generate is None and base_model and loads_models:
+        del generate, loaded  # one model on the GPU at a time
+        release_memory()
+        base_generate = generator_fn(load_generator(base_model, attention_slicing=attention_slicing,
+                                                    vae_tiling=vae_tiling),
+                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                     resolution=resolution)
+    class_before = base_generate(class_prompt, seed, class_samples) if class_samples and base_generate else []
     generation_s = time.perf_counter() - started
     started = time.perf_counter()
     scores = score_images(generated, prompts, real, encoders)
     real_scores = real_image_scores(real, encoders)
+    class_prior = class_prior_scores(class_after, class_prompt, before=class_before, real_images=real,
+                                     encoders=encoders, distance=distance,
+                                     base_model=base_model if class_before else None) if class_samples else None
     metrics_s = time.perf_counter() - started
     settings = {"model": str(model) if isinstance(model, (str, Path)) else getattr(model, "model", "custom"),
                 "lora": lora, "instance_dir": str(instance_dir), "class_noun": class_noun, "prompt_set": prompt_set,
                 "identifier": identifier, "identifier_source": identifier_source, "num_prompts": len(prompts),
                 "images_per_prompt": images_per_prompt, "seed": seed, "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale, "resolution": resolution}
+                "guidance_scale": guidance_scale, "resolution": resolution, "class_samples": class_samples,
+                "class_prompt": class_prompt if class_samples else None}
     report = EvaluationReport(scores, real_scores, settings, {"generation_s": generation_s, "metrics_s": metrics_s},
-                              encoders.description, encoders.weights)
+                              encoders.description, encoders.weights, class_prior=class_prior)
     if output_dir is not None:
-        report.save(output_dir, image_grid(generated, prompts, real))
+        class_grid = class_comparison_grid(class_before, class_after, class_prompt) if class_after else None
+        report.save(output_dir, image_grid(generated, prompts, real), class_grid)
     return report
+
+
+def _class_prompt_for(summary: dict[str, Any], class_noun: str) -> str:
+    """The class prompt the run's prior preservation used, else "a photo of CLASS_NOUN"."""
+    concepts = (summary.get("config") or {}).get("concepts") or []
+    recorded = concepts[0].get("class_prompt") if concepts else None
+    return recorded or f"a photo of {class_noun.strip()}"
+
+
+def _base_model_for(summary: dict[str, Any], model: Any, lora: str | None) -> str | None:
+    """The model a run started from: the base given with --lora, else the one its summary records."""
+    if lora is not None and isinstance(model, (str, Path)):
+        return str(model)
+    recorded = summary.get("base_model") or (summary.get("config") or {}).get("model")
+    return str(recorded) if recorded else None
+
+
+def release_memory() -> None:
+    """Give freed GPU memory back before the next model loads."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -312,7 +312,42 @@ def load_components(model: str, *, seed: int = 0, variant: str | None = None) ->
     return _load_diffusers_folder(model, local=False, variant=variant)
 
 
-def _from_pretrained_variant(cls, where: str, subfolder: str, variant: str | None):
+def _check_hub_model(repo: str) -> bool:
+    """Ask the Hub about `repo` once, quickly, before loading; True: load from the local cache only.
+
+    Without this an unreachable Hub (no network, a proxy, a wrong HF_ENDPOINT) shows up as minutes of retries
+    per file. Unreachable but cached: load the cached copy. Unreachable and not cached, or no such repository:
+    a ModelLoadError that says which, and that no local folder of that name exists either.
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    cached = isinstance(try_to_load_from_cache(repo, "model_index.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise ModelLoadError(f"--model {repo!r}: no local folder of that name, and offline mode (HF_HUB_OFFLINE) "
+                                 "is on with no copy of that Hub model in the cache. Check the path, download the "
+                                 "model once with a network, or use --model toy (works offline).")
+        return True
+    try:
+        HfApi().model_info(repo, timeout=15)
+    except GatedRepoError:
+        return False  # loading says what to do (log in, accept the license)
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"--model {repo!r}: no local folder of that name, and no such model on the Hugging Face "
+                             "Hub (or it is private: log in with `hf auth login`). Check the spelling, e.g. "
+                             "stable-diffusion-v1-5/stable-diffusion-v1-5, or the folder's path.") from None
+    except Exception as error:  # connection refused, DNS, timeout, proxy, 5xx: the Hub cannot be asked
+        if cached:
+            return True
+        raise ModelLoadError(f"--model {repo!r}: no local folder of that name, and the Hugging Face Hub at "
+                             f"{constants.ENDPOINT} could not be reached ({type(error).__name__}) with no copy in the "
+                             "cache. Check your network (or HF_ENDPOINT), or use --model toy (works offline)."
+                             ) from None
+    return False
+
+
+def _from_pretrained_variant(cls, where: str, subfolder: str, variant: str | None, **options: Any):
     """`cls.from_pretrained` of one part in fp32, from its `variant` files when it has them.
 
     The dtype is asked for explicitly: transformers 5 otherwise loads in the dtype config.json names, which is
@@ -320,13 +355,13 @@ def _from_pretrained_variant(cls, where: str, subfolder: str, variant: str | Non
     """
     from transformers import PreTrainedModel
 
-    in_fp32 = {"dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype": torch.float32}
+    options = {"dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype": torch.float32, **options}
     if variant is not None:
         try:
-            return cls.from_pretrained(where, subfolder=subfolder, variant=variant, **in_fp32)
+            return cls.from_pretrained(where, subfolder=subfolder, variant=variant, **options)
         except (OSError, ValueError):  # no files of that variant for this part: read the plain ones
             pass
-    return cls.from_pretrained(where, subfolder=subfolder, **in_fp32)
+    return cls.from_pretrained(where, subfolder=subfolder, **options)
 
 
 def _load_diffusers_folder(where: str, *, local: bool, variant: str | None = None) -> SDComponents:
@@ -338,12 +373,13 @@ def _load_diffusers_folder(where: str, *, local: bool, variant: str | None = Non
             f"{where!r} is not a diffusers model folder (no unet/ inside). Give the folder that holds "
             "model_index.json, unet/, vae/, text_encoder/ and tokenizer/."
         )
+    cache_only = {"local_files_only": True} if not local and _check_hub_model(where) else {}
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")
-        text_encoder = _from_pretrained_variant(CLIPTextModel, where, "text_encoder", variant)
-        vae = _from_pretrained_variant(AutoencoderKL, where, "vae", variant)
-        unet = _from_pretrained_variant(UNet2DConditionModel, where, "unet", variant)
-        scheduler_config = DDPMScheduler.load_config(where, subfolder="scheduler")
+        tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **cache_only)
+        text_encoder = _from_pretrained_variant(CLIPTextModel, where, "text_encoder", variant, **cache_only)
+        vae = _from_pretrained_variant(AutoencoderKL, where, "vae", variant, **cache_only)
+        unet = _from_pretrained_variant(UNet2DConditionModel, where, "unet", variant, **cache_only)
+        scheduler_config = DDPMScheduler.load_config(where, subfolder="scheduler", **cache_only)
     except (OSError, ValueError) as error:
         raise ModelLoadError(_load_advice(where, local, error)) from None
     noise_scheduler = DDPMScheduler.from_config(scheduler_config, clip_sample=False)
@@ -351,7 +387,7 @@ def _load_diffusers_folder(where: str, *, local: bool, variant: str | None = Non
     resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler, scheduler,
                         source=where, native_resolution=resolution,
-                        safety_checker_in_base=_names_safety_checker(where, local))
+                        safety_checker_in_base=_names_safety_checker(where, local, **cache_only))
 
 
 def _inference_scheduler_from_config(config: dict):
@@ -386,7 +422,7 @@ def _load_advice(where: str, local: bool, error: Exception) -> str:
     return (
         f"Could not load {where!r} from the Hugging Face Hub ({type(error).__name__}). Check the spelling "
         "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), your network, and for gated models that you are "
-        "logged in and accepted the license. Without a network, use --model tiny or a local folder."
+        "logged in and accepted the license. Without a network, use --model toy or a local folder."
     )
 
 
@@ -425,13 +461,13 @@ def safety_checker_note(components: SDComponents, used: bool) -> str | None:
     return "This model has no safety checker: images are not filtered for NSFW content."
 
 
-def _names_safety_checker(where: str, local: bool) -> bool:
+def _names_safety_checker(where: str, local: bool, **hub_options: Any) -> bool:
     """Whether the diffusers model at `where` declares a safety checker in its model_index.json."""
     from diffusers import DiffusionPipeline
 
     try:
         index = json.loads(Path(where, "model_index.json").read_text()) if local else DiffusionPipeline.load_config(
-            where)
+            where, **hub_options)
     except (OSError, ValueError):  # no index (a bare folder of parts): nothing declared
         return False
     entry = index.get(SAFETY_CHECKER_DIR)

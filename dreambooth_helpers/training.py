@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import captions, prior, tracking
 from . import checkpoints as ckpt
-from . import prior
 from .config import MEMORY, OUTPUTS, TINY_MODEL, TOY_MODEL, TrainConfig
 from .data import DatasetReport, images_to_tensor, prepare_image, read_images, require_usable
 from .errors import ConfigError, DreamBoothError, TrainingError
@@ -83,8 +83,9 @@ CPU_WEIGHTS_LIMIT = 200 * 2**20  # a local model with more weight bytes than thi
 # MEMORY group: memory plan, precision, attention, caches, channels-last, the step inside backward). `preset` and
 # `kind` only choose defaults for other settings, which count through their effective values; the photos count by
 # their bytes, not their folder; the class images' batch size is how many are drawn at once, each from its own seed.
+# `captions` (the mode) counts through the captions themselves, which are part of the photos' digest.
 IDENTITY_EXCLUDED_GROUPS = (MEMORY, OUTPUTS)
-IDENTITY_EXCLUDED_SETTINGS = ("output_dir", "preset", "kind", "concepts", "class_images_batch_size")
+IDENTITY_EXCLUDED_SETTINGS = ("output_dir", "preset", "kind", "concepts", "class_images_batch_size", "captions")
 
 
 @dataclass
@@ -217,10 +218,12 @@ def _tokenize(tokenizer, prompt: str) -> torch.Tensor:
                      return_tensors="pt").input_ids[0]
 
 
-def _make_examples(images, prompt, components, config, runtime, vae_dtype) -> list[Example]:
-    ids = _tokenize(components.tokenizer, prompt)
+def _make_examples(images, prompts: str | list[str], components, config, runtime, vae_dtype) -> list[Example]:
+    """One example per image; `prompts` is one prompt for all of them, or each image's own (its caption)."""
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else prompts
     examples = []
-    for image in images:
+    for image, prompt in zip(images, prompts, strict=True):
+        ids = _tokenize(components.tokenizer, prompt)
         pixels = images_to_tensor([image])
         if config.random_flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
@@ -339,6 +342,7 @@ def _train(config: TrainConfig, *, progress: bool, on_step, on_notice) -> TrainR
         drawn = _save_samples(run, model, done) if sampling and run.accelerator.is_main_process else []
         logs["samples"] = [str(path) for path in drawn]
         history.append(logs)
+        run.tracker.log_step(done, logs)
         bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{logs['lr']:.2e}")
         if on_step is not None:
             on_step(done, logs)
@@ -369,6 +373,7 @@ class _Run:
     say: Callable[[str], None]
     started: float  # time.time() at step 0: a resumed run counts on from the checkpoint's time
     weight_dtype: torch.dtype  # of the frozen weights: fp16/bf16 under mixed precision, else fp32
+    tracker: tracking.RunTracker  # --report-to: parameters, losses, samples, the end (does nothing when off)
 
 
 @dataclass
@@ -405,8 +410,11 @@ def _run_config(config: TrainConfig) -> tuple[TrainConfig, list[DatasetReport]]:
 
 
 def _read_photos(config: TrainConfig) -> list[DatasetReport]:
-    """Each concept's usable photos, decoded once at full size (ImageDataError when a folder has none)."""
-    return [require_usable(read_images(concept.instance_dir)) for concept in config.concepts]
+    """Each concept's usable photos, decoded once at full size (ImageDataError when a folder has none), each with
+    its caption from the folder (captions.attach_captions; None: the instance prompt)."""
+    return [captions.attach_captions(require_usable(read_images(concept.instance_dir)), concept.instance_dir,
+                                     concept.instance_prompt, concept.class_prompt, config.captions)
+            for concept in config.concepts]
 
 
 def _finished_run(config: TrainConfig, identity: dict[str, Any], say) -> TrainResult | None:
@@ -449,14 +457,24 @@ def _start(config: TrainConfig, runtime: Runtime, max_steps: int, identity: dict
     # The step inside backward scales the fp16 loss itself, per parameter (speedups.StepInBackward).
     if runtime.step_in_backward and runtime.mixed_precision == "fp16":
         handlers.append(GradScalerKwargs(enabled=False))
+    report_to = tracking.resolve_report_to(config.report_to)
     accelerator = Accelerator(mixed_precision=runtime.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              cpu=runtime.device == "cpu", kwargs_handlers=handlers)
+                              cpu=runtime.device == "cpu", kwargs_handlers=handlers,
+                              **tracking.accelerator_arguments(report_to, Path(config.output_dir)))
     for notice in runtime.notices:
         say(notice)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(runtime.mixed_precision, torch.float32)
+    # The settings as given, and what the recipe and this machine made of them.
+    parameters = {**config.to_dict(), "effective": {
+        "max_train_steps": max_steps, "learning_rate": config.effective_learning_rate,
+        "text_encoder_learning_rate": config.effective_text_encoder_learning_rate,
+        "num_class_images": config.effective_num_class_images, "device": runtime.device,
+        "mixed_precision": runtime.mixed_precision, "use_8bit_adam": runtime.use_8bit_adam,
+        "gradient_checkpointing": runtime.gradient_checkpointing, "num_processes": accelerator.num_processes}}
+    tracker = tracking.RunTracker.begin(accelerator, report_to, Path(config.output_dir), parameters)
     return _Run(config, runtime, accelerator, max_steps, identity, Path(config.output_dir), progress, say,
-                time.time(), weight_dtype)
+                time.time(), weight_dtype, tracker)
 
 
 def _allow_another_mixed_precision(precision: str) -> None:
@@ -500,8 +518,12 @@ def _load_data(run: _Run, model: _Model, photos: list[DatasetReport]) -> _Data:
             run.say("Skipped: " + "; ".join(f"{s.name} ({s.reason})" for s in report.skipped))
         images = [prepare_image(record.image, model.resolution, config.crop, config.remove_bars)
                   for record in report.images]
-        instances += _make_examples(images, concept.instance_prompt, model.components, config, run.runtime,
-                                    run.weight_dtype)
+        for notice in [captions.caption_summary(report), *captions.check_caption_lengths(
+                report, model.components.tokenizer, concept.instance_prompt, concept.class_prompt)]:
+            if notice:
+                run.say(notice)
+        prompts = [record.caption or concept.instance_prompt for record in report.images]
+        instances += _make_examples(images, prompts, model.components, config, run.runtime, run.weight_dtype)
     if config.with_prior_preservation:
         if accelerator.is_main_process:  # one process draws them; the others wait, then read the same files
             prior.prepare_class_images(config, model.components, device=device, progress=run.progress)
@@ -673,6 +695,8 @@ def _finish(run: _Run, model: _Model, data: _Data, optim: _Optim, history: list[
                    "peak_gpu_memory_gib": result.peak_memory_gib, "history": history, "losses": result.losses,
                    "versions": _versions()}
         ckpt.write_json_atomically(result.summary_path, summary)
+    run.tracker.finish(wall_time_s=round(time.time() - run.started, 2), peak_gpu_memory_gib=result.peak_memory_gib,
+                       step=run.max_steps, lora=config.lora)
     accelerator.wait_for_everyone()  # every process returns once the model is there, not only the one that wrote it
     return result
 
@@ -714,7 +738,10 @@ def _settings_identity(config: TrainConfig, max_steps: int) -> dict[str, Any]:
 
 
 def _photos_digest(photos: list[DatasetReport]) -> str:
-    digests = [[record.digest for record in report.images] for report in photos]
+    """The photos' bytes, in reading order, and the captions they train on: another caption is another run.
+    A photo without a caption counts by its bytes alone, as before captions existed."""
+    digests = [[record.digest if record.caption is None else [record.digest, record.caption]
+                for record in report.images] for report in photos]
     return hashlib.sha256(json.dumps(digests).encode()).hexdigest()
 
 

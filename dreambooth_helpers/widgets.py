@@ -9,6 +9,7 @@ from .failures import free_gpu_memory
 from .notebook.after import (
     DEMO_USER,
     GenerationSettings,
+    class_before_after,
     class_image_grid,
     default_repo_id,
     evaluate,
@@ -20,6 +21,7 @@ from .notebook.after import (
     publish,
     show_evaluation,
     split_prompts,
+    start_app,
     start_demo,
     stop_demo,
 )

@@ -1,7 +1,8 @@
 """Check the toy model's default LoRA learning rate (subject.TOY_LEARNING_RATES["lora"]).
 
 LoRA DreamBooth (preset t4-lora) on the sample robot with prior preservation, measured as
-scripts/measure_toy_model.py measures full fine-tuning: "a sks toy" should move towards the photos, "a toy" not.
+scripts/measure_toy_model.py measures full fine-tuning: "a sks toy" should move towards the photos, "a toy" not,
+and "a toy" should stay as varied as the base model's (DIV).
 
     PYTHONPATH=. python scripts/check_toy_lora.py [--learning-rate 1e-3] [--steps 800]
 """
@@ -33,6 +34,9 @@ def main() -> None:
     print(f'"a sks toy" to the photos: {distances["sks_base"]:.3f} -> {distances["sks_after_prior"]:.3f}')
     print(f'"a toy" to the photos after: {distances["toy_after_prior"]:.3f}; to the base model\'s "a toy": '
           f'{distances["toy_after_prior_to_base"]:.3f} (two draws of the base: {distances["toy_base_to_base"]:.3f})')
+    print(f'"a toy" diversity (DIV): {distances["div_base"]:.3f} -> {distances["div_prior"]:.3f} '
+          f'({distances["div_prior"] / distances["div_base"]:.2f}x); "a sks toy" shows the robot in '
+          f'{distances["subject_prior"]:.0%} of pictures')
     print(f"{time.perf_counter() - started:.0f} s in all")
 
 

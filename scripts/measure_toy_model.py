@@ -2,7 +2,8 @@
 
 (a) prompt following on held-out captions, against chance;
 (b) DreamBooth on sample_data/toy_robot: how close "a sks toy" comes to the robot photos;
-(c) language drift: where "a toy" goes with and without prior preservation.
+(c) language drift: where "a toy" goes with and without prior preservation;
+(d) class diversity: DIV of "a toy" (div_*) and how often "a sks toy" shows the robot (subject_*).
 
     python scripts/measure_toy_model.py                 # the shipped model, ~7 min on one CPU core
     python scripts/measure_toy_model.py --model /tmp/my_toy_model --steps 800 --learning-rate 2e-4 --json out.json
@@ -49,7 +50,7 @@ def main() -> None:
         distances = toyworld.measure_dreambooth(args.instance_dir, work, model=args.model, steps=args.steps,
                                                 count=args.images, num_class_images=args.class_images,
                                                 learning_rate=args.learning_rate)
-    print("(b), (c) colour-histogram distance (0 = same colours, 1 = none shared):")
+    print("(b), (c) colour-histogram distance (0 = same colours, 1 = none shared); (d) div_*, subject_*:")
     for name, value in distances.items():
         print(f"    {name:28s} {value:.3f}")
     print(f"{(time.time() - started) / 60:.1f} min")

@@ -318,6 +318,41 @@ def set_distance(images_a: Sequence, images_b: Sequence) -> float:
     return float(0.5 * np.abs(mean_a - mean_b).sum())
 
 
+def diversity(images: Sequence) -> float:
+    """DIV of the toy world: mean total-variation distance between the whole-picture colour histograms of
+    every pair of pictures (0 = all the same colours, 1 = no two share a colour cell).
+
+    The DreamBooth paper's DIV is the mean pairwise LPIPS of class samples; at 32 px in a world of flat
+    colours, what varies between two pictures is their colours (object and background), so the histograms of
+    whole pictures stand in for it. The base model's "a toy" over 16 seeds scores ~0.85-0.89; a class that
+    collapsed to one look scores far lower.
+    """
+    histograms = [colour_histogram(image, foreground_only=False) for image in images]
+    if len(histograms) < 2:
+        raise ValueError("diversity needs at least two pictures")
+    pairs = [0.5 * np.abs(histograms[i] - histograms[j]).sum()
+             for i in range(len(histograms)) for j in range(i + 1, len(histograms))]
+    return float(np.mean(pairs))
+
+
+# A picture "shows the subject" when its object colours are within this distance of the subject photos' mean
+# histogram. Measured on the toy model's VAE: each robot photo passed through it is 0.34-0.45 from the
+# photos' mean; 300 world pictures passed through it, and 128 of the base model's "a toy" and "a sks toy"
+# pictures, are all >= 0.65.
+SUBJECT_MATCH_DISTANCE = 0.6
+
+
+def mean_histogram(images: Sequence) -> np.ndarray:
+    """The mean object-colour histogram of a group of pictures: what `subject_share` compares with."""
+    return np.mean([colour_histogram(image) for image in images], axis=0)
+
+
+def subject_share(images: Sequence, subject: np.ndarray, within: float = SUBJECT_MATCH_DISTANCE) -> float:
+    """The share of `images` whose object colours are within `within` of the `subject` histogram
+    (`mean_histogram` of the subject photos): how often a prompt draws the subject."""
+    return float(np.mean([0.5 * np.abs(colour_histogram(image) - subject).sum() < within for image in images]))
+
+
 # ---------------------------------------------------------------------------- measuring a model of this world
 
 SUBJECT_PROMPT, CLASS_PROMPT = "a sks toy", "a toy"  # what DreamBooth trains on, and what is then drawn
@@ -368,15 +403,17 @@ def vae_round_trip(pipeline, images: Sequence) -> list[Image.Image]:
 
 def measure_dreambooth(instance_dir: str, work_dir: str, model: str = "toy", steps: int = 200, count: int = 32,
                        num_class_images: int = 32, learning_rate: float | None = None, seed: int = 0,
-                       sample_steps: int = 20, preset: str = "t4",
-                       priors: Sequence[bool] = (True, False)) -> dict[str, float]:
+                       sample_steps: int = 20, preset: str = "t4", priors: Sequence[bool] = (True, False),
+                       text_encoder_learning_rate: float | None = None) -> dict[str, float]:
     """DreamBooth on `instance_dir` with and without prior preservation (`priors`), trained with `preset`
     ("t4-lora" for LoRA), and the colour distances that tell.
 
     Every distance is `set_distance` to the instance photos (shrunk to the model's size and passed through its
     VAE, see `vae_round_trip`) or to the base model's "a toy" pictures. Returns, e.g., "sks_after_prior" =
     distance of the trained model's "a sks toy" pictures to the photos; "toy_after_no_prior_to_base" = how
-    far its "a toy" pictures drifted from the base model's.
+    far its "a toy" pictures drifted from the base model's. "div_base", "div_prior", "div_no_prior": `diversity`
+    of the "a toy" pictures; "subject_prior", "subject_no_prior": the share of "a sks toy" pictures that show
+    the subject (`subject_share`).
     """
     from dreambooth_helpers.training import train  # the whole trainer, only when a measurement trains
 
@@ -391,10 +428,12 @@ def measure_dreambooth(instance_dir: str, work_dir: str, model: str = "toy", ste
     base_toy = generate(base, class_prompts, seed=seed + 10_000, steps=sample_steps)
     # The reference for "stays close to the base model": another draw of the base model's "a toy".
     base_toy_again = generate(base, class_prompts, seed=seed + 20_000, steps=sample_steps)
+    subject = mean_histogram(instances)
     results = {
         "toy_base": set_distance(base_toy, instances),
         "sks_base": set_distance(generate(base, subject_prompts, seed=seed, steps=sample_steps), instances),
         "toy_base_to_base": set_distance(base_toy_again, base_toy),
+        "div_base": diversity(base_toy),
     }
     for prior in priors:
         name = "prior" if prior else "no_prior"
@@ -403,13 +442,72 @@ def measure_dreambooth(instance_dir: str, work_dir: str, model: str = "toy", ste
             concepts=[Concept(instance_dir, SUBJECT_PROMPT, CLASS_PROMPT,
                               str(Path(work_dir, "class_images")))],
             with_prior_preservation=prior, num_class_images=num_class_images, learning_rate=learning_rate,
-            mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False, seed=seed,
+            text_encoder_learning_rate=text_encoder_learning_rate, mixed_precision="no", use_8bit_adam=False,
+            gradient_checkpointing=False, seed=seed,
             class_images_steps=sample_steps,
         )
         trained = load_pipeline(str(train(config, progress=False).output_dir))
-        results[f"sks_after_{name}"] = set_distance(generate(trained, subject_prompts, seed=seed,
-                                                             steps=sample_steps), instances)
+        sks = generate(trained, subject_prompts, seed=seed, steps=sample_steps)
+        results[f"sks_after_{name}"] = set_distance(sks, instances)
+        results[f"subject_{name}"] = subject_share(sks, subject)
         toy = generate(trained, class_prompts, seed=seed + 10_000, steps=sample_steps)
         results[f"toy_after_{name}"] = set_distance(toy, instances)
         results[f"toy_after_{name}_to_base"] = set_distance(toy, base_toy)
+        results[f"div_{name}"] = diversity(toy)
+    return results
+
+
+# ---------------------------------------------------------------------------- class diversity (DIV) and PRES
+
+CLASS_SEED, SUBJECT_SEED = 10_000, 0  # "a toy" picture i comes from seed CLASS_SEED + i, "a sks toy" from i
+
+
+def class_and_subject(pipeline, subject: np.ndarray, count: int = 16, sample_steps: int = 20) -> dict[str, float]:
+    """What prior preservation protects and what DreamBooth teaches, on `count` seeds per prompt:
+
+    - "div": `diversity` of the "a toy" pictures (the paper's DIV; higher is more varied),
+    - "pres": the share of "a toy" pictures that show the subject (the paper's PRES asks the same: how much
+      other members of the class look like the subject; lower is better),
+    - "subject": the share of "a sks toy" pictures that show the subject.
+    """
+    toys = generate(pipeline, [CLASS_PROMPT] * count, seed=CLASS_SEED, steps=sample_steps)
+    subjects = generate(pipeline, [SUBJECT_PROMPT] * count, seed=SUBJECT_SEED, steps=sample_steps)
+    return {"div": diversity(toys), "pres": subject_share(toys, subject), "subject": subject_share(subjects, subject)}
+
+
+def measure_class_diversity(instance_dir: str, work_dir: str, model: str = "toy", steps: int = 1600,
+                            num_class_images: int = 100, count: int = 16, checkpoint_every: int | None = None,
+                            sample_steps: int = 20, seed: int = 0, class_dir: str | None = None,
+                            **settings) -> dict[str, dict[str, float]]:
+    """DreamBooth with prior preservation on `instance_dir`, and `class_and_subject` before and after.
+
+    `settings` are TrainConfig fields on top of the defaults (leave them out to measure the default recipe:
+    the README's command), e.g. learning_rate=5e-5 or stop_text_encoder_training_at=200. With
+    `checkpoint_every`, every checkpoint is measured too. Returns {"base": ..., "step 400": ..., "final": ...};
+    each trained entry also has "div_ratio", its DIV over the base model's. Class images are generated into
+    `class_dir` (default WORK_DIR/class_images) and reused by later calls given the same folder.
+    """
+    from dreambooth_helpers.checkpoints import list_checkpoints, pipeline_from_checkpoint
+    from dreambooth_helpers.training import train
+
+    base = load_pipeline(model)
+    resolution = base.unet.config.sample_size * base.vae_scale_factor
+    photos, _ = load_instance_images(instance_dir, resolution)
+    subject = mean_histogram(vae_round_trip(base, photos))  # the photos as the model's VAE can draw them
+    results = {"base": class_and_subject(base, subject, count, sample_steps)}
+    class_dir = class_dir or str(Path(work_dir, "class_images"))
+    config = TrainConfig.from_preset(
+        "t4", model=model, output_dir=str(Path(work_dir, "run")), max_train_steps=steps, resolution=resolution,
+        concepts=[Concept(instance_dir, SUBJECT_PROMPT, CLASS_PROMPT, class_dir)],
+        with_prior_preservation=True, num_class_images=num_class_images, mixed_precision="no",
+        use_8bit_adam=False, gradient_checkpointing=False, seed=seed, checkpoint_every=checkpoint_every,
+        checkpoints_total_limit=1000, **settings,
+    )
+    output_dir = train(config, progress=False).output_dir
+    trained = [(f"step {int(c.name.removeprefix('checkpoint-'))}", lambda c=c: pipeline_from_checkpoint(c))
+               for c in list_checkpoints(output_dir)]
+    for name, load in [*trained, ("final", lambda: load_pipeline(str(output_dir)))]:
+        measured = class_and_subject(load(), subject, count, sample_steps)
+        measured["div_ratio"] = measured["div"] / results["base"]["div"]
+        results[name] = measured
     return results

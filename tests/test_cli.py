@@ -229,3 +229,21 @@ def test_train_help_shows_the_recipe_and_preset_defaults(capsys):
 def test_short_number_writes_rates_as_the_readme_does():
     assert [short_number(v) for v in (2e-6, 1e-6, 1.5e-6, 1e-4, 1e-3, 0.01, 1.0, 7.5)] == \
         ["2e-6", "1e-6", "1.5e-6", "1e-4", "1e-3", "0.01", "1", "7.5"]
+
+
+def test_built_in_models_on_a_cpu_use_one_thread_unless_told(monkeypatch):
+    import argparse
+
+    import torch
+
+    from dreambooth_helpers import cli
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cli._one_thread_for_built_in_models(argparse.Namespace(model="toy"))
+    cli._one_thread_for_built_in_models(argparse.Namespace(model="stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    cli._one_thread_for_built_in_models(argparse.Namespace(model="tiny"))
+    assert calls == [1]

@@ -22,6 +22,7 @@ BAD_VALUES = {
     "crop": ("stretch", "--crop", "center, pad"),
     "random_flip": ("false", "--random-flip", "true or false"),
     "remove_bars": ("yes", "--remove-bars", "true or false"),
+    "captions": ("sometimes", "--captions", "auto, strict, off"),
     "with_prior_preservation": ("yes", "--prior-preservation", "true or false"),
     "num_class_images": (-5, "--num-class-images", "from 1 to 10000"),
     "prior_loss_weight": (math.nan, "--prior-loss-weight", "from 0 to 100"),
@@ -59,6 +60,7 @@ BAD_VALUES = {
     "sample_steps": (0, "--sample-steps", "from 1 to 500"),
     "sample_seed": (2**40, "--sample-seed", "from 0 to 4294967295"),
     "safety_checker": ("no", "--safety-checker", "true or false"),
+    "report_to": ("comet", "--report-to", "auto, tensorboard, mlflow, wandb, none"),
 }
 # Concept fields, checked through a config holding one concept.
 BAD_CONCEPTS = {

@@ -17,14 +17,20 @@ from dreambooth_helpers.evaluation import (
     LIVE_SUBJECT_PROMPTS,
     OBJECT_PROMPTS,
     PAPER_FIGURES,
+    PAPER_PRIOR_FIGURES,
     CheckpointScore,
+    HistogramSsimDistance,
     SubjectScores,
     build_tiny_encoders,
     choose_checkpoint,
+    class_comparison_grid,
+    class_prior_scores,
+    diversity,
     evaluate_checkpoints,
     evaluate_model,
     generate_images,
     load_encoders,
+    load_perceptual_distance,
     mean_cosine,
     paper_prompts,
     prompt_set_for,
@@ -167,7 +173,8 @@ def test_missing_real_encoders_give_a_clear_error(tmp_path):
 def test_evaluate_model_writes_json_markdown_and_grid(tmp_path, instance_dir, encoders):
     model = make_full_output(tmp_path / "model")
     report = evaluate_model(str(model), "dog", instance_dir=instance_dir, num_prompts=2, images_per_prompt=2,
-                            num_inference_steps=2, resolution=32, encoders=encoders, output_dir=tmp_path / "eval")
+                            num_inference_steps=2, resolution=32, encoders=encoders, output_dir=tmp_path / "eval",
+                            class_samples=4)
     assert report.settings["identifier"] == "sks" and report.settings["identifier_source"] == "training_summary.json"
     assert set(report.figures) == {"dino", "clip_i", "clip_t"}
     saved = json.loads(Path(report.json_path).read_text())
@@ -178,6 +185,113 @@ def test_evaluate_model_writes_json_markdown_and_grid(tmp_path, instance_dir, en
     grid = Image.open(report.grid_path)
     assert grid.height == 3 * 128  # your photos + 2 prompts
     assert report.timings["generation_s"] > 0 and report.timings["metrics_s"] > 0
+    # What prior preservation protects: the run's class prompt, on the model and on its base model ("tiny").
+    prior = saved["class_prior"]
+    assert prior["class_prompt"] == "a photo of dog" and prior["base_model"] == "tiny" and prior["num_samples"] == 4
+    assert all(prior[k] is not None for k in ("div_before", "div_after", "pres_before", "pres_after", "div_ratio"))
+    assert "stand-in" in prior["distance"]  # no LPIPS weights offline
+    assert "What prior preservation protects" in markdown and "0.493" in markdown and "PRES" in markdown
+    assert Image.open(report.class_grid_path).size == (4 * 128, 2 * (128 + 16))  # before row, after row
+
+
+def test_identical_images_have_no_diversity_and_varied_ones_do():
+    distance = HistogramSsimDistance()
+    same = [disc((200, 20, 20))] * 4
+    varied = [disc((200, 20, 20)), disc((20, 20, 200)), stripes(), disc((20, 180, 20), size=80)]
+    assert diversity(same, distance) == pytest.approx(0.0, abs=1e-6)
+    assert diversity(varied, distance) > 0.3
+    pairwise = distance.pairwise(varied)
+    assert np.allclose(pairwise, pairwise.T) and np.allclose(np.diag(pairwise), 0) and pairwise.max() <= 1.0
+    assert pairwise[0, 1] == pytest.approx(distance.distance(varied[0], varied[1]))
+    # Same colours, other layout: the structural half tells them apart.
+    assert distance.distance(stripes(), stripes().transpose(Image.Transpose.ROTATE_90)) > 0.1
+    with pytest.raises(ConfigError, match="at least 2"):
+        diversity(same[:1], distance)
+
+
+def test_lpips_is_used_when_it_loads_else_the_stand_in_is_named(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lpips", None)  # as on a machine without the package (or its weights)
+    assert isinstance(load_perceptual_distance("auto"), HistogramSsimDistance)
+    with pytest.raises(ModelLoadError, match="histogram-ssim"):
+        load_perceptual_distance("lpips")
+    with pytest.raises(ConfigError, match="--diversity-distance"):
+        load_perceptual_distance("psnr")
+
+
+def test_lpips_distances_fill_a_symmetric_matrix(monkeypatch):
+    """The LPIPS path, with a stand-in network (LPIPS's AlexNet weights cannot be downloaded here): each pair
+    is scored once, on [-1, 1] pixels, and the matrix is symmetric with a zero diagonal."""
+    import sys
+    from types import SimpleNamespace
+
+    class MeanAbsolute(torch.nn.Module):
+        def forward(self, a, b):
+            assert a.shape == b.shape and a.min() >= -1 and a.max() <= 1
+            return (a - b).abs().mean(dim=(1, 2, 3), keepdim=True)
+
+    monkeypatch.setitem(sys.modules, "lpips", SimpleNamespace(LPIPS=lambda net, verbose: MeanAbsolute()))
+    distance = load_perceptual_distance("auto", device="cpu")
+    assert distance.name.startswith("LPIPS")
+    images = [disc((200, 20, 20)), disc((20, 20, 200)), stripes()]
+    pairwise = distance.pairwise(images)
+    assert np.allclose(pairwise, pairwise.T) and np.allclose(np.diag(pairwise), 0)
+    first, second = (torch.from_numpy(np.asarray(im.resize((256, 256)), np.float32)) / 127.5 - 1 for im in images[:2])
+    assert pairwise[0, 1] == pytest.approx(float((first - second).abs().mean()), rel=1e-5)
+    assert diversity(images, distance) == pytest.approx(pairwise[np.triu_indices(3, k=1)].mean())
+
+
+def test_class_prior_scores_tell_a_collapsed_class_from_a_kept_one(encoders):
+    subject = [disc((200, 20, 20))]
+    varied = [disc((20, 20, 200)), stripes(), disc((20, 180, 20), size=80), disc((240, 200, 20))]
+    collapsed = [disc((200, 20, 20))] * 4  # every class image became the subject
+    distance = HistogramSsimDistance()
+    scores = class_prior_scores(collapsed, "a ball", before=varied, real_images=subject, encoders=encoders,
+                                distance=distance, base_model="base")
+    assert scores.div_after == pytest.approx(0.0, abs=1e-6) and scores.div_ratio < 0.1
+    assert scores.pres_after == pytest.approx(1.0, abs=1e-4) and scores.pres_before < scores.pres_after
+    assert "collapsing" in scores.verdict()
+    kept = class_prior_scores(varied[::-1], "a ball", before=varied, distance=distance)
+    assert kept.div_ratio == pytest.approx(1.0) and kept.pres_after is None and "kept its variety" in kept.verdict()
+    alone = class_prior_scores(varied, "a ball", distance=distance)
+    assert alone.div_before is None and alone.div_ratio is None and "No base model" in alone.verdict()
+
+
+def test_class_grid_shows_before_above_after_seed_by_seed():
+    before = [Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 255, 0))]
+    after = [Image.new("RGB", (32, 32), (0, 0, 255)), Image.new("RGB", (32, 32), (255, 255, 0))]
+    grid = class_comparison_grid(before, after, "a toy", cell=32)
+    label = 16  # each row's label above it
+    assert grid.size == (2 * 32, 2 * (32 + label))
+    assert grid.getpixel((16, label + 16)) == (255, 0, 0) and grid.getpixel((48, label + 16)) == (0, 255, 0)
+    assert grid.getpixel((16, 2 * label + 48)) == (0, 0, 255) and grid.getpixel((48, 2 * label + 48)) == (255, 255, 0)
+
+
+def test_evaluate_model_compares_the_class_with_the_base_model_on_the_same_seeds(tmp_path, instance_dir, encoders):
+    calls = []
+
+    def trained(prompt, seed, count):
+        calls.append(("trained", prompt, seed, count))
+        return [disc((200, 20, 20))] * count  # collapsed
+
+    def base(prompt, seed, count):
+        calls.append(("base", prompt, seed, count))
+        return [disc(((seed + i) * 60 % 256, 90, 200 - (seed + i) * 40 % 200)) for i in range(count)]
+
+    report = evaluate_model(str(make_full_output(tmp_path / "model")), "dog", instance_dir=instance_dir,
+                            num_prompts=1, images_per_prompt=1, encoders=encoders, generate=trained,
+                            base_generate=base, class_samples=6, seed=3, output_dir=tmp_path / "eval")
+    class_calls = [call for call in calls if call[1] == "a photo of dog"]
+    assert class_calls == [("trained", "a photo of dog", 3, 6), ("base", "a photo of dog", 3, 6)]
+    assert report.class_prior.div_ratio < 0.2 and "collapsing" in Path(report.markdown_path).read_text()
+    skipped = evaluate_model(str(tmp_path / "model"), "dog", instance_dir=instance_dir, num_prompts=1,
+                             images_per_prompt=1, encoders=encoders, generate=trained, class_samples=0)
+    assert skipped.class_prior is None and skipped.to_dict()["class_prior"] is None
+    with pytest.raises(ConfigError, match="--class-samples 1"):
+        evaluate_model(str(tmp_path / "model"), "dog", instance_dir=instance_dir, encoders=encoders,
+                       generate=trained, class_samples=1)
+    assert PAPER_PRIOR_FIGURES["DreamBooth (Imagen) with prior preservation, paper"] == {"pres": 0.493, "div": 0.391}
 
 
 def _write_checkpoint(run: Path, step: int, nudge: float) -> None:
@@ -218,11 +332,12 @@ def test_cli_evaluate_with_tiny_encoders(tmp_path, instance_dir, capsys):
     model = make_full_output(tmp_path / "model")
     code = main(["evaluate", "--model", str(model), "--instance-dir", str(instance_dir), "--class-noun", "dog",
                  "--kind", "live", "--num-prompts", "2", "--prompts-per-image", "1", "--steps", "2",
-                 "--encoders", "tiny"])
+                 "--encoders", "tiny", "--class-samples", "2", "--diversity-distance", "histogram-ssim"])
     assert code == 0
     assert (model / "evaluation" / "evaluation.json").is_file()
     assert (model / "evaluation" / "evaluation_grid.png").is_file()
-    assert "DreamBooth (Stable Diffusion), paper" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "DreamBooth (Stable Diffusion), paper" in out and "What prior preservation protects" in out
 
 
 def test_cli_evaluate_offline_paper_encoders_fail_clearly(tmp_path, instance_dir, capsys):
@@ -253,11 +368,14 @@ def test_cli_evaluate_defaults_to_the_runs_kind_and_passes_the_memory_savings(tm
     monkeypatch.setattr(evaluation, "load_generator", recording_load_generator)
     code = main(["evaluate", "--model", str(model), "--instance-dir", str(instance_dir), "--class-noun", "man",
                  "--num-prompts", "1", "--prompts-per-image", "1", "--steps", "2", "--encoders", "tiny",
-                 "--attention-slicing", "--vae-tiling"])
+                 "--attention-slicing", "--vae-tiling", "--class-samples", "3"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((model / "evaluation" / "evaluation.json").read_text())
     assert report["settings"]["prompt_set"] == "live"  # the run was trained as a person
-    assert loaded_with == [{"attention_slicing": True, "vae_tiling": True}]
+    # The model, then its base model for the class prompt's "before", both with the savings.
+    assert loaded_with == [{"attention_slicing": True, "vae_tiling": True}] * 2
+    assert report["class_prior"]["base_model"] == "tiny" and report["class_prior"]["num_samples"] == 3
+    assert (model / "evaluation" / "class_prior_grid.png").is_file()
 
 
 def test_cli_evaluate_refuses_a_style_with_the_reason(tmp_path, instance_dir, capsys):

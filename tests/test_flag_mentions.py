@@ -43,6 +43,8 @@ OTHER_PROGRAMS = {
     r"jupyter nbconvert": {"--to", "--execute", "--output"},
     r"hf download": {"--local-dir"},
     r"\bpip\b": {"--quiet", "--progress-bar", "--constraint", "--only-binary"},
+    r"\btensorboard\b": {"--logdir"},  # docs/captions_tracking.md: opening --report-to's logs
+    r"mlflow ui": {"--backend-store-uri"},
 }
 # Modules whose messages advise the command that failed (not another command: "train with --checkpoint-every").
 ADVICE_MODULES = ("dreambooth_helpers/failures.py",)

@@ -257,3 +257,27 @@ def test_generate_out_in_a_place_no_one_can_write_is_refused_first(capsys, no_mo
     assert main(["generate", "--model", "tiny", "--prompt", "a dog", "--out", "/proc/dreambooth-images"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --out '/proc/dreambooth-images': cannot write in '/proc'") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("hub_environment, said", [
+    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "could not be reached"),  # nothing listens on port 9
+    ({"HF_HUB_OFFLINE": "1"}, "offline mode"),
+])
+def test_a_hub_model_that_cannot_be_had_fails_at_once_with_one_paragraph(tmp_path, hub_environment, said):
+    """A mistyped local path looks like a Hub id ("outputs/typo"): without a network that used to mean minutes of
+    retries per file before the error; now one quick question to the Hub, and an error that names both readings."""
+    import subprocess
+    import sys
+    import time
+
+    environment = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not an installed copy
+    environment.update(HF_HOME=str(tmp_path / "hf-home"), PYTHONPATH=repository, **hub_environment)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "dreambooth_helpers", "generate", "--model", "outputs/typo",
+                           "--prompt", "a dog", "--out", str(tmp_path / "images")],
+                          capture_output=True, text=True, env=environment, timeout=180, cwd=tmp_path)
+    assert done.returncode == 2 and time.monotonic() - started < 90
+    assert "no local folder of that name" in done.stderr and said in done.stderr
+    assert "Traceback" not in done.stderr and "Retrying" not in done.stderr + done.stdout
+    assert not (tmp_path / "images").exists()

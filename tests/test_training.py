@@ -388,3 +388,24 @@ def test_resuming_another_runs_checkpoint_by_its_path_is_refused_before_training
     _, steps, hooks = _notices_and_steps()
     result = train(run_a.replace(output_dir=str(tmp_path / "b"), resume=str(checkpoint)), **hooks)
     assert steps == [3, 4] and json.loads(result.summary_path.read_text())["resumed_from_step"] == 2
+
+
+def test_a_run_continues_to_more_steps_when_the_schedule_does_not_read_the_step_count(make_config, tmp_path):
+    """After a disconnect, asking for more steps continues the run instead of starting over (and rotating its
+    checkpoints away); a schedule that depends on the step count (linear) is another run."""
+    short = make_config(max_train_steps=2, checkpoint_every=1, with_prior_preservation=False, learning_rate=1e-3,
+                        output_dir=str(tmp_path / "run"))
+    train(short, progress=False)
+    notices, steps = [], []
+    result = train(short.replace(max_train_steps=4, resume="latest"), progress=False, on_notice=notices.append,
+                   on_step=lambda step, logs: steps.append(step))
+    assert steps == [2, 3, 4] and not result.reused
+    assert any("continuing it to 4 steps" in notice for notice in notices)
+    straight = train(short.replace(max_train_steps=4, output_dir=str(tmp_path / "straight")), progress=False)
+    assert _max_change(_weights(result.output_dir, "unet"), _weights(straight.output_dir, "unet")) == 0
+
+    linear = short.replace(lr_scheduler="linear", output_dir=str(tmp_path / "linear"))
+    train(linear, progress=False)
+    steps.clear()
+    train(linear.replace(max_train_steps=4, resume="latest"), progress=False, on_step=lambda s, logs: steps.append(s))
+    assert steps == [1, 2, 3, 4]

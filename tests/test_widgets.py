@@ -629,6 +629,23 @@ def test_class_images_are_made_once_and_shown(make_config):
     assert widgets.make_class_images(off) == [] and widgets.class_image_grid(off) is None
 
 
+def test_the_class_before_and_after_training_side_by_side_flags_a_collapse(make_config):
+    config = make_config(num_class_images=4)
+    widgets.make_class_images(config)
+    asked = []
+
+    class SameEveryTime:  # a trained model whose class has collapsed: one picture for every seed
+        def generate(self, prompt, num_images, seed):
+            asked.append((prompt, num_images, seed))
+            return [types.SimpleNamespace(image=Image.new("RGB", (32, 32), (200, 120, 40))) for _ in range(num_images)]
+
+    grid, text = widgets.class_before_after(config, SameEveryTime(), count=4, cell=16)
+    assert asked == [(config.concepts[0].class_prompt, 4, config.seed)]
+    assert grid.size == (4 * 16, 2 * (16 + 16))  # two labelled rows of four
+    assert "after 0.00" in text and "collapsing" in text and "--" not in text  # in the notebook's words
+    assert widgets.class_before_after(config.replace(with_prior_preservation=False), SameEveryTime())[0] is None
+
+
 # ---------------------------------------------------------------------------- after training
 
 
@@ -782,3 +799,17 @@ def test_the_notebook_demo_password_protects_page_and_api():
         assert answer.status_code == 200 and answer.json()["status"] == "ready"
     finally:
         widgets.stop_demo(demo, True, SMOKE)
+
+
+def test_the_web_app_starts_from_the_notebook_only_when_asked(tmp_path, capsys):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("gradio")
+    assert widgets.start_app(tmp_path, SMOKE, False) is None
+    assert "tick USE_WEB_APP" in capsys.readouterr().out
+    app = widgets.start_app(tmp_path, SMOKE, True, password="s3cret")
+    try:
+        url = app.url.rstrip("/")
+        assert httpx.get(f"{url}/config").status_code == 401  # the password guards every route
+        assert (tmp_path / "app").is_dir() and "no password" not in capsys.readouterr().out
+    finally:
+        app.close()

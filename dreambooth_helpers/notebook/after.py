@@ -20,7 +20,7 @@ from ..failures import free_gpu_memory
 from ..grids import labelled_grid
 from ..inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .forms import ImageSelection, NotebookSettings, run_name
-from .runtime import NotebookRuntime, hub_login, hub_username
+from .runtime import NotebookRuntime, hub_login, hub_username, smoke_model
 
 
 def make_class_images(config: TrainConfig) -> list[Path]:
@@ -39,21 +39,41 @@ def make_class_images(config: TrainConfig) -> list[Path]:
 
 def class_image_grid(config: TrainConfig, limit: int = 8, cell: int = 96):
     """A grid of the first class images that prior preservation trains on (None when it is off)."""
+    images = _first_class_images(config, limit) if config.with_prior_preservation else []
+    return labelled_grid([(config.concepts[0].class_prompt, images)], cell=cell) if images else None
+
+
+def _first_class_images(config: TrainConfig, limit: int) -> list:
     from PIL import Image
 
     from ..prior import class_dir_for, existing_class_images
 
-    if not config.with_prior_preservation:
-        return None
-    concept = config.concepts[0]
-    paths = existing_class_images(class_dir_for(config, concept))[:limit]
-    if not paths:
-        return None
     images = []
-    for path in paths:
+    for path in existing_class_images(class_dir_for(config, config.concepts[0]))[:limit]:
         with Image.open(path) as image:
             images.append(image.convert("RGB"))
-    return labelled_grid([(concept.class_prompt, images)], cell=cell)
+    return images
+
+
+def class_before_after(config: TrainConfig, generator, count: int = 8, cell: int = 128):
+    """What prior preservation protects: the class prompt drawn by the base model (the first class images) above
+    the same prompt drawn by the trained model, with each row's diversity (DIV, evaluation.diversity with the
+    offline histogram+SSIM distance) and a verdict. Returns (grid, text); (None, why) without class images.
+    """
+    from ..evaluation import ClassPriorScores, HistogramSsimDistance, class_comparison_grid, diversity
+    from .runtime import in_notebook_words
+
+    before = _first_class_images(config, count) if config.with_prior_preservation else []
+    if len(before) < 2:
+        return None, "No class images to compare with (prior preservation is off)."
+    class_prompt = config.concepts[0].class_prompt
+    after = [result.image for result in generator.generate(class_prompt, num_images=len(before), seed=config.seed)]
+    distance = HistogramSsimDistance()
+    scores = ClassPriorScores(class_prompt, len(after), distance.name, diversity(after, distance), None,
+                              diversity(before, distance), None, config.model)
+    text = (f"DIV (how varied the class is, higher is more varied): before {scores.div_before:.2f}, "
+            f"after {scores.div_after:.2f}. " + in_notebook_words(scores.verdict()))
+    return class_comparison_grid(before, after, class_prompt, cell=cell), text
 
 
 def load_trained_model(output_dir: str | Path, **options: Any):
@@ -129,6 +149,27 @@ def start_demo(model_dir: str | Path, runtime: NotebookRuntime, password: str = 
     if runtime.smoke:
         demo.service.wait_until_loaded(timeout=120)
     return demo
+
+
+def start_app(output_root: str | Path, runtime: NotebookRuntime, requested: bool, password: str = "",
+              **options: Any):
+    """The whole journey in one web page (app.py) instead of the cells, when asked; None otherwise.
+
+    Its runs, photos and exports live in OUTPUT_ROOT/app (on Drive when it is mounted, so a new session finds
+    them). A non-empty `password` protects it (user name DEMO_USER). In Colab, Gradio makes a share link.
+    """
+    if not requested:
+        print("The web app is not started (tick USE_WEB_APP to use it instead of the cells below).")
+        return None
+    from ..app import launch_app
+
+    options = {"share": runtime.colab, "port": None, **options}  # Colab cannot open the local address
+    if runtime.smoke:
+        options = {**options, "share": False, "port": 0, "model": smoke_model()}
+    app = launch_app(Path(output_root) / "app", auth=[f"{DEMO_USER}:{password}"] if password else None, **options)
+    print(f"The app runs at {app.share_url or app.url}" + ("" if password else
+          " (no password: anyone with the link can use it and this GPU)") + ". Stop it with app.close().")
+    return app
 
 
 def stop_demo(demo, requested: bool, runtime: NotebookRuntime) -> str:

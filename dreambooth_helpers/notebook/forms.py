@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import subject
+from .. import captions, subject
 from ..checkpoints import list_checkpoints, plan_checkpoints
 from ..config import DEFAULT_PRESET, PRESETS, Concept, TrainConfig
 from ..data import IMAGE_EXTENSIONS, DatasetReport, prepare_image, read_images, require_usable
@@ -121,7 +121,7 @@ def collect_images(source: str, chosen: Any, work_dir: str | Path) -> ImageSelec
         report.skipped = uploaded.skipped + report.skipped  # what the upload could not use, with reasons
     else:
         folder = Path(chosen).expanduser()
-        report = read_images(folder)
+        report = captions.check_folder(read_images(folder), folder)  # caption mistakes show here, not at training
     return ImageSelection(folder, require_usable(report), is_sample=source == "sample")
 
 

@@ -1,0 +1,640 @@
+"""The whole journey in one web page: photos, training, trying the model, publishing it (`dreambooth-helpers app`).
+
+`TrainingApp` holds the logic, one method per button, each taking the signed-in user (None without --auth), so
+tests and other front ends call it without a browser; `build_ui` wraps it in a Gradio Blocks page with four tabs.
+
+Everything lives in the work folder: uploaded photos (WORKDIR/photos, or WORKDIR/users/NAME/photos when --auth lists
+several users), the training jobs (WORKDIR/jobs, see jobs.py: one run at a time, in its own process, found again
+after a reload or a restart) and Gradio's file cache (WORKDIR/.gradio). The page serves images it made itself
+(samples, crops, generated images) through that cache, and the exported file from WORKDIR/.gradio/exports: no other
+path, inside or outside the work folder, is ever served. With several users each sees only their own photos and
+runs. The Hub token typed into the Publish tab is used for that one upload and never stored, shown or logged.
+"""
+
+import dataclasses
+import logging
+import os
+import re
+import secrets
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_PRESET, PRESETS, TOY_MODEL, TrainConfig
+from .errors import ConfigError, DreamBoothError, HubError, ImageDataError
+from .jobs import FINISHED, RUNNING, Job, JobError, JobRunner
+from .subject import DEFAULT_KIND, SUBJECT_KINDS
+
+logger = logging.getLogger(__name__)
+DEFAULT_WORKDIR = "dreambooth-app"
+PREVIEW_SIZE = 256  # px: the crops shown in the Photos tab (training uses the model's resolution)
+SAMPLES_SHOWN = 8
+GRADIO_CACHE_VARIABLE = "GRADIO_TEMP_DIR"
+
+
+@dataclass(frozen=True)
+class AppLimits:
+    """Bounds on what a visitor may upload and ask for: a shared link must not fill the disk or hold the GPU."""
+
+    max_photos: int = 30
+    max_file_bytes: int = 25 * 2**20  # one uploaded file (a zip of photos included)
+    max_upload_bytes: int = 200 * 2**20  # one upload, all files together
+    max_steps: int = 3000
+    max_prompt_chars: int = 300
+    max_generation_steps: int = 50
+
+
+@dataclass
+class PhotosView:
+    count: int
+    crops: list[Any]  # PIL images, as training will see them (centre crops)
+    report: str  # what was read and skipped, then the dataset doctor's findings
+
+
+@dataclass
+class JobView:
+    job_id: str
+    status: str
+    text: str
+    samples: list[tuple[Any, str]]  # (PIL image, caption)
+    history: list[dict[str, Any]]
+
+
+def default_model() -> str:
+    """The base model the Train tab starts with: Stable Diffusion 1.5 on a GPU, the offline toy model without."""
+    import torch
+
+    from .notebook.runtime import SD15_MODEL
+
+    return SD15_MODEL if torch.cuda.is_available() else TOY_MODEL
+
+
+def parse_users(auth: list[str] | None) -> list[tuple[str, str]] | None:
+    """["alice:pw", "bob:pw2"] -> [(user, password), ...]; a user named twice is a mistake."""
+    from .demo import parse_auth
+
+    if not auth:
+        return None
+    pairs = [parse_auth(text) for text in auth]
+    names = [user for user, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ConfigError("--auth names the same user twice: give each user one USER:PASS.")
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name) or name.strip(".") == "":
+            raise ConfigError(f"--auth user {name!r}: use letters, digits, '.', '_' or '-' (it names a folder).")
+    return pairs
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.3g} MiB"
+
+
+class TrainingApp:
+    """The page's logic over a work folder: one method per action, each for the signed-in `user`."""
+
+    def __init__(self, workdir: str | Path, *, users: list[str] | None = None, model: str | None = None,
+                 limits: AppLimits | None = None, config_overrides: dict[str, Any] | None = None,
+                 environment: dict[str, str] | None = None, generator_options: dict[str, Any] | None = None):
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.users = list(users or [])
+        self.model = model or default_model()
+        self.limits = limits or AppLimits()
+        # Settings the page does not show, applied to every run (tests: a tiny resolution and few sample steps).
+        self.config_overrides = dict(config_overrides or {})
+        self.generator_options = dict(generator_options or {})  # the Try it tab's (attention slicing, VAE tiling)
+        self.runner = JobRunner(self.workdir, environment=environment)
+        self.cache_dir = self.workdir / ".gradio"
+        self.exports_dir = self.cache_dir / "exports"
+        self._services: dict[str, Any] = {}  # job id -> DemoService of its model (the newest one only)
+        self._services_lock = threading.Lock()
+
+    # -- who sees what
+
+    def _check_user(self, user: str | None) -> None:
+        if self.users and user not in self.users:
+            raise ConfigError("Sign in first: this page is for its listed users only.")
+
+    def user_folder(self, user: str | None) -> Path:
+        """The user's own part of the work folder: the folder itself unless --auth lists several users."""
+        self._check_user(user)
+        if len(self.users) > 1:
+            return self.workdir / "users" / str(user)
+        return self.workdir
+
+    def photos_dir(self, user: str | None) -> Path:
+        return self.user_folder(user) / "photos"
+
+    def jobs(self, user: str | None) -> list[Job]:
+        self._check_user(user)
+        every = self.runner.jobs()
+        return [job for job in every if job.owner == user] if len(self.users) > 1 else every
+
+    def job(self, user: str | None, job_id: str | None) -> Job:
+        """The user's run `job_id`; another user's run is "no such run", like one that does not exist."""
+        if not job_id:
+            raise JobError("Choose a run first.")
+        found = self.runner.job(str(job_id))
+        self._check_user(user)
+        if len(self.users) > 1 and found.owner != user:
+            raise JobError(f"No training run {job_id!r}.")
+        return found
+
+    # -- Photos
+
+    def upload(self, user: str | None, files: list[str | Path], kind: str = DEFAULT_KIND) -> PhotosView:
+        """Check an upload against the limits, read it as `check-images` does, and keep the usable photos
+        (replacing the user's earlier ones)."""
+        from .data import read_images
+        from .notebook.forms import save_uploads
+
+        limits = self.limits
+        files = [Path(f) for f in files or []]
+        if not files:
+            raise ImageDataError("Choose some photos (JPEG, PNG, WebP, HEIC) or a zip of them first.")
+        if len(files) > limits.max_photos:
+            raise ImageDataError(f"{len(files)} files is more than this page takes ({limits.max_photos}); "
+                                 "choose your best photos (5-20 work well).")
+        sizes = {f: f.stat().st_size for f in files}
+        too_big = [f.name for f, size in sizes.items() if size > limits.max_file_bytes]
+        if too_big:
+            raise ImageDataError(f"{', '.join(too_big)}: larger than {_mib(limits.max_file_bytes)} per file. "
+                                 "Resize or re-save them as JPEG first.")
+        if sum(sizes.values()) > limits.max_upload_bytes:
+            raise ImageDataError(f"The upload is larger than {_mib(limits.max_upload_bytes)} in all: "
+                                 "choose fewer or smaller photos.")
+        uploads = [(f.name, f.read_bytes()) for f in files]
+        report = read_images(uploads)  # zips opened, hostile files skipped with a reason, as check-images does
+        if len(report.images) > limits.max_photos:
+            raise ImageDataError(f"The upload holds {len(report.images)} photos, more than this page takes "
+                                 f"({limits.max_photos}); choose your best ones.")
+        save_uploads(uploads, self.photos_dir(user))
+        return self.photos_view(user, kind, report.format())
+
+    def photos_view(self, user: str | None, kind: str = DEFAULT_KIND, read_report: str = "") -> PhotosView:
+        """The user's photos as training crops them, and the dataset doctor's findings."""
+        from .data import prepare_image, read_images
+        from .doctor import diagnose
+
+        folder = self.photos_dir(user)
+        if not folder.is_dir():
+            return PhotosView(0, [], "No photos yet: upload 5-20 photos of your subject (or a zip).")
+        report = read_images(folder)
+        crops = [prepare_image(record.image, PREVIEW_SIZE, "center") for record in report.images]
+        doctor = diagnose(folder, kind=kind).format()
+        text = "\n\n".join(part for part in (read_report, doctor) if part)
+        return PhotosView(len(report.images), crops, text)
+
+    # -- Train
+
+    def make_config(self, user: str | None, *, kind: str = DEFAULT_KIND, token: str = "sks", class_noun: str = "dog",
+                    model: str | None = None, preset: str = DEFAULT_PRESET, steps: int | None = None) -> TrainConfig:
+        """The run's TrainConfig, made as the notebook makes it (forms.settings_to_config: the same recipe)."""
+        from .data import read_images
+        from .notebook.forms import NotebookSettings, settings_to_config
+        from .notebook.runtime import NotebookRuntime
+
+        if kind not in SUBJECT_KINDS:
+            raise ConfigError(f"Subject kind {kind!r}: choose one of {', '.join(SUBJECT_KINDS)}.")
+        if preset not in PRESETS:
+            raise ConfigError(f"Preset {preset!r}: choose one of {', '.join(PRESETS)}.")
+        steps = int(steps or 0)
+        if not 0 <= steps <= self.limits.max_steps:
+            raise ConfigError(f"Steps must be from 1 to {self.limits.max_steps} (0: the recipe's number).")
+        photos = self.photos_dir(user)
+        count = len(read_images(photos).images) if photos.is_dir() else 0
+        if not count:
+            raise ImageDataError("Upload photos of your subject in the Photos tab first.")
+        settings = NotebookSettings(token=token, class_noun=class_noun, kind=kind, preset=preset, steps=steps or None)
+        # The runner moves the output into the job's folder; this placeholder never exists, so nothing resumes.
+        placeholder = self.workdir / "jobs" / ".not-yet"
+        config = settings_to_config(settings, photos, count, placeholder, (model or self.model).strip(),
+                                    NotebookRuntime(colab=False, smoke=False))
+        return config.replace(**self.config_overrides).validate() if self.config_overrides else config
+
+    def outlook(self, user: str | None, **settings: Any) -> str:
+        """What the run will be, and whether it fits in GPU memory, before anything starts."""
+        from .data import read_images
+        from .notebook.forms import config_summary, memory_outlook
+
+        config = self.make_config(user, **settings)
+        count = len(read_images(self.photos_dir(user)).images)
+        summary = config_summary(config, count).replace(str(config.output_dir), "(a new folder for this run)")
+        return f"{summary}\n\nMemory: {memory_outlook(config)}"
+
+    def start(self, user: str | None, **settings: Any) -> Job:
+        from .data import read_images
+        from .notebook.forms import run_name
+
+        config = self.make_config(user, **settings)
+        count = len(read_images(self.photos_dir(user)).images)
+        name = run_name(settings.get("token", "sks"), settings.get("class_noun", "dog"))
+        return self.runner.submit(config, name=name, total_steps=config.steps_for(count), owner=user)
+
+    def cancel(self, user: str | None, job_id: str) -> Job:
+        return self.runner.cancel(self.job(user, job_id).job_id)
+
+    def resume(self, user: str | None, job_id: str) -> Job:
+        return self.runner.resume(self.job(user, job_id).job_id)
+
+    def job_view(self, user: str | None, job_id: str) -> JobView:
+        """What the Train tab shows of a run: its state and progress, the newest samples, the loss history."""
+        from PIL import Image
+
+        from .notebook.monitor import progress_line
+
+        job = self.job(user, job_id)
+        total = job.total_steps or job.progress.get("total_steps") or 0
+        if job.status == "queued":
+            text = "Waiting: another run is training; this one starts when it ends."
+        elif job.status == RUNNING and not job.progress:
+            text = "Starting: loading the model and preparing the photos (and class images)."
+        elif job.progress:
+            text = progress_line(job.step, total, job.progress, job.progress.get("seconds_per_step"))
+        else:
+            text = ""
+        ending = {"finished": "Finished: try it in the next tab.",
+                  "failed": f"Training failed: {job.error}",
+                  "cancelled": "Cancelled: the checkpoints saved so far are kept; Resume continues from the newest.",
+                  "interrupted": "Interrupted (the app or the machine stopped while it trained): Resume continues "
+                                 "from the newest checkpoint."}.get(job.status)
+        text = "\n\n".join(part for part in (f"**{job.job_id}**: {job.status}", text, ending) if part)
+        samples = []
+        for path in job.samples[-SAMPLES_SHOWN:]:
+            resolved = Path(path).resolve()
+            if resolved.is_relative_to(job.folder) and resolved.is_file():  # only the run's own files
+                with Image.open(resolved) as image:
+                    samples.append((image.convert("RGB"), resolved.stem))
+        return JobView(job.job_id, job.status, text, samples, list(job.progress.get("history") or []))
+
+    # -- Try it
+
+    def _service(self, user: str | None, job_id: str):
+        from .demo import DemoService
+
+        job = self.job(user, job_id)
+        if job.status != FINISHED:
+            raise JobError(f"Run {job.job_id} is {job.status}: only a finished run can make images.")
+        with self._services_lock:
+            if job.job_id not in self._services:
+                for old in self._services.values():  # one model in memory at a time
+                    old.cleanup()
+                self._services.clear()
+                service = DemoService(str(job.output_dir), output_dir=job.folder / "tried",
+                                      generator_options=self.generator_options)
+                service.start_loading()
+                self._services[job.job_id] = service
+            return self._services[job.job_id]
+
+    def generate(self, user: str | None, job_id: str, prompt: str, *, steps: int = 25, seed: int | None = None,
+                 num_images: int = 1) -> list[Any]:
+        """Images from a finished run, through the demo's queue and checks (demo.DemoService)."""
+        if not prompt or not prompt.strip():
+            raise ConfigError("Write a prompt with your identifier first, e.g. \"a photo of sks dog on the beach\".")
+        if len(prompt) > self.limits.max_prompt_chars:
+            raise ConfigError(f"The prompt is longer than {self.limits.max_prompt_chars} characters.")
+        if not 1 <= int(steps) <= self.limits.max_generation_steps:
+            raise ConfigError(f"Steps must be from 1 to {self.limits.max_generation_steps}.")
+        service = self._service(user, job_id)
+        return [result.image for result in service.generate(prompt, steps=int(steps), seed=seed,
+                                                             num_images=int(num_images))]
+
+    def example_prompt(self, user: str | None, job_id: str) -> str:
+        from .inference import example_prompts, resolve_model
+
+        job = self.job(user, job_id)
+        _, _, summary = resolve_model(str(job.output_dir), None)
+        return (example_prompts(summary) or ["a photo of sks dog"])[0]
+
+    # -- Publish
+
+    def publish(self, user: str | None, job_id: str, repo_id: str, private: bool = True,
+                token: str | None = None) -> str:
+        """Push a finished run with its model card. The token is the one typed in, else HF_TOKEN; the host's
+        saved Hub login is never used for a visitor's upload."""
+        from .hub import check_repo_id, push_to_hub
+
+        job = self.job(user, job_id)
+        if job.status != FINISHED:
+            raise JobError(f"Run {job.job_id} is {job.status}: only a finished run can be published.")
+        check_repo_id((repo_id or "").strip())
+        token = (token or "").strip() or os.environ.get("HF_TOKEN", "").strip()
+        if not token:
+            raise HubError("No Hugging Face token: paste a token with write access "
+                           "(https://huggingface.co/settings/tokens) into the token field, or start the app with "
+                           "HF_TOKEN set. The token is used for this upload only and never stored.")
+        return push_to_hub(job.output_dir, repo_id.strip(), private=bool(private), token=token)
+
+    def export(self, user: str | None, job_id: str, half: bool = True) -> Path:
+        """The run as one .safetensors file, in a folder of its own with an unguessable name (it is served)."""
+        from .export import export_single_file
+
+        job = self.job(user, job_id)
+        if job.status != FINISHED:
+            raise JobError(f"Run {job.job_id} is {job.status}: only a finished run can be exported.")
+        folder = self.exports_dir / secrets.token_hex(16)
+        folder.mkdir(parents=True)
+        return Path(export_single_file(job.output_dir, folder / f"{job.job_id}.safetensors", half_precision=half))
+
+    def close(self) -> None:
+        self.runner.close()
+        with self._services_lock:
+            for service in self._services.values():
+                service.cleanup()
+            self._services.clear()
+
+
+# ---------------------------------------------------------------------------- the page
+
+
+def _user(request: Any) -> str | None:
+    return getattr(request, "username", None) if request is not None else None
+
+
+def _message(error: Exception) -> str:
+    if isinstance(error, DreamBoothError):
+        return f"**Error:** {error}"
+    logger.exception("The app's action failed")
+    return f"**Error:** {type(error).__name__}: {error}"
+
+
+def _run_choices(app: TrainingApp, user: str | None, finished_only: bool = False) -> list[tuple[str, str]]:
+    return [(f"{job.job_id} ({job.status})", job.job_id) for job in reversed(app.jobs(user))
+            if job.status == FINISHED or not finished_only]
+
+
+def build_ui(app: TrainingApp):
+    """The Gradio Blocks page: Photos, Train, Try it, Publish."""
+    import gradio as gr
+
+    from .notebook.monitor import plot_losses
+
+    def loss_plot(history):
+        if not history:
+            return None
+        return plot_losses({"history": history})
+
+    with gr.Blocks(title="DreamBooth", analytics_enabled=False) as ui:
+        gr.Markdown("# DreamBooth: teach Stable Diffusion your subject\nUpload photos, train, try the model, "
+                    "publish it. Training runs in the background: reload the page any time.")
+        kind = gr.Dropdown(list(SUBJECT_KINDS), value=DEFAULT_KIND, label="What the photos show", elem_id="kind")
+        with gr.Tab("1. Photos"):
+            files = gr.File(file_count="multiple", type="filepath", label="Photos or a zip", elem_id="upload")
+            upload_button = gr.Button("Use these photos", variant="primary", elem_id="use-photos")
+            crops = gr.Gallery(label="As training sees them", columns=6, elem_id="crops")
+            photo_report = gr.Textbox(label="What was read, and the dataset doctor's advice", lines=10,
+                                      elem_id="photo-report")
+        with gr.Tab("2. Train"):
+            with gr.Row():
+                token = gr.Textbox("sks", label="Identifier (a rare word)", elem_id="token")
+                class_noun = gr.Textbox("dog", label="Class noun (dog, man, backpack...)", elem_id="class-noun")
+                model = gr.Textbox(app.model, label="Base model", elem_id="model")
+            with gr.Row():
+                preset = gr.Dropdown(list(PRESETS), value=DEFAULT_PRESET, label="Preset", elem_id="preset")
+                steps = gr.Number(0, precision=0, minimum=0, maximum=app.limits.max_steps,
+                                  label="Steps (0: the recipe's)", elem_id="steps")
+            with gr.Row():
+                check_button = gr.Button("Check settings and memory", elem_id="check")
+                start_button = gr.Button("Start training", variant="primary", elem_id="start")
+            outlook = gr.Markdown(elem_id="outlook")
+            with gr.Row():
+                run = gr.Dropdown([], label="Run", elem_id="run", allow_custom_value=True)
+                cancel_button = gr.Button("Cancel", elem_id="cancel")
+                resume_button = gr.Button("Resume", elem_id="resume")
+            run_status = gr.Markdown(elem_id="run-status")
+            samples = gr.Gallery(label="Samples as training draws them", columns=4, elem_id="samples")
+            losses = gr.Plot(label="Loss", elem_id="losses")
+        with gr.Tab("3. Try it"):
+            try_run = gr.Dropdown([], label="Finished run", elem_id="try-run", allow_custom_value=True)
+            prompt = gr.Textbox(label="Prompt", max_length=app.limits.max_prompt_chars, elem_id="prompt")
+            with gr.Row():
+                gen_steps = gr.Slider(1, app.limits.max_generation_steps, value=25, step=1, label="Steps")
+                seed = gr.Textbox("random", label='Seed ("random" or a number)', elem_id="seed")
+            generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+            images = gr.Gallery(label="Images", columns=2, elem_id="images")
+            try_status = gr.Markdown(elem_id="try-status")
+        with gr.Tab("4. Publish"):
+            publish_run = gr.Dropdown([], label="Finished run", elem_id="publish-run", allow_custom_value=True)
+            repo_id = gr.Textbox(label="Hub repository (USER/NAME)", elem_id="repo-id")
+            private = gr.Checkbox(True, label="Private")
+            hub_token = gr.Textbox(label="Hugging Face token (write access; used once, never stored)",
+                                   type="password", elem_id="hub-token")
+            publish_button = gr.Button("Publish to the Hub", variant="primary", elem_id="publish")
+            export_button = gr.Button("Export one .safetensors file", elem_id="export")
+            exported = gr.File(label="Download", elem_id="exported")
+            publish_status = gr.Markdown(elem_id="publish-status")
+
+        settings_inputs = [kind, token, class_noun, model, preset, steps]
+
+        def settings_of(kind_value, token_value, noun_value, model_value, preset_value, steps_value):
+            return dict(kind=kind_value, token=token_value, class_noun=noun_value, model=model_value,
+                        preset=preset_value, steps=int(steps_value or 0))
+
+        def runs_update(user, selected=None):
+            choices = _run_choices(app, user)
+            finished = _run_choices(app, user, finished_only=True)
+            chosen = selected or (choices[0][1] if choices else None)
+            newest_finished = finished[0][1] if finished else None
+            return (gr.Dropdown(choices=choices, value=chosen), gr.Dropdown(choices=finished, value=newest_finished),
+                    gr.Dropdown(choices=finished, value=newest_finished))
+
+        def on_upload(file_paths, kind_value, request: gr.Request):
+            try:
+                view = app.upload(_user(request), file_paths or [], kind_value)
+            except Exception as error:
+                return gr.skip(), _message(error).replace("**", "")
+            return view.crops, view.report
+
+        def on_check(kind_value, token_value, noun_value, model_value, preset_value, steps_value,
+                     request: gr.Request):
+            values = (kind_value, token_value, noun_value, model_value, preset_value, steps_value)
+            try:
+                return app.outlook(_user(request), **settings_of(*values))
+            except Exception as error:
+                return _message(error)
+
+        def on_start(kind_value, token_value, noun_value, model_value, preset_value, steps_value,
+                     request: gr.Request):
+            values = (kind_value, token_value, noun_value, model_value, preset_value, steps_value)
+            user = _user(request)
+            try:
+                job = app.start(user, **settings_of(*values))
+            except Exception as error:
+                return (_message(error), *runs_update(user))
+            return (f"Queued {job.job_id}.", *runs_update(user, job.job_id))
+
+        def on_view(job_id, request: gr.Request):
+            if not job_id:
+                return "", [], None
+            try:
+                view = app.job_view(_user(request), job_id)
+            except Exception as error:
+                return _message(error), [], None
+            return view.text, view.samples, loss_plot(view.history)
+
+        def on_cancel(job_id, request: gr.Request):
+            try:
+                app.cancel(_user(request), job_id)
+            except Exception as error:
+                return _message(error)
+            return on_view(job_id, request)[0]
+
+        def on_resume(job_id, request: gr.Request):
+            try:
+                app.resume(_user(request), job_id)
+            except Exception as error:
+                return _message(error)
+            return on_view(job_id, request)[0]
+
+        def on_generate(job_id, prompt_text, steps_value, seed_text, request: gr.Request):
+            from .demo import parse_seed
+
+            try:
+                made = app.generate(_user(request), job_id, prompt_text, steps=int(steps_value),
+                                    seed=parse_seed(seed_text))
+            except Exception as error:
+                return gr.skip(), _message(error)
+            return made, f"Done: {len(made)} image(s)."
+
+        def on_try_run(job_id, request: gr.Request):
+            try:
+                return app.example_prompt(_user(request), job_id) if job_id else gr.skip()
+            except Exception:
+                return gr.skip()
+
+        def on_publish(job_id, repo, private_value, token_value, request: gr.Request):
+            # The token field is emptied whatever happens; the message never contains the token.
+            try:
+                url = app.publish(_user(request), job_id, repo, bool(private_value), token_value)
+            except Exception as error:
+                return _message(error), ""
+            return f"Published: {url}", ""
+
+        def on_export(job_id, request: gr.Request):
+            try:
+                path = app.export(_user(request), job_id)
+            except Exception as error:
+                return None, _message(error)
+            return str(path), f"Exported {path.name}."
+
+        def on_load(request: gr.Request):
+            user = _user(request)
+            view = app.photos_view(user)
+            return (view.crops, view.report, *runs_update(user))
+
+        # The run lists accept any value: the choices change as runs start, and every action checks the id
+        # itself (JobRunner: only folders of its jobs; the app: only the signed-in user's runs).
+        run_lists = [run, try_run, publish_run]
+        upload_button.click(on_upload, [files, kind], [crops, photo_report], api_name="upload")
+        check_button.click(on_check, settings_inputs, [outlook], api_name="check")
+        start_button.click(on_start, settings_inputs, [outlook, *run_lists], api_name="start")
+        run.change(on_view, [run], [run_status, samples, losses], api_name="view", show_progress="hidden")
+        cancel_button.click(on_cancel, [run], [run_status], api_name="cancel")
+        resume_button.click(on_resume, [run], [run_status], api_name="resume")
+        try_run.change(on_try_run, [try_run], [prompt], api_visibility="private")
+        generate_button.click(on_generate, [try_run, prompt, gen_steps, seed], [images, try_status],
+                              api_name="generate")
+        publish_button.click(on_publish, [publish_run, repo_id, private, hub_token], [publish_status, hub_token],
+                             api_name="publish")
+        export_button.click(on_export, [publish_run], [exported, publish_status], api_name="export")
+        ui.load(on_load, outputs=[crops, photo_report, *run_lists], api_visibility="private")
+        # Live progress: the run's files on disk, read every two seconds while the page is open.
+        timer = gr.Timer(2.0)
+        timer.tick(on_view, [run], [run_status, samples, losses], show_progress="hidden", api_visibility="private")
+    ui.queue(default_concurrency_limit=1, max_size=32)
+    return ui
+
+
+# ---------------------------------------------------------------------------- launching
+
+
+@dataclass
+class RunningApp:
+    url: str
+    share_url: str | None
+    app: TrainingApp
+    ui: Any = dataclasses.field(repr=False)
+    previous_cache_dir: str | None = dataclasses.field(default=None, repr=False)
+
+    def close(self) -> None:
+        """Stop serving. A run still training goes on in its own process; the next app finds it."""
+        self.ui.close(verbose=False)
+        self.app.close()
+        if self.previous_cache_dir is None:
+            os.environ.pop(GRADIO_CACHE_VARIABLE, None)
+        else:
+            os.environ[GRADIO_CACHE_VARIABLE] = self.previous_cache_dir
+
+
+def share_warning(share: bool, host: str, users: Any) -> str | None:
+    """The loud warning for a page anyone can reach and train on, or None."""
+    from .demo import is_loopback
+
+    if users:
+        return None
+    if share:
+        where = "ANYONE WITH THE PUBLIC LINK"
+    elif not is_loopback(host):
+        where = f"every network this machine is on (--host {host})"
+    else:
+        return None
+    line = "!" * 78
+    return (f"{line}\nWARNING: this page is open to {where}, without a password: anyone who finds it can upload "
+            f"photos, train on this GPU and publish. Add --auth USER:PASS to require a sign-in.\n{line}")
+
+
+def launch_app(workdir: str | Path = DEFAULT_WORKDIR, *, share: bool = False, auth: list[str] | None = None,
+               host: str = "127.0.0.1", port: int | None = 7860, model: str | None = None, block: bool = False,
+               limits: AppLimits | None = None, config_overrides: dict[str, Any] | None = None,
+               environment: dict[str, str] | None = None, generator_options: dict[str, Any] | None = None,
+               quiet: bool = False) -> RunningApp:
+    """Serve the app over `workdir` and return at once (or, with `block`, when stopped with Ctrl+C)."""
+    import gradio as gr  # noqa: F401  (fail here, clearly, when the demo extra is not installed)
+
+    from .demo import check_address, free_port
+
+    pairs = parse_users(auth)
+    check_address(host, port)
+    app = TrainingApp(workdir, users=[user for user, _ in pairs or []], model=model, limits=limits,
+                      config_overrides=config_overrides, environment=environment,
+                      generator_options=generator_options)
+    app.exports_dir.mkdir(parents=True, exist_ok=True)
+    app.runner.start()
+    if port == 0:
+        port = free_port(host)
+    # Gradio's cache (uploads, and the images the page shows) inside the work folder, for as long as the app
+    # serves: Gradio reads the variable when a file arrives, not only when the page is built.
+    previous_cache_dir = os.environ.get(GRADIO_CACHE_VARIABLE)
+    os.environ[GRADIO_CACHE_VARIABLE] = str(app.cache_dir)
+    ui = build_ui(app)
+    try:
+        _, local_url, share_url = ui.launch(
+            share=share, server_name=host, server_port=port, auth=pairs, prevent_thread_lock=True,
+            allowed_paths=[str(app.exports_dir)], show_error=True, quiet=True, ssr_mode=False,
+            inbrowser=False, max_file_size=app.limits.max_file_bytes)
+    except OSError as error:
+        app.close()
+        raise ConfigError(f"Could not start the app on {host}:{port} ({error}). Pick another --port, or "
+                          "--port 0 for any free one.") from None
+    running = RunningApp(local_url, share_url, app, ui, previous_cache_dir)
+    warning = share_warning(share, host, pairs)
+    if warning:  # printed even when quiet: it is about who can use this GPU
+        print(warning, file=sys.stderr, flush=True)
+    if not quiet:
+        print(f"App running at {local_url} (work folder {app.workdir})")
+        if share_url:
+            print(f"Public link: {share_url}")
+    if block:
+        from .demo import _sigterm_as_ctrl_c
+
+        with _sigterm_as_ctrl_c():
+            try:
+                while True:
+                    threading.Event().wait(0.5)
+            except KeyboardInterrupt:
+                print("Stopping the page. A run still training goes on; `dreambooth-helpers app` finds it again.",
+                      file=sys.stderr)
+                running.close()
+    return running

@@ -1,0 +1,414 @@
+"""Training jobs that outlive the page that started them: one at a time, queued, with their state on disk.
+
+A JobRunner owns a work folder. Each run is a folder under WORKDIR/jobs/ that holds everything about it:
+
+    config.json     the TrainConfig (its output_dir is the job's own output/ folder)
+    state.json      status (queued, running, finished, failed, cancelled, interrupted), pid, times, error
+    progress.json   written by the training process after each step: step, loss, samples, the loss history
+    result.json     written by the training process when it stops: finished, failed (with the error) or cancelled
+    log.txt         the training process's output
+    output/         the run's model, samples, checkpoints and training_summary.json
+
+Training runs in a separate process (`train()` in a fresh Python), so a crash or an out-of-memory in training
+never takes the app down, and the process keeps training when the app stops. A new JobRunner over the same
+folder (a page reload, a second tab, an app restart) reads the jobs back: a run whose process still lives is
+followed again; one whose process died without saying why (the machine or the app was killed with it) is
+"interrupted", and `resume()` continues it from its newest checkpoint with the exact-resume machinery
+(`resume="latest"`). Cancel sends SIGINT, which training takes as Ctrl+C: the checkpoints already saved stay.
+
+Only one run trains at a time, across every runner of the folder: starting one happens under a file lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import write_json_atomically
+from .config import TrainConfig
+from .errors import DreamBoothError
+
+JOBS_DIR = "jobs"
+CONFIG_FILE, STATE_FILE, PROGRESS_FILE, RESULT_FILE, LOG_FILE, OUTPUT_DIR = (
+    "config.json", "state.json", "progress.json", "result.json", "log.txt", "output")
+QUEUED, RUNNING, FINISHED, FAILED, CANCELLED, INTERRUPTED = (
+    "queued", "running", "finished", "failed", "cancelled", "interrupted")
+STOPPED = (FINISHED, FAILED, CANCELLED, INTERRUPTED)
+RESUMABLE = (FAILED, CANCELLED, INTERRUPTED)
+CANCEL_GRACE_S = 60.0  # after SIGINT, how long training may take to stop (a checkpoint being written) before SIGKILL
+ERROR_CHARS = 2000  # at most this much of a log's last paragraph becomes the job's error
+
+
+class JobError(DreamBoothError):
+    """A job request that cannot be done now (no such job, or not in a state that allows it)."""
+
+
+@dataclass
+class Job:
+    """What the page shows of a run: its state.json, plus progress.json when training has started."""
+
+    job_id: str
+    folder: Path
+    status: str
+    created: float
+    total_steps: int | None = None
+    pid: int | None = None
+    error: str | None = None
+    owner: str | None = None  # the signed-in user who started it, when the app has several
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.folder / OUTPUT_DIR
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / LOG_FILE
+
+    @property
+    def step(self) -> int:
+        return int(self.progress.get("step") or 0)
+
+    @property
+    def samples(self) -> list[str]:
+        return list(self.progress.get("samples") or [])
+
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(json.loads((self.folder / CONFIG_FILE).read_text()))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def last_error_paragraph(log_text: str) -> str:
+    """The last paragraph of a log that says something (a traceback's end, or our one-paragraph error)."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", log_text) if p.strip()]
+    if not paragraphs:
+        return "The training process ended without a message."
+    text = paragraphs[-1]
+    lines = text.splitlines()
+    traceback_start = next((i for i, line in enumerate(lines) if line.startswith("Traceback")), None)
+    if traceback_start is not None:  # the error itself is the traceback's last lines, after its frames
+        text = "\n".join(line for line in lines[traceback_start:] if not line.startswith(" ")).strip()
+        text = text.removeprefix("Traceback (most recent call last):").strip()
+    return text[-ERROR_CHARS:]
+
+
+def process_alive(pid: int | None, marker: str | None = None) -> bool:
+    """Whether process `pid` runs (not a zombie) and, when /proc says, was started with `marker` in its command."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process under that pid: alive, but never ours to follow (checked below)
+    proc = Path(f"/proc/{pid}")
+    if not proc.exists():
+        return True
+    with contextlib.suppress(OSError):
+        if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
+        if marker is not None:  # a reused pid is another program: the job's process is gone
+            return marker in proc.joinpath("cmdline").read_bytes().decode(errors="replace")
+    return True
+
+
+class JobRunner:
+    """Queue, start, follow, cancel and resume training runs in `workdir`; state on disk, one run at a time.
+
+    A background thread (`start()`) starts the next queued run when none is training; `poll()` does one round
+    of that by hand (tests, and callers without the thread). `environment` is added to the training processes'
+    environment.
+    """
+
+    def __init__(self, workdir: str | Path, *, environment: dict[str, str] | None = None, poll_every: float = 0.5):
+        self.workdir = Path(workdir).resolve()
+        self.jobs_dir = self.workdir / JOBS_DIR
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.environment = dict(environment or {})
+        self.poll_every = poll_every
+        self._children: dict[str, subprocess.Popen] = {}  # the processes this runner started, to reap them
+        self._thread_lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the jobs on disk
+
+    def jobs(self) -> list[Job]:
+        """Every job in the folder, oldest first, with its current state."""
+        self.poll()
+        return self._read_all()
+
+    def job(self, job_id: str) -> Job:
+        self.poll()
+        return self._read(job_id)
+
+    def _read_all(self) -> list[Job]:
+        found = [self._read(folder.name) for folder in self.jobs_dir.iterdir()
+                 if folder.is_dir() and (folder / STATE_FILE).is_file()]
+        return sorted(found, key=lambda job: (job.created, job.job_id))
+
+    def _folder(self, job_id: str) -> Path:
+        folder = (self.jobs_dir / job_id).resolve()
+        if folder.parent != self.jobs_dir or not (folder / STATE_FILE).is_file():
+            raise JobError(f"No training run {job_id!r} in {self.jobs_dir}.")
+        return folder
+
+    def _read(self, job_id: str) -> Job:
+        folder = self._folder(job_id)
+        state = _read_json(folder / STATE_FILE)
+        return Job(job_id, folder, state.get("status", QUEUED), float(state.get("created", 0.0)),
+                   state.get("total_steps"), state.get("pid"), state.get("error"), state.get("owner"),
+                   _read_json(folder / PROGRESS_FILE))
+
+    def _update(self, job_id: str, **changes: Any) -> None:
+        path = self._folder(job_id) / STATE_FILE
+        write_json_atomically(path, {**_read_json(path), **changes})
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """This process's threads and every other runner of the folder, one at a time."""
+        with self._thread_lock, open(self.jobs_dir / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- requests
+
+    def submit(self, config: TrainConfig, *, name: str = "run", total_steps: int | None = None,
+               owner: str | None = None) -> Job:
+        """Queue a run of `config`; its outputs go to the job's own folder (config.output_dir is replaced)."""
+        safe_name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{safe_name}-{secrets.token_hex(2)}"
+        folder = self.jobs_dir / job_id
+        folder.mkdir()
+        config = config.replace(output_dir=str(folder / OUTPUT_DIR)).validate()
+        write_json_atomically(folder / CONFIG_FILE, config.to_dict())
+        write_json_atomically(folder / STATE_FILE, {"status": QUEUED, "created": time.time(),
+                                                    "total_steps": total_steps, "owner": owner})
+        self.poll()
+        return self._read(job_id)
+
+    def cancel(self, job_id: str) -> Job:
+        """Stop a run: a queued one never starts; a running one gets SIGINT (Ctrl+C) and keeps its checkpoints."""
+        with self._locked():
+            job = self._read(job_id)
+            if job.status == QUEUED:
+                self._update(job_id, status=CANCELLED, finished=time.time())
+            elif job.status == RUNNING:
+                self._update(job_id, cancel_requested=time.time())
+                self._signal(job, signal.SIGINT)
+            else:
+                raise JobError(f"Run {job_id} is {job.status}: there is nothing to cancel.")
+        return self._read(job_id)
+
+    def resume(self, job_id: str) -> Job:
+        """Queue a stopped run again; it continues from its newest checkpoint (resume="latest")."""
+        with self._locked():
+            job = self._read(job_id)
+            if job.status not in RESUMABLE:
+                raise JobError(f"Run {job_id} is {job.status}; only a {', '.join(RESUMABLE)} run can be resumed.")
+            config = job.config().replace(resume="latest")
+            write_json_atomically(job.folder / CONFIG_FILE, config.to_dict())
+            (job.folder / RESULT_FILE).unlink(missing_ok=True)
+            self._update(job_id, status=QUEUED, error=None, pid=None, cancel_requested=None, resumed=time.time())
+        self.poll()
+        return self._read(job_id)
+
+    def wait(self, job_id: str, timeout: float = 600.0) -> Job:
+        """Block until the run stopped (finished, failed, cancelled or interrupted); JobError after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job.status in STOPPED:
+                return job
+            if time.monotonic() > deadline:
+                raise JobError(f"Run {job_id} is still {job.status} after {timeout:.0f} s.")
+            time.sleep(self.poll_every)
+
+    # -- the round that moves jobs along
+
+    def poll(self) -> None:
+        """Settle runs whose process ended, then start the oldest queued run if none is training."""
+        with self._locked():
+            running = False
+            for job in self._read_all():
+                if job.status == RUNNING:
+                    running = self._follow(job) or running
+            if not running:
+                queued = [job for job in self._read_all() if job.status == QUEUED]
+                if queued:
+                    self._launch(queued[0])
+
+    def _follow(self, job: Job) -> bool:
+        """True while `job`'s process trains; once it has stopped, its state says how it ended."""
+        child = self._children.get(job.job_id)
+        if child is not None and child.poll() is None:
+            self._enforce_cancel(job)
+            return True
+        if child is None and process_alive(job.pid, str(job.folder)):
+            self._enforce_cancel(job)
+            return True  # started by another runner (or before an app restart), still training
+        self._children.pop(job.job_id, None)
+        result = _read_json(job.folder / RESULT_FILE)
+        outcome = result.get("outcome")
+        state = _read_json(job.folder / STATE_FILE)
+        if outcome in (FINISHED, FAILED, CANCELLED):
+            error = result.get("error") if outcome == FAILED else None
+        elif state.get("cancel_requested"):
+            outcome, error = CANCELLED, None
+        elif child is not None:  # our own child died without a word: a crash (killed, out of memory, a segfault)
+            outcome, error = FAILED, last_error_paragraph(self._log_text(job))
+        else:  # found dead after a restart: the app, or the machine, went down with it
+            outcome, error = INTERRUPTED, None
+        self._update(job.job_id, status=outcome, error=error, finished=time.time())
+        return False
+
+    def _enforce_cancel(self, job: Job) -> None:
+        requested = _read_json(job.folder / STATE_FILE).get("cancel_requested")
+        if requested and time.time() - float(requested) > CANCEL_GRACE_S:
+            self._signal(job, signal.SIGKILL)
+
+    def _log_text(self, job: Job) -> str:
+        with contextlib.suppress(OSError):
+            return job.log_path.read_text(errors="replace")[-50_000:]
+        return ""
+
+    def _signal(self, job: Job, signum: int) -> None:
+        if process_alive(job.pid, str(job.folder)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signum)  # its own process group: whatever training started stops too
+
+    def _launch(self, job: Job) -> None:
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self.environment}
+        package_root = str(Path(__file__).resolve().parents[1])
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
+        command = [sys.executable, "-c", "import sys; from dreambooth_helpers.jobs import run_job; "
+                   "sys.exit(run_job(sys.argv[1]))", str(job.folder)]
+        with open(job.log_path, "ab") as log:
+            # A session of its own: Ctrl+C in the app's terminal does not stop training, and cancel signals
+            # the whole group.
+            child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     env=environment, cwd=job.folder, start_new_session=True)
+        self._children[job.job_id] = child
+        self._update(job.job_id, status=RUNNING, pid=child.pid, started=time.time())
+
+    # -- the background thread
+
+    def start(self) -> JobRunner:
+        """Poll in a background thread until `close()`, so queued runs start and ended ones are settled."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="dreambooth-jobs", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_every):
+            with contextlib.suppress(Exception):  # a bad job folder must not stop the queue for the others
+                self.poll()
+
+    def close(self, *, cancel_running: bool = False) -> None:
+        """Stop the background thread. Training goes on (a new runner finds it) unless `cancel_running`."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if cancel_running:
+            for job in self._read_all():
+                if job.status == RUNNING:
+                    self.cancel(job.job_id)
+
+
+# ---------------------------------------------------------------------------- the training process
+
+
+class _ProgressWriter:
+    """`on_step` for train(): progress.json after each step, with the loss history of the whole run so far."""
+
+    def __init__(self, folder: Path, total_steps: int | None):
+        self.path = folder / PROGRESS_FILE
+        self.total_steps = total_steps
+        previous = _read_json(self.path)  # a resumed run: the steps before its checkpoint are known already
+        self.history: list[dict[str, Any]] = previous.get("history") or []
+        self.samples: list[str] = previous.get("samples") or []
+        self.started = time.time()
+
+    def __call__(self, step: int, logs: dict[str, Any]) -> None:
+        from .notebook.monitor import median_step_seconds
+
+        if self.history and self.history[-1]["step"] >= step:  # resumed from an earlier checkpoint: redo from there
+            self.history = [h for h in self.history if h["step"] < step]
+            self.samples = [s for s in self.samples if _sample_step(s) < step]
+        self.history.append({"step": step, "loss": logs.get("loss"), "instance_loss": logs.get("instance_loss"),
+                             "prior_loss": logs.get("prior_loss"), "time": logs.get("time")})
+        self.samples += [str(path) for path in logs.get("samples") or []]
+        per_step = median_step_seconds(self.history[-50:])
+        left = (self.total_steps - step) * per_step if per_step and self.total_steps else None
+        write_json_atomically(self.path, {"step": step, "total_steps": self.total_steps, "loss": logs.get("loss"),
+                                          "lr": logs.get("lr"), "seconds_per_step": per_step, "seconds_left": left,
+                                          "updated": time.time(), "samples": self.samples, "history": self.history})
+
+
+def _sample_step(path: str) -> int:
+    from .notebook.monitor import sample_step
+
+    return sample_step(path)
+
+
+def count_steps(config: TrainConfig) -> int:
+    """The run's step count, as train() will work it out from the photos (read the same way)."""
+    from .data import read_images
+
+    return config.steps_for(sum(len(read_images(c.instance_dir).images) for c in config.concepts))
+
+
+def run_job(folder: str | Path) -> int:
+    """The training process's main: train the job's config, report the outcome in result.json.
+
+    SIGINT and SIGTERM stop training as Ctrl+C does (checkpoints already saved are kept). Exit 0 when finished.
+    """
+    import traceback
+
+    from .training import train
+
+    folder = Path(folder)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    outcome: dict[str, Any]
+    try:
+        config = TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        total = _read_json(folder / STATE_FILE).get("total_steps") or count_steps(config)
+        result = train(config, progress=False, on_step=_ProgressWriter(folder, total),
+                       on_notice=lambda text: print(text, flush=True))
+        outcome = {"outcome": FINISHED, "output_dir": str(result.output_dir), "steps": result.global_step}
+    except KeyboardInterrupt:
+        print("Stopped on request. Checkpoints already saved are kept; resume continues from the newest.", flush=True)
+        outcome = {"outcome": CANCELLED}
+    except DreamBoothError as error:
+        print(f"error: {error}", flush=True)
+        outcome = {"outcome": FAILED, "error": str(error)}
+    except Exception as error:  # a bug, or the machine: the traceback goes to the log, its last line to the page
+        traceback.print_exc()
+        outcome = {"outcome": FAILED, "error": f"{type(error).__name__}: {error}"[-ERROR_CHARS:]}
+    write_json_atomically(folder / RESULT_FILE, outcome)
+    return 0 if outcome["outcome"] == FINISHED else 1

@@ -1,0 +1,197 @@
+"""The job runner: training in its own process, one at a time, state on disk; a run survives cancel, a crash,
+and the death of the process that started it, and resumes to the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth_helpers import checkpoints as ckpt
+from dreambooth_helpers.config import Concept, TrainConfig
+from dreambooth_helpers.jobs import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    QUEUED,
+    RUNNING,
+    JobError,
+    JobRunner,
+    last_error_paragraph,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+# One thread in every training process: the same kernels' summation order, so resumed and straight runs match.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DREAMBOOTH_HELPERS_ALLOW_CPU": "1"}
+
+
+def tiny_config(instance_dir: Path, **changes) -> TrainConfig:
+    settings = dict(concepts=[Concept(str(instance_dir), "a photo of sks dog")], output_dir="unused", model="tiny",
+                    resolution=32, with_prior_preservation=False, max_train_steps=8, checkpoint_every=2,
+                    sample_every=4, sample_steps=2, mixed_precision="no", learning_rate=1e-3,
+                    lr_scheduler="linear", seed=3)
+    settings.update(changes)
+    return TrainConfig.from_preset("t4", **settings)
+
+
+def unet_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(next((output_dir / "unet").glob("*.safetensors")))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    first, second = unet_weights(a), unet_weights(b)
+    assert first.keys() == second.keys()
+    return max((first[k] - second[k]).abs().max().item() for k in first) < 1e-5
+
+
+def wait_for_checkpoint(output_dir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(ckpt.checkpoint_step(p) >= step for p in ckpt.list_checkpoints(output_dir)):
+        assert time.monotonic() < deadline, f"no checkpoint {step} within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """The output folder of an uninterrupted 8-step run, what every interrupted one must end at."""
+    from tests.conftest import draw_subject
+
+    root = tmp_path_factory.mktemp("straight")
+    photos = root / "instance"
+    photos.mkdir()
+    for i in range(4):
+        draw_subject(photos / f"photo{i}.png", i)
+    runner = JobRunner(root / "work", environment=ONE_THREAD, poll_every=0.1)
+    job = runner.wait(runner.submit(tiny_config(photos)).job_id, timeout=400)
+    assert job.status == FINISHED, job.log_path.read_text()[-3000:]
+    return job.output_dir
+
+
+@pytest.mark.slow
+def test_a_crashing_run_records_its_error_and_the_next_run_in_the_queue_trains(instance_dir, tmp_path):
+    missing = tmp_path / "gone"
+    missing.mkdir()
+    runner = JobRunner(tmp_path / "work", environment=ONE_THREAD, poll_every=0.1)
+    crashing = runner.submit(tiny_config(missing), total_steps=8)  # no photos: training refuses in the process
+    good = runner.submit(tiny_config(instance_dir, max_train_steps=4, checkpoint_every=None, sample_every=2))
+    # One at a time: the second waits while the first runs.
+    assert runner.job(good.job_id).status == QUEUED
+    assert runner.job(crashing.job_id).status in (RUNNING, FAILED)
+
+    crashed = runner.wait(crashing.job_id, timeout=120)
+    assert crashed.status == FAILED
+    assert "No images found" in crashed.error and "gone" in crashed.error
+    finished = runner.wait(good.job_id, timeout=300)
+    assert finished.status == FINISHED, finished.log_path.read_text()[-3000:]
+    # Progress came from the training process, step by step, with the samples it drew and the loss history.
+    assert finished.step == 4 and finished.progress["total_steps"] == 4
+    assert [h["step"] for h in finished.progress["history"]] == [1, 2, 3, 4]
+    assert [Path(s).name for s in finished.samples] == ["step-000002-0.png", "step-000004-0.png"]
+    assert all(Path(s).is_file() for s in finished.samples)
+    assert (finished.output_dir / "model_index.json").is_file()
+    assert (finished.output_dir / "training_summary.json").is_file()
+    # The runner's own config copy trains into the job folder, whatever output_dir was asked for.
+    assert Path(finished.config().output_dir) == finished.output_dir
+    # A new runner over the same folder sees the same jobs and outcomes (a page reload, an app restart).
+    again = {job.job_id: job.status for job in JobRunner(tmp_path / "work").jobs()}
+    assert again == {crashing.job_id: FAILED, good.job_id: FINISHED}
+    with pytest.raises(JobError, match="nothing to cancel"):
+        runner.cancel(good.job_id)
+
+
+def test_a_crash_without_a_message_takes_the_logs_last_paragraph():
+    log = ("Training: 3/8\n\nTraceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+           "    boom()\nRuntimeError: CUDA error: an illegal memory access was encountered\n")
+    assert last_error_paragraph(log) == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert last_error_paragraph("step 1\n\nerror: No images found in x.\n") == "error: No images found in x."
+    assert "without a message" in last_error_paragraph("")
+
+
+def test_a_job_id_outside_the_jobs_folder_is_refused(tmp_path):
+    runner = JobRunner(tmp_path / "work")
+    (tmp_path / "work" / "secret").mkdir()
+    (tmp_path / "work" / "secret" / "state.json").write_text("{}")
+    for bad in ("../secret", "/etc", "..", "nope"):
+        with pytest.raises(JobError, match="No training run"):
+            runner.job(bad)
+
+
+@pytest.mark.slow
+def test_cancel_keeps_the_checkpoints_and_resume_ends_at_the_uninterrupted_weights(instance_dir, tmp_path,
+                                                                                  straight_run):
+    runner = JobRunner(tmp_path / "work", environment=ONE_THREAD, poll_every=0.1)
+    job = runner.submit(tiny_config(instance_dir))
+    wait_for_checkpoint(job.output_dir, 4)
+    runner.cancel(job.job_id)
+    cancelled = runner.wait(job.job_id, timeout=120)
+    assert cancelled.status == CANCELLED and cancelled.error is None
+    assert ckpt.list_checkpoints(cancelled.output_dir), "the checkpoints already saved are kept"
+    assert not (cancelled.output_dir / "model_index.json").exists(), "cancelled before the end"
+    assert "Stopped on request" in cancelled.log_path.read_text()
+
+    resumed = runner.wait(runner.resume(job.job_id).job_id, timeout=300)
+    assert resumed.status == FINISHED, resumed.log_path.read_text()[-3000:]
+    assert "Resuming from" in resumed.log_path.read_text()
+    assert same_weights(resumed.output_dir, straight_run)
+    # The loss history shown on the page covers every step once, across the cancel.
+    assert [h["step"] for h in resumed.progress["history"]] == list(range(1, 9))
+
+
+PARENT_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from dreambooth_helpers.config import Concept, TrainConfig
+    from dreambooth_helpers.jobs import JobRunner
+    sys.path.insert(0, {tests!r})
+    from test_jobs import ONE_THREAD, tiny_config
+    runner = JobRunner({work!r}, environment=ONE_THREAD, poll_every=0.1).start()
+    job = runner.submit(tiny_config(__import__("pathlib").Path({photos!r})))
+    print(job.job_id, flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.slow
+def test_a_run_outlives_the_app_that_started_it_and_resumes_after_a_crash(instance_dir, tmp_path, straight_run):
+    work = tmp_path / "work"
+    script = PARENT_SCRIPT.format(tests=str(REPO / "tests"), work=str(work), photos=str(instance_dir))
+    app = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        job_id = app.stdout.readline().strip()
+        assert job_id, "the app process did not start a job"
+        output_dir = work / "jobs" / job_id / "output"
+        wait_for_checkpoint(output_dir, 2)
+    finally:
+        app.kill()  # the app dies; its training process, in a session of its own, does not
+        app.wait()
+        app.stdout.close()
+
+    # A new app over the same folder finds the run still training and follows it.
+    runner = JobRunner(work, environment=ONE_THREAD, poll_every=0.1)
+    found = runner.job(job_id)
+    assert found.status == RUNNING and found.pid
+    wait_for_checkpoint(output_dir, 4)
+    # Now the machine goes down with it: the training process is killed without a word.
+    os.killpg(found.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while runner.job(job_id).status == RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    after_restart = JobRunner(work, environment=ONE_THREAD, poll_every=0.1)
+    assert after_restart.job(job_id).status == INTERRUPTED
+
+    resumed = after_restart.wait(after_restart.resume(job_id).job_id, timeout=300)
+    assert resumed.status == FINISHED, resumed.log_path.read_text()[-3000:]
+    assert same_weights(resumed.output_dir, straight_run)
+    state = json.loads((resumed.folder / "state.json").read_text())
+    assert state["status"] == FINISHED and state["error"] is None
