@@ -71,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "max_grad_norm": 0.0},
     },
     "large-gpu": {
-        "description": "24 GB+ (A100, L4, 3090/4090): no gradient checkpointing, bf16 where supported, batch 2.",
+        "description": "24 GB+ with bf16 (A100, L4, 3090/4090; not V100): no gradient checkpointing, bf16, batch 2.",
         "settings": {"gradient_checkpointing": False, "mixed_precision": "bf16", "train_batch_size": 2,
                      "use_8bit_adam": False},
     },

@@ -497,7 +497,7 @@ def _check_duplicates(report: DoctorReport) -> None:
         report.findings.append(Finding(
             "warning", "duplicates", f"{', '.join(group)} are near-duplicates (the same shot, perhaps mirrored or "
             "slightly reframed).", "Keep one: copies add no new view and push the model to reproduce that photo "
-            "exactly (a mirrored copy is what training's flip makes anyway)."))
+            "exactly (a mirrored copy adds nothing a flip could not; --random-flip makes such copies itself)."))
 
 
 def _check_style_repeats(report: DoctorReport) -> None:
