@@ -474,19 +474,17 @@ def build_ui(app: TrainingApp):
                 return _message(error), [], None
             return view.text, view.samples, loss_plot(view.history)
 
-        def on_cancel(job_id, request: gr.Request):
-            try:
-                app.cancel(_user(request), job_id)
-            except Exception as error:
-                return _message(error)
-            return on_view(job_id, request)[0]
+        def job_action(action):
+            """A Cancel/Resume handler: `action(user, job_id)`, then the run's status (or why it failed)."""
+            def handler(job_id, request: gr.Request):
+                try:
+                    action(_user(request), job_id)
+                except Exception as error:
+                    return _message(error)
+                return on_view(job_id, request)[0]
+            return handler
 
-        def on_resume(job_id, request: gr.Request):
-            try:
-                app.resume(_user(request), job_id)
-            except Exception as error:
-                return _message(error)
-            return on_view(job_id, request)[0]
+        on_cancel, on_resume = job_action(app.cancel), job_action(app.resume)
 
         def on_generate(job_id, prompt_text, steps_value, seed_text, request: gr.Request):
             from .demo import parse_seed

@@ -365,23 +365,23 @@ class TrainConfig:
         _choice("--captions", self.captions, CAPTION_MODES)
         _choice("--report-to", self.report_to, REPORT_TO_CHOICES)
         if self.resolution is not None:
-            _int_range("--resolution", self.resolution, 16, 2048)
+            check_int_range("--resolution", self.resolution, 16, 2048)
         if self.resolution is not None and self.resolution % 8:
             raise ConfigError(f"--resolution must be a multiple of 8 (got {self.resolution}); SD 1.x uses 512.")
         if self.num_class_images is not None:
-            _int_range("--num-class-images", self.num_class_images, 1 if self.with_prior_preservation else 0, 10_000)
-        _int_range("--class-images-batch-size", self.class_images_batch_size, 1, 64)
-        _int_range("--class-images-steps", self.class_images_steps, 1, 500)
+            check_int_range("--num-class-images", self.num_class_images, int(self.with_prior_preservation), 10_000)
+        check_int_range("--class-images-batch-size", self.class_images_batch_size, 1, 64)
+        check_int_range("--class-images-steps", self.class_images_steps, 1, 500)
         _float_range("--prior-loss-weight", self.prior_loss_weight, 0.0, 100.0)
         if self.max_train_steps is not None:
-            _int_range("--max-train-steps", self.max_train_steps, 1, 1_000_000)
+            check_int_range("--max-train-steps", self.max_train_steps, 1, 1_000_000)
         for name, value in (("--learning-rate", self.learning_rate),
                             ("--text-encoder-learning-rate", self.text_encoder_learning_rate)):
             if value is not None:
                 _float_range(name, value, 1e-9, 1e-1)
-        _int_range("--lr-warmup-steps", self.lr_warmup_steps, 0, 1_000_000)
-        _int_range("--train-batch-size", self.train_batch_size, 1, 64)
-        _int_range("--gradient-accumulation-steps", self.gradient_accumulation_steps, 1, 256)
+        check_int_range("--lr-warmup-steps", self.lr_warmup_steps, 0, 1_000_000)
+        check_int_range("--train-batch-size", self.train_batch_size, 1, 64)
+        check_int_range("--gradient-accumulation-steps", self.gradient_accumulation_steps, 1, 256)
         _float_range("--max-grad-norm", self.max_grad_norm, 0.0, 1e6)
         if self.step_in_backward:
             why_not = step_in_backward_allowed(self)
@@ -389,24 +389,24 @@ class TrainConfig:
                 raise ConfigError(f"--step-in-backward cannot be used here: {why_not}. Use --max-grad-norm 0 "
                                   "and --gradient-accumulation-steps 1, or drop it.")
         _float_range("--adam-weight-decay", self.adam_weight_decay, 0.0, 1.0)
-        _int_range("--seed", self.seed, 0, 2**32 - 1)
-        _int_range("--lora-rank", self.lora_rank, 1, 1024)
+        check_int_range("--seed", self.seed, 0, 2**32 - 1)
+        check_int_range("--lora-rank", self.lora_rank, 1, 1024)
         if self.lora_alpha is not None:
-            _int_range("--lora-alpha", self.lora_alpha, 1, 4096)
+            check_int_range("--lora-alpha", self.lora_alpha, 1, 4096)
         if self.stop_text_encoder_training_at is not None:
             if not self.train_text_encoder:
                 raise ConfigError(
                     "--stop-text-encoder-training-at only makes sense with --train-text-encoder; "
                     "drop one of the two."
                 )
-            _int_range("--stop-text-encoder-training-at", self.stop_text_encoder_training_at, 1, 1_000_000)
+            check_int_range("--stop-text-encoder-training-at", self.stop_text_encoder_training_at, 1, 1_000_000)
         if self.checkpoint_every is not None:
-            _int_range("--checkpoint-every", self.checkpoint_every, 1, 1_000_000)
-        _int_range("--checkpoints-total-limit", self.checkpoints_total_limit, 1, 1000)
+            check_int_range("--checkpoint-every", self.checkpoint_every, 1, 1_000_000)
+        check_int_range("--checkpoints-total-limit", self.checkpoints_total_limit, 1, 1000)
         if self.sample_every is not None:
-            _int_range("--sample-every", self.sample_every, 1, 1_000_000)
-        _int_range("--sample-steps", self.sample_steps, 1, 500)
-        _int_range("--sample-seed", self.sample_seed, 0, 2**32 - 1)
+            check_int_range("--sample-every", self.sample_every, 1, 1_000_000)
+        check_int_range("--sample-steps", self.sample_steps, 1, 500)
+        check_int_range("--sample-seed", self.sample_seed, 0, 2**32 - 1)
         if not isinstance(self.sample_prompts, (list, tuple)) or not all(
                 isinstance(p, str) and p.strip() for p in self.sample_prompts):
             raise ConfigError(f"--sample-prompt must be a list of non-empty prompts (got {self.sample_prompts!r}).")
@@ -437,7 +437,7 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} {value!r} is not allowed; choose one of: {', '.join(allowed)}.")
 
 
-def _int_range(name: str, value: Any, low: int, high: int) -> None:
+def check_int_range(name: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"{name} must be a whole number from {low} to {high} (got {value!r}).")
 

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .config import check_int_range
 from .errors import ConfigError, ModelLoadError
 from .failures import generation_out_of_memory, is_out_of_memory
 from .files import LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SUMMARY_FILE
@@ -275,23 +276,18 @@ def check_generation_settings(prompt: str, *, num_images: int = 1, steps: int = 
     (a random seed, the model's resolution)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ConfigError("The prompt is empty: describe the image, e.g. \"a photo of sks dog on the beach\".")
-    _check_int("num_images", num_images, 1, 64)
-    _check_int("steps", steps, 1, 500)
+    check_int_range("num_images", num_images, 1, 64)
+    check_int_range("steps", steps, 1, 500)
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not (
             0.0 <= guidance_scale <= 50.0):
         raise ConfigError(f"guidance_scale must be a number from 0 to 50 (got {guidance_scale!r}); 5-9 is usual.")
     if seed is not None:
-        _check_int("seed", seed, 0, MAX_SEED - num_images + 1)
+        check_int_range("seed", seed, 0, MAX_SEED - num_images + 1)
     for name, size in (("width", width), ("height", height)):
         if size is not None:
-            _check_int(name, size, 8, 2048)
+            check_int_range(name, size, 8, 2048)
             if size % size_multiple:
                 raise ConfigError(f"{name} must be a multiple of {size_multiple} (got {size}).")
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be a whole number from {low} to {high} (got {value!r}).")
 
 
 def resolve_model(model: str, lora: str | None = None) -> tuple[str, str | None, dict[str, Any] | None]:
