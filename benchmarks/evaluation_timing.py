@@ -23,7 +23,7 @@ def paper_shaped_encoders(device=None):
     """DINO ViT-S/16 and CLIP ViT-B/32 architectures with random weights."""
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-    from dreambooth_helpers.evaluation import ClipEncoder, DinoImageEncoder, Encoders
+    from dreambooth_helpers.eval_encoders import ClipEncoder, DinoImageEncoder, Encoders
     from dreambooth_helpers.models import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
@@ -37,7 +37,7 @@ def paper_shaped_encoders(device=None):
         projection_dim=512,
     ))
     return Encoders(DinoImageEncoder(dino, name="ViT-S/16-shaped (random)", device=device),
-                    ClipEncoder(clip, tokenizer, name="ViT-B/32-shaped (random)", device=device), kind="tiny")
+                    ClipEncoder(clip, tokenizer, name="ViT-B/32-shaped (random)", device=device), weights="tiny")
 
 
 def main() -> None:
@@ -50,14 +50,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from dreambooth_helpers.evaluation import (
-        build_tiny_encoders,
-        generate_images,
-        generator_fn,
-        paper_prompts,
-        real_image_scores,
-        score_images,
-    )
+    from dreambooth_helpers.eval_encoders import build_tiny_encoders, real_image_scores, score_images
+    from dreambooth_helpers.evaluation import generate_images, generator_fn, paper_prompts
 
     prompts = paper_prompts("dog", count=args.prompts)
     rng = np.random.default_rng(0)

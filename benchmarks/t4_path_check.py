@@ -13,8 +13,10 @@ Checks:
 - bitsandbytes: it loads, or its failure is the first thing the refusal says; an 8-bit AdamW state is ~2 bytes a
   parameter on disk (what the disk pre-check counts);
 - presets (not with --quick): `low-memory` under an 8 GiB cap, `t4` and `t4-lora` under 15 GiB, each a few steps of
-  the SD 1.5-shaped model: the plan, the planner's estimate against the measured peak, the peak within the cap
-  (and `low-memory` within 6.5 GiB), and the out-of-memory advice as the user would read it;
+  the SD 1.5-shaped model, and `t4-sdxl` under 15 GiB with SDXL's real shapes at 1024 px (sdxl-random, built in
+  code in fp16): the plan, the planner's estimate against the measured peak, the peak within the cap (and
+  `low-memory` within 6.5 GiB), seconds per step, and the out-of-memory advice as the user would read it
+  (`--preset t4-sdxl` runs that one alone);
 - fp16 replay on the GPU (tiny model): the saved VAE is the base's fp32 VAE, not fp16-rounded; two LoRA runs with
   one seed save the same adapter file.
 """
@@ -26,6 +28,7 @@ import io
 import json
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -41,8 +44,9 @@ from dreambooth_helpers.models import build_tiny_components  # noqa: E402
 from dreambooth_helpers.training import resolve_runtime, train  # noqa: E402
 
 PROMPT, CLASS_PROMPT = "a photo of sks thing", "a photo of thing"
-# (preset, memory cap in GiB, the most the run may reserve in GiB)
-PRESET_RUNS = (("low-memory", 8.0, 6.5), ("t4", 15.0, 15.0), ("t4-lora", 15.0, 15.0))
+# (preset, the model built in code at its real shapes, memory cap in GiB, the most the run may reserve in GiB)
+PRESET_RUNS = (("low-memory", "sd15-random", 8.0, 6.5), ("t4", "sd15-random", 15.0, 15.0),
+               ("t4-lora", "sd15-random", 15.0, 15.0), ("t4-sdxl", "sdxl-random", 15.0, 15.0))
 
 
 class Report:
@@ -100,20 +104,24 @@ def check_bitsandbytes(report: Report) -> None:
                  counted=round(ADAM8_CHECKPOINT_BYTES, 3), bitsandbytes=bnb.__version__)
 
 
-def check_preset(report: Report, preset: str, cap_gib: float, limit_gib: float, work: Path, photos: Path,
-                 steps: int) -> None:
+def check_preset(report: Report, preset: str, model: str, cap_gib: float, limit_gib: float, work: Path,
+                 photos: Path, steps: int) -> None:
     torch.cuda.empty_cache()
     cap_memory(cap_gib)
+    # vae=None: the t4-sdxl preset's fp16-fix VAE cannot be downloaded there; SDXL's own VAE then runs in fp32.
     config = TrainConfig.from_preset(
-        preset, model="sd15-random", concepts=[Concept(str(photos), PROMPT, CLASS_PROMPT, str(work / "class"))],
+        preset, model=model, vae=None,
+        concepts=[Concept(str(photos), PROMPT, CLASS_PROMPT, str(work / f"class-{model}"))],
         output_dir=str(work / preset), max_train_steps=steps, num_class_images=2, class_images_steps=2, seed=0,
         sample_every=None).validate()
     runtime = resolve_runtime(config)
     settings = MemorySettings(runtime.gradient_checkpointing, runtime.step_in_backward)
     estimate = estimate_memory(config, settings, precision=runtime.mixed_precision,
-                               use_8bit_adam=runtime.use_8bit_adam)
+                               use_8bit_adam=runtime.use_8bit_adam, size=memory.planning_size(model))
     torch.cuda.reset_peak_memory_stats()
-    train(config, progress=False)
+    started = time.perf_counter()
+    result = train(config, progress=False)
+    seconds_per_step = (time.perf_counter() - started) / steps  # loading and class images included: an upper bound
     reserved = torch.cuda.max_memory_reserved() / GIB
     allocated = torch.cuda.max_memory_allocated() / GIB
     advice = failures.training_advice(config)  # what an out-of-memory error would have said, from the plan used
@@ -123,6 +131,7 @@ def check_preset(report: Report, preset: str, cap_gib: float, limit_gib: float, 
                  estimated_reserved_gib=round(estimate.peak_reserved / GIB, 2),
                  estimated_allocated_gib=round(estimate.peak_allocated / GIB, 2),
                  estimate_error_pct=round(100 * (estimate.peak_allocated / GIB / allocated - 1), 1),
+                 seconds_per_step_upper_bound=round(seconds_per_step, 2), final_loss=result.losses[-1],
                  oom_advice=advice)
     torch.cuda.set_per_process_memory_fraction(1.0)
 
@@ -153,6 +162,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results/t4-path")
     parser.add_argument("--quick", action="store_true", help="Skip the SD 1.5-shaped training runs.")
     parser.add_argument("--steps", type=int, default=4, help="Training steps per preset run.")
+    parser.add_argument("--preset", choices=[run[0] for run in PRESET_RUNS], help="Run only this preset's check.")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("No CUDA device: this script checks a real card; tests/test_t4_path.py covers the CPU side.")
@@ -168,9 +178,9 @@ def main(argv=None) -> int:
                  ("bitsandbytes", lambda: check_bitsandbytes(report)),
                  ("fp16 replay", lambda: check_fp16_replay(report, work, photos))]
         if not args.quick:
-            steps += [(f"preset {p}", lambda p=p, c=c, lim=lim: check_preset(report, p, c, lim, work, photos,
-                                                                              args.steps))
-                      for p, c, lim in PRESET_RUNS]
+            steps += [(f"preset {p}", lambda p=p, m=m, c=c, lim=lim: check_preset(report, p, m, c, lim, work,
+                                                                                   photos, args.steps))
+                      for p, m, c, lim in PRESET_RUNS if args.preset in (None, p)]
         for name, step in steps:
             try:
                 step()

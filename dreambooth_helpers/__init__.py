@@ -1,9 +1,11 @@
 """dreambooth-helpers: teach Stable Diffusion 1.x a new subject from a few photos, on a free Colab T4."""
 
-from .app import AppLimits, RunningApp, TrainingApp, launch_app
+from .app import AppLimits, TrainingApp
+from .app_launch import RunningApp, launch_app
 from .config import PRESETS, Concept, TrainConfig
 from .data import DatasetReport, load_instance_images, prepare_image, read_images
-from .demo import DemoLimits, RunningDemo, launch_demo
+from .demo import RunningDemo, launch_demo
+from .demo_api import DemoLimits
 from .doctor import DoctorReport, Finding, check_images, diagnose
 from .errors import (
     ConfigError,
@@ -14,15 +16,8 @@ from .errors import (
     ModelLoadError,
     TrainingError,
 )
-from .evaluation import (
-    CheckpointComparison,
-    EvaluationReport,
-    build_tiny_encoders,
-    choose_checkpoint,
-    evaluate_checkpoints,
-    evaluate_model,
-    load_encoders,
-)
+from .eval_encoders import build_tiny_encoders, load_encoders
+from .evaluation import CheckpointComparison, EvaluationReport, choose_checkpoint, evaluate_checkpoints, evaluate_model
 from .export import export_single_file
 from .hub import build_model_card, push_to_hub, stage_for_upload
 from .inference import GeneratedImage, Generator, generate, image_grid, load_generator, save_images

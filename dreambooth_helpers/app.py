@@ -11,12 +11,10 @@ path, inside or outside the work folder, is ever served. With several users each
 runs. The Hub token typed into the Publish tab is used for that one upload and never stored, shown or logged.
 """
 
-import dataclasses
 import logging
 import os
 import re
 import secrets
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +71,7 @@ def default_model() -> str:
 
 def parse_users(auth: list[str] | None) -> list[tuple[str, str]] | None:
     """["alice:pw", "bob:pw2"] -> [(user, password), ...]; a user named twice is a mistake."""
-    from .demo import parse_auth
+    from .demo_api import parse_auth
 
     if not auth:
         return None
@@ -192,6 +190,7 @@ class TrainingApp:
     def make_config(self, user: str | None, *, kind: str = DEFAULT_KIND, token: str = "sks", class_noun: str = "dog",
                     model: str | None = None, preset: str = DEFAULT_PRESET, steps: int | None = None) -> TrainConfig:
         """The run's TrainConfig, made as the notebook makes it (forms.settings_to_config: the same recipe)."""
+        from .choices import DEFAULT_CHOICE, choice_for_model
         from .data import read_images
         from .notebook.forms import NotebookSettings, settings_to_config
         from .notebook.runtime import NotebookRuntime
@@ -207,10 +206,13 @@ class TrainingApp:
         count = len(read_images(photos).images) if photos.is_dir() else 0
         if not count:
             raise ImageDataError("Upload photos of your subject in the Photos tab first.")
-        settings = NotebookSettings(token=token, class_noun=class_noun, kind=kind, preset=preset, steps=steps or None)
+        model = (model or self.model).strip()
+        choice = choice_for_model(model, preset) or DEFAULT_CHOICE  # its VAE goes with its model (SDXL's fp16-safe)
+        settings = NotebookSettings(token=token, class_noun=class_noun, kind=kind, base_model=choice, preset=preset,
+                                    steps=steps or None)
         # The runner moves the output into the job's folder; this placeholder never exists, so nothing resumes.
         placeholder = self.workdir / "jobs" / ".not-yet"
-        config = settings_to_config(settings, photos, count, placeholder, (model or self.model).strip(),
+        config = settings_to_config(settings, photos, count, placeholder, model,
                                     NotebookRuntime(colab=False, smoke=False))
         return config.replace(**self.config_overrides).validate() if self.config_overrides else config
 
@@ -223,6 +225,19 @@ class TrainingApp:
         count = len(read_images(self.photos_dir(user)).images)
         summary = config_summary(config, count).replace(str(config.output_dir), "(a new folder for this run)")
         return f"{summary}\n\nMemory: {memory_outlook(config)}"
+
+    def model_outlook(self, user: str | None, base_model: str, *, kind: str = DEFAULT_KIND, preset: str | None = None,
+                      steps: int | None = None) -> str:
+        """What a base-model choice (choices.py) means for this user's run: model, resolution, steps, rates, class
+        images, GPU memory on a T4 and system RAM on free Colab; counted for 5 photos until some are uploaded."""
+        from .choices import TYPICAL_PHOTOS, outlook
+        from .data import read_images
+
+        photos = self.photos_dir(user)
+        count = len(read_images(photos).images) if photos.is_dir() else 0
+        settings = {**self.config_overrides, "kind": kind, "max_train_steps": int(steps or 0) or None}
+        text = outlook(base_model, count or TYPICAL_PHOTOS, preset=preset, **settings).text()
+        return text if count else f"{text}\n(No photos yet: counted for {TYPICAL_PHOTOS}.)"
 
     def start(self, user: str | None, **settings: Any) -> Job:
         from .data import read_images
@@ -272,7 +287,7 @@ class TrainingApp:
     # -- Try it
 
     def _service(self, user: str | None, job_id: str):
-        from .demo import DemoService
+        from .demo_api import DemoService
 
         job = self.job(user, job_id)
         if job.status != FINISHED:
@@ -290,7 +305,7 @@ class TrainingApp:
 
     def generate(self, user: str | None, job_id: str, prompt: str, *, steps: int = 25, seed: int | None = None,
                  num_images: int = 1) -> list[Any]:
-        """Images from a finished run, through the demo's queue and checks (demo.DemoService)."""
+        """Images from a finished run, through the demo's queue and checks (demo_api.DemoService)."""
         if not prompt or not prompt.strip():
             raise ConfigError("Write a prompt with your identifier first, e.g. \"a photo of sks dog on the beach\".")
         if len(prompt) > self.limits.max_prompt_chars:
@@ -369,6 +384,7 @@ def build_ui(app: TrainingApp):
     """The Gradio Blocks page: Photos, Train, Try it, Publish."""
     import gradio as gr
 
+    from .choices import base_model_choice, choice_for_model, choice_options
     from .notebook.monitor import plot_losses
 
     def loss_plot(history):
@@ -388,13 +404,19 @@ def build_ui(app: TrainingApp):
                                       elem_id="photo-report")
         with gr.Tab("2. Train"):
             with gr.Row():
+                base_model = gr.Dropdown(choice_options(), value=choice_for_model(app.model, DEFAULT_PRESET),
+                                         label="Base model", elem_id="base-model")
+                model = gr.Textbox(app.model, label="Model (Hub id, folder or file; the choice sets it)",
+                                   elem_id="model")
+            with gr.Row():
                 token = gr.Textbox("sks", label="Identifier (a rare word)", elem_id="token")
                 class_noun = gr.Textbox("dog", label="Class noun (dog, man, backpack...)", elem_id="class-noun")
-                model = gr.Textbox(app.model, label="Base model", elem_id="model")
             with gr.Row():
                 preset = gr.Dropdown(list(PRESETS), value=DEFAULT_PRESET, label="Preset", elem_id="preset")
                 steps = gr.Number(0, precision=0, minimum=0, maximum=app.limits.max_steps,
                                   label="Steps (0: the recipe's)", elem_id="steps")
+            model_outlook = gr.Textbox(label="What this base model means: the recipe, GPU memory on a T4, system "
+                                       "RAM on free Colab", lines=6, interactive=False, elem_id="model-outlook")
             with gr.Row():
                 check_button = gr.Button("Check settings and memory", elem_id="check")
                 start_button = gr.Button("Start training", variant="primary", elem_id="start")
@@ -447,6 +469,22 @@ def build_ui(app: TrainingApp):
                 return gr.skip(), _message(error).replace("**", "")
             return view.crops, view.report
 
+        def on_outlook(choice, kind_value, preset_value, steps_value, request: gr.Request):
+            if not choice:
+                return ""
+            try:
+                return app.model_outlook(_user(request), choice, kind=kind_value, preset=preset_value,
+                                         steps=steps_value)
+            except Exception as error:
+                return _message(error).replace("**", "")
+
+        def on_base_model(choice, kind_value, steps_value, request: gr.Request):
+            """A base-model choice sets the model and its preset, and shows what they mean for the run."""
+            if not choice:
+                return gr.skip(), gr.skip(), ""
+            chosen = base_model_choice(choice)
+            return chosen.model, chosen.preset, on_outlook(choice, kind_value, chosen.preset, steps_value, request)
+
         def on_check(kind_value, token_value, noun_value, model_value, preset_value, steps_value,
                      request: gr.Request):
             values = (kind_value, token_value, noun_value, model_value, preset_value, steps_value)
@@ -487,7 +525,7 @@ def build_ui(app: TrainingApp):
         on_cancel, on_resume = job_action(app.cancel), job_action(app.resume)
 
         def on_generate(job_id, prompt_text, steps_value, seed_text, request: gr.Request):
-            from .demo import parse_seed
+            from .demo_api import parse_seed
 
             try:
                 made = app.generate(_user(request), job_id, prompt_text, steps=int(steps_value),
@@ -526,6 +564,12 @@ def build_ui(app: TrainingApp):
         # itself (JobRunner: only folders of its jobs; the app: only the signed-in user's runs).
         run_lists = [run, try_run, publish_run]
         upload_button.click(on_upload, [files, kind], [crops, photo_report], api_name="upload")
+        base_model.change(on_base_model, [base_model, kind, steps], [model, preset, model_outlook],
+                          api_visibility="private")
+        for control in (kind, preset, steps):
+            control.change(on_outlook, [base_model, kind, preset, steps], [model_outlook], api_visibility="private",
+                           show_progress="hidden")
+        ui.load(on_outlook, [base_model, kind, preset, steps], [model_outlook], api_visibility="private")
         check_button.click(on_check, settings_inputs, [outlook], api_name="check")
         start_button.click(on_start, settings_inputs, [outlook, *run_lists], api_name="start")
         run.change(on_view, [run], [run_status, samples, losses], api_name="view", show_progress="hidden")
@@ -543,96 +587,3 @@ def build_ui(app: TrainingApp):
         timer.tick(on_view, [run], [run_status, samples, losses], show_progress="hidden", api_visibility="private")
     ui.queue(default_concurrency_limit=1, max_size=32)
     return ui
-
-
-# ---------------------------------------------------------------------------- launching
-
-
-@dataclass
-class RunningApp:
-    url: str
-    share_url: str | None
-    app: TrainingApp
-    ui: Any = dataclasses.field(repr=False)
-    previous_cache_dir: str | None = dataclasses.field(default=None, repr=False)
-
-    def close(self) -> None:
-        """Stop serving. A run still training goes on in its own process; the next app finds it."""
-        self.ui.close(verbose=False)
-        self.app.close()
-        if self.previous_cache_dir is None:
-            os.environ.pop(GRADIO_CACHE_VARIABLE, None)
-        else:
-            os.environ[GRADIO_CACHE_VARIABLE] = self.previous_cache_dir
-
-
-def share_warning(share: bool, host: str, users: Any) -> str | None:
-    """The loud warning for a page anyone can reach and train on, or None."""
-    from .demo import is_loopback
-
-    if users:
-        return None
-    if share:
-        where = "ANYONE WITH THE PUBLIC LINK"
-    elif not is_loopback(host):
-        where = f"every network this machine is on (--host {host})"
-    else:
-        return None
-    line = "!" * 78
-    return (f"{line}\nWARNING: this page is open to {where}, without a password: anyone who finds it can upload "
-            f"photos, train on this GPU and publish. Add --auth USER:PASS to require a sign-in.\n{line}")
-
-
-def launch_app(workdir: str | Path = DEFAULT_WORKDIR, *, share: bool = False, auth: list[str] | None = None,
-               host: str = "127.0.0.1", port: int | None = 7860, model: str | None = None, block: bool = False,
-               limits: AppLimits | None = None, config_overrides: dict[str, Any] | None = None,
-               environment: dict[str, str] | None = None, generator_options: dict[str, Any] | None = None,
-               quiet: bool = False) -> RunningApp:
-    """Serve the app over `workdir` and return at once (or, with `block`, when stopped with Ctrl+C)."""
-    import gradio as gr  # noqa: F401  (fail here, clearly, when the demo extra is not installed)
-
-    from .demo import check_address, free_port
-
-    pairs = parse_users(auth)
-    check_address(host, port)
-    app = TrainingApp(workdir, users=[user for user, _ in pairs or []], model=model, limits=limits,
-                      config_overrides=config_overrides, environment=environment,
-                      generator_options=generator_options)
-    app.exports_dir.mkdir(parents=True, exist_ok=True)
-    app.runner.start()
-    if port == 0:
-        port = free_port(host)
-    # Gradio's cache (uploads, and the images the page shows) inside the work folder, for as long as the app
-    # serves: Gradio reads the variable when a file arrives, not only when the page is built.
-    previous_cache_dir = os.environ.get(GRADIO_CACHE_VARIABLE)
-    os.environ[GRADIO_CACHE_VARIABLE] = str(app.cache_dir)
-    ui = build_ui(app)
-    try:
-        _, local_url, share_url = ui.launch(
-            share=share, server_name=host, server_port=port, auth=pairs, prevent_thread_lock=True,
-            allowed_paths=[str(app.exports_dir)], show_error=True, quiet=True, ssr_mode=False,
-            inbrowser=False, max_file_size=app.limits.max_file_bytes)
-    except OSError as error:
-        app.close()
-        raise ConfigError(f"Could not start the app on {host}:{port} ({error}). Pick another --port, or "
-                          "--port 0 for any free one.") from None
-    running = RunningApp(local_url, share_url, app, ui, previous_cache_dir)
-    warning = share_warning(share, host, pairs)
-    if warning:  # printed even when quiet: it is about who can use this GPU
-        print(warning, file=sys.stderr, flush=True)
-    if not quiet:
-        print(f"App running at {local_url} (work folder {app.workdir})")
-        if share_url:
-            print(f"Public link: {share_url}")
-    if block:
-        from .demo import _sigterm_as_ctrl_c
-
-        with _sigterm_as_ctrl_c():
-            try:
-                while True:
-                    threading.Event().wait(0.5)
-            except KeyboardInterrupt:
-                print("Stopping the page. A run still training goes on; `dreambooth-helpers app` finds it again.",
-                      file=sys.stderr)
-                running.close()
-    return running

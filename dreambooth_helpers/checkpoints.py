@@ -27,6 +27,7 @@ import torch
 
 from .config import TrainConfig, option_name
 from .errors import ModelLoadError, TrainingError
+from .families import SD1, UNET_PART, ModelFamily
 from .files import LORA_WEIGHTS_FILE
 from .speedups import optimizer_state_for
 
@@ -52,6 +53,7 @@ class TrainingState:
     scaler: Any | None  # the fp16 loss scaler, when there is one
     lora: bool
     eight_bit_adam: bool = False  # the optimizer keeps 8-bit moments (bitsandbytes): smaller checkpoints
+    family: ModelFamily = SD1  # which text encoders the text module holds, and how LoRA files are written
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -183,31 +185,37 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def save_trainable_weights(folder: Path, unet, text_encoder, lora: bool) -> None:
+def lora_parts(unet, text_encoder, family: ModelFamily = SD1) -> dict[str, Any]:
+    """The modules that carry LoRA adapters, by their part name ("unet", "text_encoder", "text_encoder_2")."""
+    parts = {UNET_PART: _unwrap(unet)}
+    if text_encoder is not None:
+        parts.update(family.text_modules(_unwrap(text_encoder)))
+    return parts
+
+
+def raw_lora_file(part: str) -> str:
+    """The checkpoint's file of one part's raw peft tensors (what a resume restores)."""
+    return f"lora_{part}.safetensors"
+
+
+def save_trainable_weights(folder: Path, unet, text_encoder, lora: bool, family: ModelFamily = SD1) -> None:
     """The weights that training changes: full models with save_pretrained, or LoRA adapters."""
     unet, text_encoder = _unwrap(unet), _unwrap(text_encoder) if text_encoder is not None else None
     if lora:
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        unet_layers = get_peft_model_state_dict(unet)
-        text_layers = get_peft_model_state_dict(text_encoder) if text_encoder is not None else None
+        parts = lora_parts(unet, text_encoder, family)
+        layers = {name: get_peft_model_state_dict(module) for name, module in parts.items()}
+        layers = {name: weights for name, weights in layers.items() if weights}
         # Raw peft tensors for resuming, and the diffusers layout that `load_lora_weights` reads.
-        save_file({k: v.detach().float().contiguous() for k, v in unet_layers.items()},
-                  folder / "lora_unet.safetensors")
-        if text_layers:
-            save_file({k: v.detach().float().contiguous() for k, v in text_layers.items()},
-                      folder / "lora_text_encoder.safetensors")
+        for name, weights in layers.items():
+            save_file({k: v.detach().float().contiguous() for k, v in weights.items()}, folder / raw_lora_file(name))
         # The adapters' configs (rank, alpha, targets) go into the file's metadata: without them diffusers
         # reloads with alpha = rank, and an adapter trained with another alpha would act at the wrong strength.
-        StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=convert_state_dict_to_diffusers(unet_layers),
-            text_encoder_lora_layers=convert_state_dict_to_diffusers(text_layers) if text_layers else None,
-            unet_lora_adapter_metadata=_adapter_config(unet),
-            text_encoder_lora_adapter_metadata=_adapter_config(text_encoder) if text_layers else None,
-        )
+        family.save_lora(folder, {name: convert_state_dict_to_diffusers(weights) for name, weights in layers.items()},
+                         {name: _adapter_config(parts[name]) for name in layers})
     else:
         unet.save_pretrained(folder / "unet", safe_serialization=True)
         if text_encoder is not None:
@@ -320,7 +328,7 @@ def save_checkpoint(output_dir: str | Path, step: int, state: TrainingState, met
     check_free_disk(final.parent, _state_checkpoint_bytes(state))
     partial = final.with_name(f".{final.name}.partial")
     partial.mkdir(parents=True)
-    save_trainable_weights(partial, state.unet, state.text_encoder, state.lora)
+    save_trainable_weights(partial, state.unet, state.text_encoder, state.lora, state.family)
     torch.save(state.optimizer.state_dict(), partial / "optimizer.pt")
     torch.save(state.lr_scheduler.state_dict(), partial / "lr_scheduler.pt")
     if state.scaler is not None:
@@ -352,9 +360,10 @@ def load_checkpoint(path: Path, state: TrainingState) -> int:
     if state.lora:
         from peft.utils import set_peft_model_state_dict
 
-        set_peft_model_state_dict(unet, _load_tensors(path / "lora_unet.safetensors"))
-        if text_encoder is not None and (path / "lora_text_encoder.safetensors").is_file():
-            set_peft_model_state_dict(text_encoder, _load_tensors(path / "lora_text_encoder.safetensors"))
+        for name, module in lora_parts(unet, text_encoder, state.family).items():
+            file = path / raw_lora_file(name)
+            if name == UNET_PART or file.is_file():
+                set_peft_model_state_dict(module, _load_tensors(file))
     else:
         unet.load_state_dict(_load_folder_weights(path / "unet"))
         if text_encoder is not None:
@@ -461,9 +470,8 @@ def write_json_atomically(path: Path, data: Any) -> None:
 
 
 def pipeline_from_checkpoint(checkpoint: str | Path, base_model: str | None = None):
-    """A StableDiffusionPipeline with a checkpoint's weights, to look at (or evaluate) a step."""
+    """The family's pipeline with a checkpoint's weights, to look at (or evaluate) a step."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     from .models import load_components, make_pipeline
 
@@ -477,8 +485,11 @@ def pipeline_from_checkpoint(checkpoint: str | Path, base_model: str | None = No
         pipe.load_lora_weights(str(path), weight_name=LORA_WEIGHTS_FILE)
         return pipe
     unet = UNet2DConditionModel.from_pretrained(path / "unet")
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder") if (path / "text_encoder").is_dir() else None
-    return make_pipeline(components, unet=unet, text_encoder=text_encoder)
+    # Each trained text encoder (the family's part names) into the freshly loaded base's own.
+    for part, module in components.family.text_modules(components.text_encoder).items():
+        if (path / part).is_dir():
+            load_text_encoder_weights(module, _load_folder_weights(path / part), path / part)
+    return make_pipeline(components, unet=unet)
 
 
 # ---------------------------------------------------------------------------- planning, before any model loads

@@ -20,7 +20,6 @@ from typing import Any
 from .config import (
     DEFAULT_PRESET,
     PRESETS,
-    TINY_MODEL,
     TOY_MODEL,
     WHAT,
     Concept,
@@ -264,7 +263,8 @@ def _add_demo(subparsers) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import launch_demo, parse_auth
+    from .demo import launch_demo
+    from .demo_api import parse_auth
 
     demo = launch_demo(args.model, lora=args.lora, share=args.share, host=args.host, port=args.port,
                        auth=parse_auth(args.auth) if args.auth is not None else None, block=True,
@@ -299,8 +299,11 @@ def _add_export(subparsers) -> None:
     p = subparsers.add_parser("export-single-file", help="Save a model as one .safetensors for AUTOMATIC1111/ComfyUI.",
                               description="Write a trained model (a LoRA run is merged into its base model first) as "
                               "one checkpoint in the original Stable Diffusion layout.")
-    p.add_argument("--model", required=True, help='Trained output folder, local diffusers folder, "toy" or "tiny".')
-    p.add_argument("--lora", help=LORA_HELP + " The LoRA is merged into the model before it is written.")
+    p.add_argument("--model", help='Trained output folder, local diffusers folder, "toy" or "tiny": written as one '
+                   "checkpoint (SD 1.x). Leave it out to export --lora alone.")
+    p.add_argument("--lora", help=LORA_HELP + " With --model (SD 1.x), merged into the model before it is written; "
+                   "alone (or for SDXL), written as a LoRA file in the AUTOMATIC1111/ComfyUI/kohya layout "
+                   "(lora_unet_*, lora_te*_*, with alphas), to load on the UIs' own base model.")
     p.add_argument("--out", required=True, help="The .safetensors file to write.")
     p.add_argument("--half", action="store_true", help="Store fp16 weights (half the size, ~2 GB for SD 1.x).")
     p.set_defaults(run=_run_export)
@@ -315,7 +318,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(subparsers) -> None:
-    from .evaluation import DEFAULT_CLASS_SAMPLES, DEFAULT_ENCODERS, DISTANCE_CHOICES, ENCODER_CHOICES, KIND_CHOICES
+    from .eval_diversity import DEFAULT_CLASS_SAMPLES, DISTANCE_CHOICES
+    from .eval_encoders import DEFAULT_ENCODERS, ENCODER_CHOICES
+    from .evaluation import KIND_CHOICES
     from .inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     p = subparsers.add_parser("evaluate", help="Score a trained model with the DreamBooth paper's metrics.",
@@ -399,7 +404,7 @@ def _add_app(subparsers) -> None:
 
 
 def _run_app(args: argparse.Namespace) -> int:
-    from .app import launch_app
+    from .app_launch import launch_app
 
     launch_app(args.workdir, share=args.share, auth=args.auth, host=args.host, port=args.port, model=args.model,
                block=True, generator_options={"attention_slicing": args.attention_slicing,
@@ -418,18 +423,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_thread_for_built_in_models(args: argparse.Namespace) -> None:
-    """The built-in toy and tiny models on a CPU run on one thread unless OMP_NUM_THREADS says otherwise.
+def _command_model(args: argparse.Namespace) -> str | None:
+    """The base model the command will load, also when --model is left out.
 
-    Their operations are too small to split: extra threads mostly wait for each other, and on a busy machine
-    they wait for the other programs too (20 toy training steps on a shared 2-core machine: 10 s on one thread,
-    173 s on two). Real models are left to torch's default.
+    `train` without --model trains the preset's model, else TrainConfig's default (the toy model); the app
+    without a GPU starts on the toy model too. Commands that load no model give None.
     """
-    import torch
+    model = getattr(args, "model", None)
+    if model is not None:
+        return model
+    if args.command == "train":
+        preset = PRESETS.get(args.preset or DEFAULT_PRESET, {}).get("settings", {})
+        return preset.get("model", next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "model"))
+    if args.command == "app":
+        return TOY_MODEL  # its base model without a GPU; with one, the thread count is left alone anyway
+    return None
 
-    if getattr(args, "model", None) in (TINY_MODEL, TOY_MODEL) and "OMP_NUM_THREADS" not in os.environ \
-            and not torch.cuda.is_available():
-        torch.set_num_threads(1)
+
+def _one_thread_for_built_in_models(args: argparse.Namespace) -> bool:
+    """The built-in models on a CPU run on one thread unless OMP_NUM_THREADS says otherwise (threads.py says why).
+
+    The model is the one the command will really load: `train` without --model trains the toy model.
+    """
+    from .threads import use_one_thread_for
+
+    return use_one_thread_for(_command_model(args))
+
+
+def _interrupted_message(args: argparse.Namespace) -> str:
+    """What Ctrl+C leaves behind, as it is: the newest checkpoint to resume from, or that there is none yet.
+
+    Only `train` saves checkpoints (in --output-dir/checkpoints, every --checkpoint-every steps; none without it).
+    """
+    from .checkpoints import list_checkpoints
+
+    if getattr(args, "command", None) != "train":
+        return "Stopped."
+    saved = list_checkpoints(args.output_dir)  # --output-dir is required
+    if saved:
+        return (f"Stopped. The newest checkpoint is kept: {saved[-1]}; continue from it with the same command and "
+                "--resume latest.")
+    every = args.checkpoint_every
+    how = (f"--checkpoint-every {every} saves one every {every} steps" if every
+           else "--checkpoint-every N saves them, so that a stopped run can continue")
+    return f"Stopped. No checkpoint was saved yet ({how}); running the command again starts from step 0."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -441,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("\nStopped. Checkpoints already saved are kept; continue with --resume latest.", file=sys.stderr)
+        print(f"\n{_interrupted_message(args)}", file=sys.stderr)
         return 130
 
 

@@ -42,6 +42,8 @@ MEMORY_PLANS = ("auto", "as-set", "smallest")
 CAPTION_MODES = ("auto", "strict", "off")  # captions.py
 REPORT_TO_CHOICES = ("auto", "tensorboard", "mlflow", "wandb", "none")  # tracking.py
 TINY_MODEL = "tiny"
+SDXL_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"  # SDXL's VAE, fine-tuned to stay finite in fp16
 TOY_MODEL = "toy"  # the offline default, trained on the toy world and shipped (models.TOY_MODEL_DIR)
 DEFAULT_PRESET = "t4"
 
@@ -69,6 +71,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "settings": {"lora": True, "lora_rank": 8, "gradient_checkpointing": True, "use_8bit_adam": True,
                      "cache_latents": True, "class_images_batch_size": 1, "memory_plan": "smallest",
                      "max_grad_norm": 0.0},
+    },
+    "t4-sdxl": {
+        # The planner's estimate at 1024 px (memory.SDXL_SIZE): ~11 GiB with these settings, measured figures in
+        # docs/sdxl.md once a GPU run has been made. The text encoders stay frozen so their outputs are cached
+        # and they leave the GPU and RAM; --train-text-encoder adds LoRA to both (~+1.6 GiB).
+        "description": "SDXL on a free Colab T4: LoRA rank 8 on the UNet, 1024 px, fp16, 8-bit AdamW, gradient "
+                       "checkpointing, cached latents and prompt embeddings (base: stabilityai/stable-diffusion-"
+                       "xl-base-1.0, with the fp16-safe VAE madebyollin/sdxl-vae-fp16-fix).",
+        "settings": {"model": SDXL_BASE_MODEL, "vae": SDXL_FP16_VAE, "lora": True, "lora_rank": 8,
+                     "train_text_encoder": False, "gradient_checkpointing": True, "use_8bit_adam": True,
+                     "cache_latents": True, "cache_text_embeddings": True, "class_images_batch_size": 1},
     },
     "large-gpu": {
         "description": "24 GB+ with bf16 (A100, L4, 3090/4090; not V100): no gradient checkpointing, bf16, batch 2.",
@@ -172,7 +185,10 @@ class TrainConfig:
                               required_on_cli=True)
     model: str = setting(TOY_MODEL, 'Base model: a Hub id (stable-diffusion-v1-5/stable-diffusion-v1-5), a local '
                          'diffusers folder, a .safetensors/.ckpt file, "tiny" (random weights, for tests) or "toy": '
-                         'the offline 32 px model that draws coloured shapes.', WHAT)
+                         'the offline 32 px model that draws coloured shapes. SDXL (e.g. '
+                         f'{SDXL_BASE_MODEL}, or "tiny-sdxl" offline) is detected and trains LoRA.', WHAT)
+    vae: str | None = setting(None, f"Another VAE for the model (a Hub id or folder), e.g. {SDXL_FP16_VAE}: "
+                              "SDXL's own VAE gives NaN images in fp16, so it is kept in fp32 without this.", WHAT)
     preset: str = setting(DEFAULT_PRESET, f"Starting settings for your GPU (default {DEFAULT_PRESET}). "
                           + " ".join(f"{name}: {p['description']}" for name, p in PRESETS.items()),
                           WHAT, choices=tuple(PRESETS))
@@ -352,6 +368,9 @@ class TrainConfig:
             raise ConfigError(f"--model must name a base model (got {self.model!r}): a Hub id such as stable-"
                               f"diffusion-v1-5/stable-diffusion-v1-5, a local folder or file, {TOY_MODEL!r} or "
                               f"{TINY_MODEL!r}.")
+        if self.vae is not None and (not isinstance(self.vae, str) or not self.vae.strip()):
+            raise ConfigError(f"--vae must name a VAE (got {self.vae!r}): a Hub id such as {SDXL_FP16_VAE} or a "
+                              "folder; leave it out to keep the model's own VAE.")
         for option in dataclasses.fields(self):
             value = getattr(self, option.name)
             if isinstance(option.default, bool) and not isinstance(value, bool):

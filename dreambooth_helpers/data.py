@@ -435,15 +435,45 @@ def prepare_image(image: Image.Image, resolution: int, crop: str = "center", rem
 
     `remove_bars` first crops away letterbox/pillarbox bars (`find_bars`), which the model would otherwise learn.
     """
+    return prepare_image_and_geometry(image, resolution, crop, remove_bars)[0]
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where a training image came from, as SDXL's size conditioning counts it (all (height, width) or (y, x)).
+
+    `original`: the photo's size (after bar removal); `crop_top_left`: the crop's corner in the photo scaled so its
+    short side is the training size (SDXL's convention: resize, then crop); `scaled_width`: that scaled photo's
+    width, which a mirrored copy needs to mirror the corner.
+    """
+
+    original: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    scaled_width: int
+
+    def mirrored(self, resolution: int) -> CropGeometry:
+        """The geometry of the horizontally flipped image: the same crop, seen from the other side."""
+        y, x = self.crop_top_left
+        return CropGeometry(self.original, (y, max(0, self.scaled_width - x - resolution)), self.scaled_width)
+
+
+def prepare_image_and_geometry(image: Image.Image, resolution: int, crop: str = "center",
+                               remove_bars: bool = False) -> tuple[Image.Image, CropGeometry]:
+    """prepare_image, and the geometry of what it did (CropGeometry): padding keeps the whole photo (corner 0, 0)."""
     image = image.convert("RGB")
     if remove_bars:
         image = trim_bars(image)
+    original = (image.height, image.width)
     if crop == "pad":
         fitted = ImageOps.contain(image, (resolution, resolution), Image.Resampling.LANCZOS)
         canvas = Image.new("RGB", (resolution, resolution), (255, 255, 255))
         canvas.paste(fitted, ((resolution - fitted.width) // 2, (resolution - fitted.height) // 2))
-        return canvas
-    return ImageOps.fit(image, (resolution, resolution), Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+        return canvas, CropGeometry(original, (0, 0), resolution)
+    scale = resolution / min(image.width, image.height)
+    scaled = (round(image.height * scale), round(image.width * scale))
+    corner = ((scaled[0] - resolution) // 2, (scaled[1] - resolution) // 2)  # the centre crop ImageOps.fit takes
+    fitted = ImageOps.fit(image, (resolution, resolution), Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+    return fitted, CropGeometry(original, corner, scaled[1])
 
 
 def load_instance_images(source: Any, resolution: int, crop: str = "center") -> tuple[list[Image.Image], DatasetReport]:

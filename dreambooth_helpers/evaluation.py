@@ -1,24 +1,14 @@
-"""How good is a trained model? The DreamBooth paper's three numbers, and which checkpoint to keep.
+"""How good is a trained model? The DreamBooth paper's protocol, its report, and which checkpoint to keep.
 
 The paper (Ruiz et al. 2022, section 4.1) measures a personalised model by generating images from 25
-prompts, several images each, and comparing them:
-
-- DINO: mean cosine similarity between DINO ViT-S/16 embeddings of generated and real subject images.
-  DINO is trained without labels, so it tells apart two dogs of one breed: the paper's preferred
-  subject-fidelity metric.
-- CLIP-I: the same with CLIP image embeddings (subject fidelity, coarser).
-- CLIP-T: mean cosine similarity between each image and the CLIP embedding of its prompt (prompt fidelity).
-
-Prior preservation is measured as in the paper's Table 3, on images of the class prompt from the trained model
-and from its base model (before/after): PRES (DINO similarity to the subject's photos) and DIV (mean pairwise
-LPIPS, or an offline colour-histogram + SSIM stand-in when LPIPS cannot load; `class_prior_scores`).
+prompts (`paper_prompts`, "object" or "live" set: `prompt_set_for`), several images each, and comparing
+them with the subject's photos and the prompts: DINO, CLIP-I and CLIP-T (eval_encoders.py: the encoders,
+real or tiny, and the numbers). Prior preservation is measured as in the paper's Table 3, on images of the
+class prompt from the trained model and from its base model: PRES and DIV (eval_diversity.py).
 
 `evaluate_model(model, instance_dir, class_noun)` runs that protocol and writes a JSON + markdown report
-and image grids (the class prompt before and after side by side: `class_comparison_grid`);
-`evaluate_checkpoints(run_dir, ...)` does it for every saved checkpoint, plots the
-numbers against steps and recommends one (`choose_checkpoint` states the rule). Encoders sit behind two
-small classes (`DinoImageEncoder`, `ClipEncoder`) so tests and offline runs use tiny random ones
-(`build_tiny_encoders`) and Colab uses the real Hub models (`load_encoders("paper")`).
+(`EvaluationReport`) and image grids; `evaluate_checkpoints(run_dir, ...)` does it for every saved
+checkpoint, plots the numbers against steps and recommends one (`choose_checkpoint` states the rule).
 """
 
 from __future__ import annotations
@@ -27,17 +17,33 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .checkpoints import list_checkpoints, pipeline_from_checkpoint
 from .data import read_images, require_usable
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError
+from .eval_diversity import (
+    DEFAULT_CLASS_SAMPLES,
+    ClassPriorScores,
+    class_comparison_grid,
+    class_prior_scores,
+    load_perceptual_distance,
+)
+from .eval_encoders import (
+    DEFAULT_ENCODERS,
+    Encoders,
+    EvalPrompt,
+    SubjectScores,
+    as_encoders,
+    default_device,
+    real_image_scores,
+    score_images,
+)
 from .files import LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SUMMARY_FILE
 from .grids import labelled_grid
 from .inference import (
@@ -53,12 +59,6 @@ from .inference import (
 )
 from .subject import DEFAULT_KIND, SUBJECT_KINDS, evaluation_kind
 
-DINO_MODEL = "facebook/dino-vits16"
-# The paper does not name its CLIP variant; ViT-B/32 is the usual choice when its table is reproduced.
-# Larger CLIPs give lower raw CLIP-T, so compare numbers only between runs that used the same encoder.
-CLIP_MODEL = "openai/clip-vit-base-patch32"
-ENCODER_CHOICES = ("paper", "tiny")
-DEFAULT_ENCODERS = "paper"  # the real DINO and CLIP; "tiny" tests the pipeline offline
 PROMPT_SETS = ("object", "live")  # the paper's two prompt lists: things, and pets and people
 # What evaluate's --kind takes: a subject kind (style is refused: the protocol measures a subject), or "live", the
 # paper's own name for the prompt list of pets and people.
@@ -129,165 +129,9 @@ LIVE_SUBJECT_PROMPTS = (
     "a cube shaped {}",
 )
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-# ---------------------------------------------------------------------------- encoders
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _pixels(images: Sequence[Image.Image], crop: int, resize: int, mean, std) -> torch.Tensor:
-    """Resize the shorter side to `resize` (bicubic), centre-crop to `crop`, normalise: (N, 3, crop, crop)."""
-    batch = []
-    for image in images:
-        image = image.convert("RGB")
-        scale = resize / min(image.size)
-        w, h = max(crop, round(image.width * scale)), max(crop, round(image.height * scale))
-        image = image.resize((w, h), Image.Resampling.BICUBIC)
-        left, top = (w - crop) // 2, (h - crop) // 2
-        batch.append(np.asarray(image.crop((left, top, left + crop, top + crop)), dtype=np.float32) / 255.0)
-    array = (np.stack(batch) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
-
-
-def _prepare(model: torch.nn.Module, device, dtype) -> tuple[torch.nn.Module, torch.device, torch.dtype]:
-    """Put an encoder on `device`; fp16 on a GPU (half the memory, ~2x faster), fp32 on the CPU."""
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), device, dtype
-
-
-class DinoImageEncoder:
-    """DINO ViT image embeddings: the [CLS] token of the last layer, L2-normalised."""
-
-    def __init__(self, model: torch.nn.Module, *, name: str, device=None, dtype=None, batch_size: int = 32):
-        self.model, self.device, self.dtype = _prepare(model, device, dtype)
-        self.name, self.batch_size = name, batch_size
-        self.crop = int(model.config.image_size)
-        self.resize = round(self.crop * 256 / 224)  # DINO's evaluation transform: resize 256, crop 224
-
-    @torch.inference_mode()
-    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = _pixels(images[start:start + self.batch_size], self.crop, self.resize, IMAGENET_MEAN, IMAGENET_STD)
-            hidden = self.model(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state
-            chunks.append(hidden[:, 0].float().cpu())
-        return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
-
-
-class ClipEncoder:
-    """CLIP image and text embeddings in the shared projection space, L2-normalised."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer, *, name: str, device=None, dtype=None, batch_size: int = 32):
-        self.model, self.device, self.dtype = _prepare(model, device, dtype)
-        self.tokenizer, self.name, self.batch_size = tokenizer, name, batch_size
-        self.crop = int(model.config.vision_config.image_size)
-
-    @torch.inference_mode()
-    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = _pixels(images[start:start + self.batch_size], self.crop, self.crop, CLIP_MEAN, CLIP_STD)
-            # vision_model + visual_projection directly: get_image_features changed its return type in
-            # transformers 5, these two did not.
-            pooled = self.model.vision_model(pixel_values=pixels.to(self.device, self.dtype)).pooler_output
-            chunks.append(self.model.visual_projection(pooled).float().cpu())
-        return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
-
-    @torch.inference_mode()
-    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(list(texts[start:start + self.batch_size]), padding="max_length", truncation=True,
-                                    max_length=self.tokenizer.model_max_length, return_tensors="pt")
-            pooled = self.model.text_model(input_ids=tokens.input_ids.to(self.device),
-                                           attention_mask=tokens.attention_mask.to(self.device)).pooler_output
-            chunks.append(self.model.text_projection(pooled).float().cpu())
-        return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
-
-
-@dataclass
-class Encoders:
-    """What the metrics need: DINO for DINO, CLIP for CLIP-I and CLIP-T."""
-
-    dino: DinoImageEncoder
-    clip: ClipEncoder
-    weights: str  # "paper" (real Hub models) or "tiny" (random weights: tests the pipeline, numbers mean nothing)
-
-    @property
-    def description(self) -> str:
-        return f"DINO {self.dino.name}, CLIP {self.clip.name} on {self.dino.device} ({str(self.dino.dtype)[6:]})"
-
-
-def build_tiny_encoders(seed: int = 0, *, device=None, dtype=None, image_size: int = 32) -> Encoders:
-    """Small random DINO-shaped ViT and CLIP models built in code: no download, for tests and offline runs."""
-    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
-
-    from .models import _seeded, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    with _seeded(seed):
-        # ViT-S/16's layout (patch tokens + [CLS], no pooler), scaled down.
-        dino = ViTModel(ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64), add_pooling_layer=False)
-        clip = CLIPModel(CLIPConfig(
-            text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-            vision_config=dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=2, num_attention_heads=4),
-            projection_dim=32,
-        ))
-    return Encoders(DinoImageEncoder(dino, name="tiny-random-dino", device=device, dtype=dtype),
-                    ClipEncoder(clip, tokenizer, name="tiny-random-clip", device=device, dtype=dtype), weights="tiny")
-
-
-def load_encoders(which: str = DEFAULT_ENCODERS, *, device=None, dtype=None, dino_model: str = DINO_MODEL,
-                  clip_model: str = CLIP_MODEL, batch_size: int = 32) -> Encoders:
-    """The metric encoders: "paper" downloads DINO ViT-S/16 and CLIP from the Hub; "tiny" builds random ones."""
-    if which == "tiny":
-        return build_tiny_encoders(device=device, dtype=dtype)
-    if which != "paper":
-        raise ConfigError(f"--encoders {which!r}: choose one of {', '.join(ENCODER_CHOICES)}.")
-    from transformers import CLIPModel, CLIPTokenizer, ViTModel
-
-    try:
-        dino = ViTModel.from_pretrained(dino_model, add_pooling_layer=False)
-        clip = CLIPModel.from_pretrained(clip_model)
-        tokenizer = CLIPTokenizer.from_pretrained(clip_model)
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(
-            f"Could not load the evaluation encoders ({dino_model}, {clip_model}) from the Hugging Face Hub "
-            f"({type(error).__name__}). They download once (~0.7 GB) and need a network; on Colab this works. "
-            "Offline, pass --encoders tiny (encoders=\"tiny\") to test the evaluation end to end: its numbers "
-            "are meaningless."
-        ) from None
-    return Encoders(DinoImageEncoder(dino, name=dino_model, device=device, dtype=dtype, batch_size=batch_size),
-                    ClipEncoder(clip, tokenizer, name=clip_model, device=device, dtype=dtype, batch_size=batch_size),
-                    weights="paper")
-
-
-def _as_encoders(encoders: Encoders | str | None) -> Encoders:
-    if isinstance(encoders, Encoders):
-        return encoders
-    return load_encoders(encoders or DEFAULT_ENCODERS)
-
-
-# ---------------------------------------------------------------------------- prompts and metrics
-
-
-@dataclass(frozen=True)
-class EvalPrompt:
-    """A prompt to generate from, and the text CLIP-T compares the image with (identifier removed:
-    CLIP has never seen "sks", so keeping it would only add noise)."""
-
-    prompt: str
-    clip_text: str
+# ---------------------------------------------------------------------------- prompts
 
 
 def prompt_set_for(kind: str | None, summary: dict[str, Any] | None = None) -> str:
@@ -324,268 +168,6 @@ def paper_prompts(class_noun: str, *, prompt_set: str = "object", identifier: st
         raise ConfigError(f"Number of prompts must be from 1 to {len(templates)} (got {count}).")
     subject = f"{identifier} {class_noun}".strip()
     return [EvalPrompt(t.format(subject), t.format(class_noun.strip())) for t in templates[:count]]
-
-
-def mean_cosine(a: torch.Tensor, b: torch.Tensor, *, exclude_diagonal: bool = False) -> float:
-    """Mean cosine similarity over all pairs of rows of `a` and `b` (both already L2-normalised).
-
-    With `exclude_diagonal`, `a` and `b` are the same set and self-pairs (always 1.0) are left out.
-    """
-    sims = (a @ b.T).clamp(-1, 1)
-    if exclude_diagonal:
-        n = sims.shape[0]
-        if n < 2:
-            return float("nan")
-        return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
-    return float(sims.mean())
-
-
-@dataclass
-class PromptScores:
-    prompt: str
-    dino: float
-    clip_i: float
-    clip_t: float
-
-
-@dataclass
-class SubjectScores:
-    """The paper's three numbers for one model (each a mean over all images), and per prompt."""
-
-    dino: float
-    clip_i: float
-    clip_t: float
-    num_images: int
-    num_real_images: int
-    per_prompt: list[PromptScores] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def score_images(generated: Sequence[Sequence[Image.Image]], prompts: Sequence[EvalPrompt],
-                 real_images: Sequence[Image.Image], encoders: Encoders) -> SubjectScores:
-    """DINO, CLIP-I and CLIP-T for `generated[i]`, the images made from `prompts[i]`.
-
-    Every image is embedded once, in batches; similarities are plain matrix products.
-    """
-    if len(generated) != len(prompts):
-        raise ValueError(f"{len(generated)} image groups for {len(prompts)} prompts")
-    if not real_images:
-        raise ConfigError("No real images to compare with: give the folder with your subject's photos.")
-    flat = [image for group in generated for image in group]
-    if not flat:
-        raise ConfigError("No generated images to score: images per prompt must be at least 1.")
-    owner = torch.tensor([i for i, group in enumerate(generated) for _ in group])
-    real_dino, real_clip = encoders.dino.embed_images(real_images), encoders.clip.embed_images(real_images)
-    gen_dino, gen_clip = encoders.dino.embed_images(flat), encoders.clip.embed_images(flat)
-    texts = encoders.clip.embed_texts([p.clip_text for p in prompts])
-    # Clamped: float rounding can put the cosine of identical unit vectors a hair above 1.
-    dino_per_image = (gen_dino @ real_dino.T).clamp(-1, 1).mean(dim=1)  # each generated image vs every real one
-    clip_i_per_image = (gen_clip @ real_clip.T).clamp(-1, 1).mean(dim=1)
-    clip_t_per_image = (gen_clip * texts[owner]).sum(dim=1).clamp(-1, 1)  # each image against its own prompt
-    per_prompt = []
-    for i, prompt in enumerate(prompts):
-        mine = owner == i
-        if mine.any():
-            per_prompt.append(PromptScores(prompt.prompt, float(dino_per_image[mine].mean()),
-                                           float(clip_i_per_image[mine].mean()), float(clip_t_per_image[mine].mean())))
-    return SubjectScores(float(dino_per_image.mean()), float(clip_i_per_image.mean()), float(clip_t_per_image.mean()),
-                         num_images=len(flat), num_real_images=len(real_images), per_prompt=per_prompt)
-
-
-def real_image_scores(real_images: Sequence[Image.Image], encoders: Encoders) -> dict[str, float | None]:
-    """Your photos compared with each other (distinct pairs): this subject's ceiling, like the paper's
-    "real images" row. Needs at least two photos."""
-    if len(real_images) < 2:
-        return {"dino": None, "clip_i": None}
-    return {"dino": mean_cosine(*(2 * [encoders.dino.embed_images(real_images)]), exclude_diagonal=True),
-            "clip_i": mean_cosine(*(2 * [encoders.clip.embed_images(real_images)]), exclude_diagonal=True)}
-
-
-# ---------------------------------------------------------------------------- the class prior: DIV and PRES
-
-# Prior preservation is meant to keep the class itself ("a photo of dog") as the base model drew it. The paper
-# (Table 3) measures that with two numbers on class-prompt samples: PRES, the mean DINO similarity between them
-# and the subject's photos (lower: ordinary dogs look less like yours), and DIV, the mean pairwise LPIPS between
-# them (higher: more varied). Here both are measured on the base model (before) and the trained one (after).
-PAPER_PRIOR_FIGURES: dict[str, dict[str, float]] = {
-    "DreamBooth (Imagen) with prior preservation, paper": {"pres": 0.493, "div": 0.391},
-    "DreamBooth (Imagen) without prior preservation, paper": {"pres": 0.664, "div": 0.371},
-}
-DEFAULT_CLASS_SAMPLES = 16  # class-prompt images per model: 120 pairs for DIV
-DISTANCE_CHOICES = ("auto", "lpips", "histogram-ssim")
-# Below this share of the base model's DIV, the report says the class is collapsing (see docs/evaluation.md).
-DIV_COLLAPSE_RATIO = 0.8
-_STAND_IN_SIZE = 64  # the stand-in compares 64 px copies: colours and layout, not texture
-
-
-class LpipsDistance:
-    """LPIPS (Zhang et al. 2018, AlexNet), the paper's DIV distance: needs the `lpips` package, whose wheel ships
-    its linear layers, and torchvision's ImageNet AlexNet, which downloads once."""
-
-    name = "LPIPS (AlexNet)"
-
-    def __init__(self, device=None):
-        import lpips  # optional: pip install lpips
-
-        self.device = torch.device(device) if device is not None else default_device()
-        self.model = lpips.LPIPS(net="alex", verbose=False).to(self.device).eval()
-
-    @torch.inference_mode()
-    def pairwise(self, images: Sequence[Image.Image]) -> np.ndarray:
-        pixels = torch.stack([torch.from_numpy(np.asarray(image.convert("RGB").resize((256, 256)), np.float32))
-                              for image in images]).permute(0, 3, 1, 2) / 127.5 - 1.0
-        pixels = pixels.to(self.device)
-        n = len(images)
-        distances = np.zeros((n, n))
-        for i in range(n - 1):  # image i against every later one, in one batch
-            row = self.model(pixels[i:i + 1].expand(n - i - 1, -1, -1, -1), pixels[i + 1:]).flatten().float().cpu()
-            distances[i, i + 1:] = distances[i + 1:, i] = row.numpy()
-        return distances
-
-
-class HistogramSsimDistance:
-    """The offline stand-in for LPIPS: half colour, half structure, each from 0 (same) to 1.
-
-    - colour: total-variation distance between the two images' RGB histograms (8 levels per channel);
-    - structure: (1 - SSIM) / 2 of their grey 64 px copies (SSIM with 7 px windows, Wang et al. 2004).
-    It needs no weights, so it runs anywhere; it sees colour and layout, not texture or identity, so its numbers
-    are not on LPIPS's scale: compare before with after, not with the paper.
-    """
-
-    name = "colour histogram + SSIM (offline stand-in for LPIPS)"
-    BINS = 8
-
-    def _features(self, image: Image.Image) -> tuple[np.ndarray, torch.Tensor]:
-        small = np.asarray(image.convert("RGB").resize((_STAND_IN_SIZE, _STAND_IN_SIZE), Image.Resampling.BILINEAR))
-        cells = (small.reshape(-1, 3).astype(np.int64) * self.BINS) // 256
-        index = (cells[:, 0] * self.BINS + cells[:, 1]) * self.BINS + cells[:, 2]
-        histogram = np.bincount(index, minlength=self.BINS**3) / index.size
-        grey = torch.from_numpy(small.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0)
-        return histogram, grey[None, None]
-
-    @staticmethod
-    def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
-        """Mean SSIM of two (1, 1, H, W) images in [0, 1], uniform windows, the usual constants."""
-        c1, c2 = 0.01**2, 0.03**2
-        mean = torch.nn.functional.avg_pool2d
-        mu_a, mu_b = mean(a, window, 1), mean(b, window, 1)
-        var_a = mean(a * a, window, 1) - mu_a**2
-        var_b = mean(b * b, window, 1) - mu_b**2
-        cov = mean(a * b, window, 1) - mu_a * mu_b
-        ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-        return float(ssim.mean())
-
-    def distance(self, a: Image.Image, b: Image.Image) -> float:
-        (hist_a, grey_a), (hist_b, grey_b) = self._features(a), self._features(b)
-        colour = 0.5 * np.abs(hist_a - hist_b).sum()
-        structure = (1.0 - self.ssim(grey_a, grey_b)) / 2.0
-        return float(0.5 * colour + 0.5 * structure)
-
-    def pairwise(self, images: Sequence[Image.Image]) -> np.ndarray:
-        features = [self._features(image) for image in images]
-        n = len(images)
-        distances = np.zeros((n, n))
-        for i in range(n):
-            for j in range(i + 1, n):
-                colour = 0.5 * np.abs(features[i][0] - features[j][0]).sum()
-                structure = (1.0 - self.ssim(features[i][1], features[j][1])) / 2.0
-                distances[i, j] = distances[j, i] = 0.5 * colour + 0.5 * structure
-        return distances
-
-
-def load_perceptual_distance(which: str = "auto", *, device=None):
-    """The DIV distance: "lpips" (the paper's; fails with a clear error when it cannot load), "histogram-ssim"
-    (the offline stand-in), or "auto": LPIPS when the `lpips` package and its backbone's weights load, else the
-    stand-in (the report names the one used)."""
-    if which not in DISTANCE_CHOICES:
-        raise ConfigError(f"--diversity-distance {which!r}: choose one of {', '.join(DISTANCE_CHOICES)}.")
-    if which == "histogram-ssim":
-        return HistogramSsimDistance()
-    try:
-        return LpipsDistance(device)
-    except Exception as error:  # ImportError without the package; a network or file error for AlexNet's weights
-        if which == "lpips":
-            raise ModelLoadError(
-                f"LPIPS could not be loaded ({type(error).__name__}: {error}). It needs `pip install lpips` and "
-                "torchvision's ImageNet AlexNet weights, which download once. Offline, use --diversity-distance "
-                "histogram-ssim (or auto, which falls back to it)."
-            ) from None
-        return HistogramSsimDistance()
-
-
-def diversity(images: Sequence[Image.Image], distance) -> float:
-    """DIV: the mean `distance` over every distinct pair of `images` (higher: more varied)."""
-    if len(images) < 2:
-        raise ConfigError(f"Diversity needs at least 2 class images (got {len(images)}); use --class-samples 2 or "
-                          "more (16 by default).")
-    pairwise = distance.pairwise(images)
-    n = len(images)
-    return float(pairwise[np.triu_indices(n, k=1)].mean())
-
-
-def preservation_score(class_images: Sequence[Image.Image], real_images: Sequence[Image.Image],
-                       encoders: Encoders) -> float:
-    """PRES: mean DINO cosine similarity between class-prompt images and the subject's photos (lower: ordinary
-    members of the class look less like your subject)."""
-    return mean_cosine(encoders.dino.embed_images(class_images), encoders.dino.embed_images(real_images))
-
-
-@dataclass
-class ClassPriorScores:
-    """DIV and PRES of the class prompt's images, on the base model (before) and the trained model (after)."""
-
-    class_prompt: str
-    num_samples: int
-    distance: str  # which DIV distance: LPIPS or the stand-in
-    div_after: float
-    pres_after: float | None
-    div_before: float | None = None  # None when the base model is unknown or not loaded
-    pres_before: float | None = None
-    base_model: str | None = None
-
-    @property
-    def div_ratio(self) -> float | None:
-        """DIV after over DIV before: 1 means the class kept its variety; under DIV_COLLAPSE_RATIO it is collapsing."""
-        if self.div_before is None or self.div_before <= 0:
-            return None
-        return self.div_after / self.div_before
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "div_ratio": self.div_ratio}
-
-    def verdict(self) -> str:
-        ratio = self.div_ratio
-        if ratio is None:
-            return "No base model to compare with: DIV and PRES are shown for this model only."
-        if ratio < DIV_COLLAPSE_RATIO:
-            return (f"The class is collapsing: its images are {ratio:.2f}x as varied as the base model's (under "
-                    f"{DIV_COLLAPSE_RATIO}x). Stop text-encoder training early (--stop-text-encoder-training-at), "
-                    "lower the learning rate, or train fewer steps; see docs/evaluation.md.")
-        return f"The class kept its variety: {ratio:.2f}x the base model's DIV."
-
-
-def class_prior_scores(after: Sequence[Image.Image], class_prompt: str, *, before: Sequence[Image.Image] = (),
-                       real_images: Sequence[Image.Image] = (), encoders: Encoders | None = None, distance=None,
-                       base_model: str | None = None) -> ClassPriorScores:
-    """DIV (and PRES, given `encoders` and `real_images`) of the trained model's class images `after`, and of
-    the base model's `before` (same seeds) when given."""
-    distance = distance or load_perceptual_distance()
-    with_pres = encoders is not None and len(real_images) > 0
-    return ClassPriorScores(
-        class_prompt, len(after), distance.name, diversity(after, distance),
-        preservation_score(after, real_images, encoders) if with_pres else None,
-        diversity(before, distance) if before else None,
-        preservation_score(before, real_images, encoders) if with_pres and before else None, base_model)
-
-
-def class_comparison_grid(before: Sequence[Image.Image], after: Sequence[Image.Image], class_prompt: str,
-                          cell: int = 128) -> Image.Image:
-    """The class prompt's images before and after training, one row each; column j of both rows comes from
-    the same seed, so each column shows what training did to one picture."""
-    return labelled_grid([(f'before training: "{class_prompt}"', list(before)),
-                          (f'after training: "{class_prompt}"', list(after))], cell=cell)
 
 
 # ---------------------------------------------------------------------------- generation
@@ -712,33 +294,13 @@ class EvaluationReport:
         lines += [f"| {p.prompt} | {cell(p.dino)} | {cell(p.clip_i)} | {cell(p.clip_t)} |"
                   for p in self.scores.per_prompt]
         if self.class_prior is not None:
-            lines += ["", *self._class_prior_markdown(cell)]
+            lines += ["", *self.class_prior.markdown_lines(cell, self.class_grid_path)]
         t = self.timings
         lines += ["", f"Time: generation {t['generation_s']:.1f} s, metrics {t['metrics_s']:.2f} s "
                   f"({self.scores.num_images} images)."]
         if self.grid_path:
             lines += ["", f"![images]({Path(self.grid_path).name})"]
         return "\n".join(lines) + "\n"
-
-    def _class_prior_markdown(self, cell) -> list[str]:
-        prior = self.class_prior
-        lines = [f"## What prior preservation protects: \"{prior.class_prompt}\"", "",
-                 f"{prior.num_samples} images of the class prompt per model, the same seeds before and after. "
-                 "PRES: DINO similarity of the class images to your photos (lower: ordinary members of the class "
-                 f"look less like your subject). DIV: mean pairwise distance between them, {prior.distance} "
-                 "(higher: more varied).", "", "| | PRES | DIV |", "| --- | --- | --- |"]
-        if prior.div_before is not None:
-            lines.append(f"| base model `{prior.base_model}` (before) | {cell(prior.pres_before)} | "
-                         f"{cell(prior.div_before)} |")
-        lines.append(f"| **this model** (after) | {cell(prior.pres_after)} | {cell(prior.div_after)} |")
-        lines += [f"| {name} | {v['pres']:.3f} | {v['div']:.3f} |" for name, v in PAPER_PRIOR_FIGURES.items()]
-        lines += ["", prior.verdict()]
-        if "LPIPS" not in prior.distance:
-            lines.append("DIV here uses the offline stand-in, not LPIPS: compare before with after, not with the "
-                         "paper's DIV.")
-        if self.class_grid_path:
-            lines += ["", f"![class images before and after]({Path(self.class_grid_path).name})"]
-        return lines
 
     def save(self, output_dir: str | Path, grid: Image.Image | None = None,
              class_grid: Image.Image | None = None) -> EvaluationReport:
@@ -804,7 +366,7 @@ def evaluate_model(model: Any, class_noun: str, *, instance_dir: Any = None, pro
     summary = _summary(model)
     prompt_set = prompt_set_for(prompt_set, summary)
     instance_dir = _instance_dir_for(summary, instance_dir)
-    encoders = _as_encoders(encoders)  # before generating: a missing encoder should fail before minutes of work
+    encoders = as_encoders(encoders)  # before generating: a missing encoder should fail before minutes of work
     identifier, identifier_source = _identifier_for(summary, identifier)
     prompts = paper_prompts(class_noun, prompt_set=prompt_set, identifier=identifier, count=num_prompts)
     real = _real_images(instance_dir)
@@ -1008,7 +570,7 @@ def evaluate_checkpoints(run_dir: str | Path, class_noun: str, *, instance_dir: 
             "nothing to compare. Train with --checkpoint-every N and a --checkpoints-total-limit high enough to "
             "keep them (the default keeps only the newest 2)."
         )
-    encoders = _as_encoders(encoders)
+    encoders = as_encoders(encoders)
     identifier, _ = _identifier_for(summary, identifier)
     prompts = paper_prompts(class_noun, prompt_set=prompt_set, identifier=identifier, count=num_prompts)
     real = _real_images(instance_dir)

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, ModelLoadError
+from .export_lora import export_webui_lora, lora_family
+from .families import family_of
 from .inference import apply_lora, resolve_model
 from .models import load_components, make_pipeline
 from .output_paths import check_output_file
@@ -260,14 +262,30 @@ def _require_free_space(path: Path, size: int) -> None:
                           "Free some space, write elsewhere with --out, or use --half (half the size).")
 
 
-def export_single_file(model: str, out: str | Path, *, lora: str | None = None, half_precision: bool = False) -> Path:
+def export_single_file(model: str | None, out: str | Path, *, lora: str | None = None,
+                       half_precision: bool = False) -> Path:
     """Write `model` (trained folder, LoRA run, diffusers folder, Hub id or "tiny") as one .safetensors file; with
     `lora`, those LoRA weights merged into it (for a LoRA run whose summary does not name its base model).
 
-    `out` is checked before the model loads. Memory: the loaded model plus one tensor (see write_safetensors).
+    Without `model`, the LoRA run `lora` alone is written in the webui layout (export_lora.py), which the UIs load
+    on top of their own copy of the base model. Families without a single-file converter here (SDXL) always get
+    that for a LoRA run. `out` is checked before the model loads. Memory: the loaded model plus one tensor (see
+    write_safetensors).
     """
     out = check_output_file(out, "--out", ".safetensors")
+    if model is None:
+        if lora is None:
+            raise ConfigError("Give --model (a model to write as one checkpoint) or --lora (a LoRA run to write in "
+                              "the AUTOMATIC1111/ComfyUI LoRA layout).")
+        return export_webui_lora(lora, out, lora_family(lora), source=Path(lora).name)
     base, lora_path, _ = resolve_model(model, lora)
+    family = family_of(base)
+    if not family.single_file_export:
+        if lora_path is None:
+            raise ConfigError(f"{model!r} is a full {family.label} model: writing it as one checkpoint is not "
+                              "supported yet. Its diffusers folder loads in ComfyUI and diffusers as it is; LoRA "
+                              "runs export with: export-single-file --lora RUN_FOLDER --out FILE.safetensors.")
+        return export_webui_lora(lora_path, out, family, source=Path(lora_path).name)
     components = load_components(base)
     if lora_path:
         pipeline = make_pipeline(components)

@@ -31,13 +31,23 @@ from PIL import Image
 
 from .config import short_number
 from .errors import ConfigError, HubError, ModelLoadError
+from .export_lora import lora_family
+from .families import SDXL_RANDOM, TINY_SDXL_MODEL, ModelFamily, family_of
 from .files import CARD_FILE, GRID_FILE, LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SAMPLES_DIR, SUMMARY_FILE
 from .inference import example_prompts, image_grid, read_training_summary, subject_from_prompts
 from .models import MOVED_REPOS, SD15_RANDOM, TINY_MODEL, TOY_MODEL
 
-SD1_LICENSE = "creativeml-openrail-m"  # the license every Stable Diffusion 1.x release ships under
-# Models this project builds from random weights in its own code carry the project's license.
-BUILT_IN_LICENSES = {TINY_MODEL: "apache-2.0", TOY_MODEL: "apache-2.0", SD15_RANDOM: "apache-2.0"}
+# What the card says of the models this project builds in its own code; they carry the project's license.
+BUILT_IN_BASES = {
+    TINY_MODEL: "the tiny test model built into dreambooth-helpers (random weights; for trying the tools, not for art)",
+    TOY_MODEL: "the toy-world model shipped with dreambooth-helpers (32 px coloured shapes, trained on a CPU; for "
+               "trying DreamBooth offline, not for art)",
+    SD15_RANDOM: "a randomly initialised model with Stable Diffusion 1.5's shapes (for benchmarks)",
+    TINY_SDXL_MODEL: "the tiny SDXL-shaped test model built into dreambooth-helpers (random weights; for trying the "
+                     "tools, not for art)",
+    SDXL_RANDOM: "a randomly initialised model with SDXL's shapes (for benchmarks)",
+}
+BUILT_IN_LICENSE = "apache-2.0"
 # Inside a diffusers folder, only configs, tokenizer files and safetensors weights are published.
 PUBLISHED_SUFFIXES = {".json", ".txt", ".safetensors", ".model"}
 UNSAFE_WEIGHT_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth"}
@@ -95,8 +105,13 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and REPO_ID_PATTERN.match(name) is not None and not Path(name).expanduser().exists()
 
 
-def base_model_license(base_model: str | None) -> str:
-    return BUILT_IN_LICENSES.get(base_model or "", SD1_LICENSE)
+def base_model_license(base_model: str | None, family: ModelFamily) -> str:
+    return BUILT_IN_LICENSE if base_model in BUILT_IN_BASES else family.license
+
+
+def run_family(model_dir: Path, lora: bool) -> ModelFamily:
+    """The family of a trained output folder: a LoRA run's summary (or weights) says it, a full model its folder."""
+    return lora_family(model_dir) if lora else family_of(str(model_dir))
 
 
 def describe_training(model_dir: str | Path) -> dict[str, Any]:
@@ -115,6 +130,7 @@ def describe_training(model_dir: str | Path) -> dict[str, Any]:
               for p, c in zip(instance_prompts, concepts or [{}] * len(instance_prompts), strict=False)]
     return {
         "lora": lora,
+        "family": run_family(model_dir, lora),
         "summary": summary,
         "config": config,
         "base_model": base,
@@ -226,38 +242,39 @@ def _prior_text(summary: dict[str, Any]) -> str | None:
     return f"yes, {images}, weight {_recorded(summary, 'prior_loss_weight')}"
 
 
-def _base_model_text(base: str | None, is_hub_id: bool) -> str:
+def _base_model_text(base: str | None, is_hub_id: bool, family: ModelFamily) -> str:
     if not base:
-        return "an unrecorded Stable Diffusion 1.x model"
-    if base == TINY_MODEL:
-        return "the tiny test model built into dreambooth-helpers (random weights; for trying the tools, not for art)"
-    if base == TOY_MODEL:
-        return ("the toy-world model shipped with dreambooth-helpers (32 px coloured shapes, trained on a CPU; "
-                "for trying DreamBooth offline, not for art)")
-    if base == SD15_RANDOM:
-        return "a randomly initialised model with Stable Diffusion 1.5's shapes (for benchmarks)"
+        return f"an unrecorded {family.label} model"
+    if base in BUILT_IN_BASES:
+        return BUILT_IN_BASES[base]
     if is_hub_id:
         return f"[{base}](https://huggingface.co/{base})"
     # A local path says nothing to readers and may reveal the uploader's folders: keep only its name.
-    return f"a local Stable Diffusion 1.x model ({Path(base).name})"
+    return f"a local {family.label} model ({Path(base).name})"
 
 
 def _usage_snippet(repo_id: str, facts: dict[str, Any], prompt: str) -> str:
-    resolution = facts["resolution"] or 512
+    """How to use the model: diffusers with the family's pipeline class, the CLI, and (LoRA) the webui file."""
+    family: ModelFamily = facts["family"]
+    pipeline, name = family.pipeline_class_name, repo_id.split("/")[1]
+    resolution = facts["resolution"] or family.native_resolution
     if facts["lora"]:
         known_base = facts["base_model_is_hub_id"]
-        base = facts["base_model"] if known_base else "stable-diffusion-v1-5/stable-diffusion-v1-5"
-        load = ("" if known_base else "# Use the Stable Diffusion 1.x model these weights were trained on.\n") + (
-                f'pipe = StableDiffusionPipeline.from_pretrained("{base}", dtype=torch.float16).to("cuda")\n'
-                f'pipe.load_lora_weights("{repo_id}")')
-        cli = f'dreambooth-helpers generate --model {base} --lora ./{repo_id.split("/")[1]}'
+        base = facts["base_model"] if known_base else family.example_hub_id
+        load = ("" if known_base else f"# Use the {family.label} model these weights were trained on.\n") + (
+                f'pipe = {pipeline}.from_pretrained("{base}", dtype=torch.float16).to("cuda")\n'
+                f'pipe.load_lora_weights("{repo_id}", weight_name="{LORA_WEIGHTS_FILE}")')
+        cli = f'dreambooth-helpers generate --model {base} --lora ./{name}'
     else:
-        load = f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}", dtype=torch.float16).to("cuda")'
+        load = f'pipe = {pipeline}.from_pretrained("{repo_id}", dtype=torch.float16).to("cuda")'
         cli = f"dreambooth-helpers generate --model {repo_id}"
+    webui = ("\nFor AUTOMATIC1111 or ComfyUI, write the weights in their LoRA layout (`lora_unet_*`, `lora_te*_*`) "
+             f"and load that file on the UI's own {family.label} base model:\n\n```bash\n"
+             f"dreambooth-helpers export-single-file --lora ./{name} --out {name}.safetensors\n```\n")
     return (
         "```python\n"
         "import torch\n"
-        "from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline\n\n"
+        f"from diffusers import DPMSolverMultistepScheduler, {pipeline}\n\n"
         f"{load}\n"
         "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)\n"
         f'image = pipe("{prompt}", num_inference_steps=25, guidance_scale=7.5,\n'
@@ -271,6 +288,7 @@ def _usage_snippet(repo_id: str, facts: dict[str, Any], prompt: str) -> str:
         "```bash\n"
         f'{cli} --prompt "{prompt}" --num-images 4 --out images/\n'
         "```\n"
+        + (webui if facts["lora"] else "")
     )
 
 
@@ -284,12 +302,11 @@ def build_model_card(model_dir: str | Path, repo_id: str, *, has_grid: bool = Tr
     """
     check_repo_id(repo_id)
     facts = describe_training(model_dir)
-    lora = facts["lora"]
-    base = facts["base_model"]
-    license = license or base_model_license(base)
+    lora, base, family = facts["lora"], facts["base_model"], facts["family"]
+    license = license or base_model_license(base, family)
     prompt = facts["instance_prompts"][0] if facts["instance_prompts"] else "a photo of sks dog"
-    tags = ["text-to-image", "stable-diffusion", "stable-diffusion-diffusers", "diffusers", "dreambooth",
-            "dreambooth-helpers"] + (["lora", "template:sd-lora"] if lora else [])
+    tags = list(dict.fromkeys(["text-to-image", *family.hub_tags, "diffusers", "dreambooth", "dreambooth-helpers"]
+                              + (["lora", "template:sd-lora"] if lora else [])))
     data = ModelCardData(
         license=license,
         base_model=base if facts["base_model_is_hub_id"] else None,
@@ -304,9 +321,9 @@ def build_model_card(model_dir: str | Path, repo_id: str, *, has_grid: bool = Tr
     lines = [
         f"# {name}",
         "",
-        f"{'LoRA weights' if lora else 'A Stable Diffusion 1.x model'} fine-tuned with "
-        f"[DreamBooth](https://arxiv.org/abs/2208.12242) on {_base_model_text(base, facts['base_model_is_hub_id'])}, "
-        "trained with dreambooth-helpers.",
+        f"{'LoRA weights' if lora else f'A {family.label} model'} fine-tuned with "
+        f"[DreamBooth](https://arxiv.org/abs/2208.12242) on "
+        f"{_base_model_text(base, facts['base_model_is_hub_id'], family)}, trained with dreambooth-helpers.",
         "",
         "## Prompt",
         "",
@@ -335,7 +352,7 @@ def build_model_card(model_dir: str | Path, repo_id: str, *, has_grid: bool = Tr
         "",
         f"This model is released under `{license}`"
         + (", the license of its base model; its use restrictions carry over to this model and to the images "
-           "you make with it." if license == SD1_LICENSE else "."),
+           "you make with it." if license == family.license else "."),
         "",
         "## Limitations",
         "",

@@ -389,6 +389,7 @@ def run_job(folder: str | Path) -> int:
     """
     import traceback
 
+    from .threads import use_one_thread_for
     from .training import train
 
     folder = Path(folder)
@@ -397,6 +398,7 @@ def run_job(folder: str | Path) -> int:
     outcome: dict[str, Any]
     try:
         config = TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        use_one_thread_for(config.model)  # a fresh process: the app's own thread setting does not reach it
         total = _read_json(folder / STATE_FILE).get("total_steps") or count_steps(config)
         result = train(config, progress=False, on_step=_ProgressWriter(folder, total),
                        on_notice=lambda text: print(text, flush=True))

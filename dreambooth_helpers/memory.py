@@ -28,6 +28,7 @@ import torch
 
 from .config import TINY_MODEL, TOY_MODEL, TrainConfig, step_in_backward_allowed
 from .errors import ConfigError
+from .families import LORA_TARGETS_TEXT, LORA_TARGETS_UNET, SDXL, TINY_SDXL_MODEL, family_of
 from .models import load_components
 
 GIB = 2**30
@@ -60,8 +61,6 @@ ADAM8_STATE_BYTES, ADAM8_SMALL_TENSOR = 2, 4096
 ADAM_STATE_BYTES = 8
 SD_RESOLUTION = 512
 SD15_BLOCK_CHANNELS = (320, 640, 1280, 1280)
-LORA_TARGETS_UNET = ("to_q", "to_k", "to_v", "to_out.0")
-LORA_TARGETS_TEXT = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclass(frozen=True)
@@ -76,12 +75,22 @@ class ModelSize:
     largest_tensor: int  # elements of the largest trainable tensor (the gradient step_in_backward keeps)
     activation_scale: float = 1.0  # activations relative to SD 1.x's UNet at the same latent size
     native_resolution: int = SD_RESOLUTION
+    checkpointed_activation_scale: float | None = None  # the same with gradient checkpointing (None: as above)
 
 
 # Stable Diffusion 1.x (1.4, 1.5 and their fine-tunes share these shapes). Counted from
 # models.build_sd15_shaped_components; tests/test_memory.py checks them against the model on the meta device.
 SD1_SIZE = ModelSize(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, unet_lora_per_rank=199_296,
                      text_lora_per_rank=73_728, largest_tensor=37_945_344)
+
+
+# SDXL base 1.0, counted from families.sdxl.build_real_shaped_parts on the meta device (tests/test_memory.py checks
+# them). Activations: saved-tensor bytes of a forward pass counted on the meta device (benchmarks/sdxl_activations.py)
+# are 4.41x SD 1.5's at 512 px without gradient checkpointing and 2.31x with it, for SDXL at 1024 px (4x the latent
+# pixels); the scales below are those ratios over the 4x. Not yet checked against a GPU run.
+SDXL_SIZE = ModelSize(unet=2_567_463_684, text_encoder=123_060_480 + 694_659_840, vae=83_653_863,
+                      unet_lora_per_rank=1_451_520, text_lora_per_rank=73_728 + 327_680, largest_tensor=63_242_240,
+                      activation_scale=4.41 / 4, native_resolution=1024, checkpointed_activation_scale=2.31 / 4)
 
 
 def model_size(components) -> ModelSize:
@@ -222,7 +231,10 @@ def estimate_memory(config: TrainConfig, settings: MemorySettings, *, precision:
     gradients = 4 * (largest if settings.step_in_backward else trainable)
 
     images = config.train_batch_size * (2 if config.with_prior_preservation else 1)
-    per_image = images * (resolution / SD_RESOLUTION) ** 2 * size.activation_scale * (1 if half else 2) * GIB
+    scale = size.activation_scale
+    if settings.gradient_checkpointing and size.checkpointed_activation_scale is not None:
+        scale = size.checkpointed_activation_scale
+    per_image = images * (resolution / SD_RESOLUTION) ** 2 * scale * (1 if half else 2) * GIB
     activations = ACTIVATION_GIB_PER_IMAGE[(not config.lora, settings.gradient_checkpointing)] * per_image
     if text_trains:
         activations += TEXT_ACTIVATION_GIB_PER_IMAGE * images * GIB
@@ -251,8 +263,11 @@ def candidate_settings(config: TrainConfig) -> list[MemorySettings]:
 
 
 def planning_size(model: str) -> ModelSize:
-    """Sizes to plan with before the model loads: the offline models' own (both load in a second), else SD 1.x's."""
-    return model_size(load_components(model)) if model in (TINY_MODEL, TOY_MODEL) else SD1_SIZE
+    """Sizes to plan with before the model loads: the offline models' own (they load in a second), else those of
+    the model's family (SD 1.x or SDXL, families.family_of)."""
+    if model in (TINY_MODEL, TOY_MODEL, TINY_SDXL_MODEL):
+        return model_size(load_components(model))
+    return SDXL_SIZE if family_of(model) is SDXL else SD1_SIZE
 
 
 def process_count() -> int:
@@ -404,3 +419,57 @@ def oom_advice(config: TrainConfig, *, settings: MemorySettings | None = None, p
             return head + f"Change this setting: {' '.join(flags)} --memory-plan as-set."
     return head + _what_to_change(config.replace(memory_plan="smallest"), precision, use_8bit_adam,
                                   int(total_bytes), size)
+
+
+# ---------------------------------------------------------------------------- system RAM
+
+# Free Colab gives 12.7 GB of system RAM, and a process killed for it dies without a Python error ("Your session
+# crashed"): loading SDXL in fp32 (13.9 GB of weights) does exactly that. Resident memory of a process that has
+# imported torch, diffusers, transformers and accelerate and built nothing yet, measured by
+# benchmarks/sdxl_colab_ram.py (its "baseline" phase) on the CPU build: the rest is the weights.
+BASE_RSS_GIB = 0.9
+
+
+def ram_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), or None where there is none."""
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def estimate_ram(config: TrainConfig, size: ModelSize, precision: str) -> int:
+    """Peak system RAM of loading and running `config`: the interpreter plus every weight as loaded.
+
+    A LoRA run in half precision loads the frozen base straight in fp16 (models.load_components' dtype), so
+    nothing is ever held in fp32; a full fine-tune loads fp32. SDXL's own VAE is cast to fp32 (a second copy of
+    it, briefly). Latents and prompt embeddings cached, LoRA checkpoints and the upload are megabytes next to this.
+    """
+    half_base = config.lora and precision in ("fp16", "bf16")
+    unit = 2 if half_base else 4
+    weights = unit * (size.unet + size.text_encoder + size.vae)
+    if size.native_resolution > SD_RESOLUTION and not config.vae and half_base:  # SDXL's VAE upcast
+        weights += 4 * size.vae
+    return int(BASE_RSS_GIB * GIB + weights)
+
+
+def check_ram(config: TrainConfig, size: ModelSize, precision: str, available: int | None = None) -> str | None:
+    """Refuse (ConfigError) a run whose loading would not fit the free system RAM, before it loads; else a note
+    of the estimate (None when the machine does not say how much is free)."""
+    available = ram_available_bytes() if available is None else available
+    if available is None:
+        return None
+    needed = estimate_ram(config, size, precision)
+    if needed <= available:
+        return f"System RAM: ~{needed / GIB:.1f} GiB needed to load, {available / GIB:.1f} GiB free."
+    advice = "Close other programs or notebooks using RAM, or use a machine with more memory."
+    if not (config.lora and precision in ("fp16", "bf16")):
+        lighter = estimate_ram(config.replace(lora=True), size, "fp16")
+        advice = (f"Change these settings: --lora --mixed-precision fp16 (the base then loads in half precision: "
+                  f"~{lighter / GIB:.1f} GiB); or " + advice[0].lower() + advice[1:])
+    raise ConfigError(f"This run needs ~{needed / GIB:.1f} GiB of system RAM to load the model and "
+                      f"{available / GIB:.1f} GiB is free: the process would be killed while loading. " + advice)

@@ -1,14 +1,14 @@
-"""Loading Stable Diffusion 1.x, and building models in code.
+"""Loading Stable Diffusion 1.x and SDXL, and building models in code.
 
 `load_components(name)` is the one entry point: a Hub id, a local diffusers folder, a single
 `.safetensors`/`.ckpt` file, `"tiny"` (a small random Stable Diffusion built from a fixed seed,
-used offline and by the tests) or `"sd15-random"` (SD 1.5's exact shapes with random weights, for
-memory and speed measurements without a download).
+used offline and by the tests), `"tiny-sdxl"` (the same for SDXL's shapes: two text encoders and the
+`text_time` added embedding), or `"sd15-random"`/`"sdxl-random"` (the real shapes with random weights, for
+memory and speed measurements without a download). The family (families/) is detected, never asked.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -19,6 +19,8 @@ import torch
 
 from .config import TINY_MODEL, TOY_MODEL
 from .errors import ModelLoadError
+from .families import SD1, SDXL, SDXL_RANDOM, TINY_SDXL_MODEL, ModelFamily, TextEncoderPair, family_of, seeded_rng
+from .families import sdxl as sdxl_family
 
 # "tiny" (random weights, for tests) and "toy": the toy-world model trained by scripts/train_toy_model.py and
 # shipped in the package, small but it draws. The names live in config, which validates them.
@@ -28,7 +30,8 @@ TINY_RESOLUTION = 64
 TOY_RESOLUTION = 32
 SD_RESOLUTION = 512
 # What the built-in models draw, known before they load (the demo shows it while loading).
-OFFLINE_RESOLUTIONS = {TINY_MODEL: TINY_RESOLUTION, TOY_MODEL: TOY_RESOLUTION}
+OFFLINE_RESOLUTIONS = {TINY_MODEL: TINY_RESOLUTION, TOY_MODEL: TOY_RESOLUTION,
+                       TINY_SDXL_MODEL: sdxl_family.TINY_SDXL_RESOLUTION}
 # Repositories users still type from old tutorials, and where the weights live now.
 MOVED_REPOS = {
     "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -39,10 +42,10 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion 1.x model that training and generation need."""
+    """The parts of a Stable Diffusion model (any family) that training and generation need."""
 
     tokenizer: Any
-    text_encoder: Any
+    text_encoder: Any  # SD 1.x: the CLIP text model; SDXL: both encoders as one module (families.TextEncoderPair)
     vae: Any
     unet: Any
     noise_scheduler: Any  # DDPM, for adding noise during training
@@ -57,6 +60,10 @@ class SDComponents:
     # fp32 weights of frozen parts, kept before training casts them to fp16/bf16 (keep_fp32_originals), so the
     # saved model holds the base model's own weights, not half-precision-rounded copies.
     fp32_originals: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    family: ModelFamily = SD1
+    tokenizer_2: Any = None  # SDXL's second tokenizer
+    # SDXL's own VAE overflows in fp16 (NaN images): it stays in fp32 unless --vae gave an fp16-safe one.
+    vae_needs_fp32: bool = False
 
     def keep_fp32_originals(self, *names: str) -> None:
         """Remember the current (fp32) weights of the parts `names` ("vae", "text_encoder") before a cast.
@@ -179,18 +186,7 @@ def write_slow_tokenizer_files(tokenizer, folder: str | Path) -> None:
 # ---------------------------------------------------------------------------- models built in code
 
 
-@contextlib.contextmanager
-def seeded_rng(seed: int):
-    """Run with a fixed global seed, then restore the caller's RNG (model constructors and LoRA init use it)."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
-
-
-_seeded = seeded_rng
+_seeded = seeded_rng  # families/base.py holds it: every family's builders use it
 
 
 def _schedulers(prediction_type: str = "epsilon"):
@@ -200,6 +196,29 @@ def _schedulers(prediction_type: str = "epsilon"):
     inference = PNDMScheduler(**SD_SCHEDULE, prediction_type=prediction_type, skip_prk_steps=True,
                               steps_offset=1, set_alpha_to_one=False)
     return noise, inference
+
+
+def _sdxl_components(parts: dict[str, Any], tokenizer, source: str) -> SDComponents:
+    """SDXL components from built parts (families.sdxl's builders): its scheduler is Euler, "leading" spacing."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
+    noise = DDPMScheduler(**SD_SCHEDULE, clip_sample=False)
+    inference = EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1)
+    return SDComponents(tokenizer, TextEncoderPair(*parts["text_encoders"]), parts["vae"], parts["unet"], noise,
+                        inference, source=source, native_resolution=parts["resolution"], family=SDXL,
+                        tokenizer_2=tokenizer, vae_needs_fp32=source == SDXL_RANDOM)
+
+
+def build_tiny_sdxl_components(seed: int = 0) -> SDComponents:
+    """A small SDXL (two text encoders, `text_time` conditioning, 64 px) with random weights from `seed`."""
+    tokenizer = build_tiny_tokenizer()
+    return _sdxl_components(sdxl_family.build_tiny_parts(tokenizer, seed), tokenizer, TINY_SDXL_MODEL)
+
+
+def build_sdxl_shaped_components(dtype: torch.dtype = torch.float16) -> SDComponents:
+    """SDXL base 1.0's architecture with random weights in `dtype` (benchmarks: RAM, file sizes)."""
+    tokenizer = build_tiny_tokenizer()
+    return _sdxl_components(sdxl_family.build_real_shaped_parts(tokenizer, dtype), tokenizer, SDXL_RANDOM)
 
 
 def build_tiny_components(seed: int = 0, prediction_type: str = "epsilon") -> SDComponents:
@@ -280,15 +299,47 @@ def base_weights_variant(lora: bool, precision: str) -> str | None:
     return FP16_VARIANT if lora and precision == "fp16" else None
 
 
-def load_components(model: str, *, seed: int = 0, variant: str | None = None) -> SDComponents:
-    """Load SD 1.x from `model`: "tiny", "sd15-random", a local folder or file, or a Hub id.
+def load_components(model: str, *, seed: int = 0, variant: str | None = None, vae: str | None = None,
+                    dtype: torch.dtype = torch.float32) -> SDComponents:
+    """Load a model of any family from `model`: a built-in name, a local folder or file, or a Hub id.
 
-    Weights load in fp32: training keeps trainable weights in fp32 and casts frozen ones itself. `variant`
-    ("fp16", see base_weights_variant) reads a diffusers folder's or Hub repository's fp16 files instead, and
-    only those are downloaded; where a part has none, its fp32 files are read.
+    Weights load in `dtype`, fp32 by default: training keeps trainable weights in fp32 and casts frozen ones
+    itself. A LoRA run in half precision passes torch.float16, so no fp32 copy of the frozen base ever sits in
+    RAM (SDXL: 6.9 GB in fp16 instead of 13.9 GB, more than free Colab's 12.7 GB). `variant` ("fp16", see
+    base_weights_variant) reads a diffusers folder's or Hub repository's fp16 files instead, and only those are
+    downloaded; where a part has none, its fp32 files are read. `vae` replaces the model's VAE (a Hub id or a
+    folder), e.g. madebyollin/sdxl-vae-fp16-fix, which SDXL needs to encode and decode in fp16 without NaNs.
     """
+    components = _load_base(model, seed=seed, variant=variant, dtype=dtype)
+    if vae:
+        components.vae = _load_vae(vae, dtype)
+        components.vae_needs_fp32 = False
+    return components
+
+
+def _load_vae(vae: str, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    local = Path(vae).expanduser()
+    if not local.is_dir() and (vae.startswith((".", "/", "~")) or vae.count("/") != 1):
+        raise ModelLoadError(f"--vae {vae!r}: no such folder. Give a diffusers VAE folder or a Hub id such as "
+                             "madebyollin/sdxl-vae-fp16-fix.")
+    options = {} if local.is_dir() or not _check_hub_model(vae, "config.json") else {"local_files_only": True}
+    try:
+        return AutoencoderKL.from_pretrained(str(local) if local.is_dir() else vae, torch_dtype=dtype, **options)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"--vae {vae!r} could not be loaded as a VAE ({type(error).__name__}: {error}). Give "
+                             "a folder holding config.json and diffusion_pytorch_model.safetensors, or a Hub id."
+                             ) from None
+
+
+def _load_base(model: str, *, seed: int, variant: str | None, dtype: torch.dtype) -> SDComponents:
     if model == TINY_MODEL:
         return build_tiny_components(seed)
+    if model == TINY_SDXL_MODEL:
+        return build_tiny_sdxl_components(seed)
+    if model == SDXL_RANDOM:
+        return build_sdxl_shaped_components(torch.float16 if dtype == torch.float16 else torch.float32)
     if model == TOY_MODEL:
         if not (TOY_MODEL_DIR / "unet").is_dir():
             raise ModelLoadError(f"The toy model is missing from {TOY_MODEL_DIR}: reinstall the package, or "
@@ -300,19 +351,19 @@ def load_components(model: str, *, seed: int = 0, variant: str | None = None) ->
         return build_sd15_shaped_components(seed)
     path = Path(model).expanduser()
     if path.is_file():
-        return _load_single_file(path)
+        return _load_single_file(path, dtype)
     if path.is_dir():
-        return _load_diffusers_folder(str(path), local=True, variant=variant)
+        return _load_diffusers_folder(str(path), local=True, variant=variant, dtype=dtype)
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelLoadError(f"--model {model!r}: no such file or folder. Check the path, or give a Hub id "
                              "such as stable-diffusion-v1-5/stable-diffusion-v1-5.")
     if model in MOVED_REPOS:
         raise ModelLoadError(f"--model {model!r} was removed from the Hugging Face Hub in 2024. "
                              f"Use --model {MOVED_REPOS[model]} (the same weights).")
-    return _load_diffusers_folder(model, local=False, variant=variant)
+    return _load_diffusers_folder(model, local=False, variant=variant, dtype=dtype)
 
 
-def _check_hub_model(repo: str) -> bool:
+def _check_hub_model(repo: str, marker: str = "model_index.json") -> bool:
     """Ask the Hub about `repo` once, quickly, before loading; True: load from the local cache only.
 
     Without this an unreachable Hub (no network, a proxy, a wrong HF_ENDPOINT) shows up as minutes of retries
@@ -322,7 +373,7 @@ def _check_hub_model(repo: str) -> bool:
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    cached = isinstance(try_to_load_from_cache(repo, "model_index.json"), str)
+    cached = isinstance(try_to_load_from_cache(repo, marker), str)
     if constants.HF_HUB_OFFLINE:
         if not cached:
             raise ModelLoadError(f"--model {repo!r}: no local folder of that name, and offline mode (HF_HUB_OFFLINE) "
@@ -347,15 +398,16 @@ def _check_hub_model(repo: str) -> bool:
     return False
 
 
-def _from_pretrained_variant(cls, where: str, subfolder: str, variant: str | None, **options: Any):
-    """`cls.from_pretrained` of one part in fp32, from its `variant` files when it has them.
+def _from_pretrained_variant(cls, where: str, subfolder: str, variant: str | None, dtype: torch.dtype = torch.float32,
+                             **options: Any):
+    """`cls.from_pretrained` of one part in `dtype` (fp32 by default), from its `variant` files when it has them.
 
     The dtype is asked for explicitly: transformers 5 otherwise loads in the dtype config.json names, which is
     float16 in folders saved from a half-precision model.
     """
     from transformers import PreTrainedModel
 
-    options = {"dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype": torch.float32, **options}
+    options = {"dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype": dtype, **options}
     if variant is not None:
         try:
             return cls.from_pretrained(where, subfolder=subfolder, variant=variant, **options)
@@ -364,9 +416,11 @@ def _from_pretrained_variant(cls, where: str, subfolder: str, variant: str | Non
     return cls.from_pretrained(where, subfolder=subfolder, **options)
 
 
-def _load_diffusers_folder(where: str, *, local: bool, variant: str | None = None) -> SDComponents:
+def _load_diffusers_folder(where: str, *, local: bool, variant: str | None = None,
+                           dtype: torch.dtype = torch.float32) -> SDComponents:
+    """SD 1.x or SDXL from a diffusers folder or Hub repository: the family says which parts there are."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if local and not Path(where, "unet").is_dir():
         raise ModelLoadError(
@@ -374,11 +428,17 @@ def _load_diffusers_folder(where: str, *, local: bool, variant: str | None = Non
             "model_index.json, unet/, vae/, text_encoder/ and tokenizer/."
         )
     cache_only = {"local_files_only": True} if not local and _check_hub_model(where) else {}
+    family = family_of(where, hub_options=cache_only)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **cache_only)
-        text_encoder = _from_pretrained_variant(CLIPTextModel, where, "text_encoder", variant, **cache_only)
-        vae = _from_pretrained_variant(AutoencoderKL, where, "vae", variant, **cache_only)
-        unet = _from_pretrained_variant(UNet2DConditionModel, where, "unet", variant, **cache_only)
+        text_encoder = _from_pretrained_variant(CLIPTextModel, where, "text_encoder", variant, dtype, **cache_only)
+        tokenizer_2 = None
+        if family is SDXL:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer_2", **cache_only)
+            text_encoder = TextEncoderPair(text_encoder, _from_pretrained_variant(
+                CLIPTextModelWithProjection, where, "text_encoder_2", variant, dtype, **cache_only))
+        vae = _from_pretrained_variant(AutoencoderKL, where, "vae", variant, dtype, **cache_only)
+        unet = _from_pretrained_variant(UNet2DConditionModel, where, "unet", variant, dtype, **cache_only)
         scheduler_config = DDPMScheduler.load_config(where, subfolder="scheduler", **cache_only)
     except (OSError, ValueError) as error:
         raise ModelLoadError(_load_advice(where, local, error)) from None
@@ -387,7 +447,8 @@ def _load_diffusers_folder(where: str, *, local: bool, variant: str | None = Non
     resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     return SDComponents(tokenizer, text_encoder, vae, unet, noise_scheduler, scheduler,
                         source=where, native_resolution=resolution,
-                        safety_checker_in_base=_names_safety_checker(where, local, **cache_only))
+                        safety_checker_in_base=_names_safety_checker(where, local, **cache_only), family=family,
+                        tokenizer_2=tokenizer_2, vae_needs_fp32=bool(vae.config.get("force_upcast", False)))
 
 
 def _inference_scheduler_from_config(config: dict):
@@ -397,22 +458,27 @@ def _inference_scheduler_from_config(config: dict):
     return cls.from_config(config)
 
 
-def _load_single_file(path: Path) -> SDComponents:
+def _load_single_file(path: Path, dtype: torch.dtype = torch.float32) -> SDComponents:
     if path.suffix not in (".safetensors", ".ckpt"):
         raise ModelLoadError(f"--model {str(path)!r}: a single-file model must be .safetensors or .ckpt.")
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
 
+    family = family_of(str(path))
+    options = {"safety_checker": None} if family is SD1 else {}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None)
+        pipe = family.pipeline_class().from_single_file(str(path), torch_dtype=dtype, **options)
     except Exception as error:  # diffusers raises many types here; all mean "could not read this file"
         raise ModelLoadError(
-            f"Could not load {str(path)!r} as a Stable Diffusion 1.x checkpoint ({type(error).__name__}: "
+            f"Could not load {str(path)!r} as a {family.label} checkpoint ({type(error).__name__}: "
             f"{error}). Single files need the model's config from the Hub the first time; offline, convert it "
             "to a diffusers folder elsewhere and pass that folder."
         ) from None
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    return SDComponents(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, noise_scheduler, pipe.scheduler,
-                        source=str(path))
+    text_encoder = pipe.text_encoder if family is SD1 else TextEncoderPair(pipe.text_encoder, pipe.text_encoder_2)
+    return SDComponents(pipe.tokenizer, text_encoder, pipe.vae, pipe.unet, noise_scheduler, pipe.scheduler,
+                        source=str(path), native_resolution=family.native_resolution, family=family,
+                        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                        vae_needs_fp32=bool(pipe.vae.config.get("force_upcast", False)))
 
 
 def _load_advice(where: str, local: bool, error: Exception) -> str:
@@ -427,7 +493,8 @@ def _load_advice(where: str, local: bool, error: Exception) -> str:
 
 
 def make_pipeline(components: SDComponents, *, unet=None, text_encoder=None, safety_checker: bool = False):
-    """A StableDiffusionPipeline over these components (optionally with trained replacements).
+    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) over these components
+    (optionally with trained replacements).
 
     `safety_checker`: include the base model's NSFW filter (loaded with load_safety_checker), which blacks out
     images it flags. Without it, a pipeline of a base that has one keeps `requires_safety_checker` true, so
@@ -435,17 +502,11 @@ def make_pipeline(components: SDComponents, *, unet=None, text_encoder=None, saf
     is never silent. Training's sample images and class images are made without it (previews on the
     user's own disk; the filter would black out some at random and cost 0.6 GB of GPU memory).
     """
-    from diffusers import StableDiffusionPipeline
-
     checker = components.safety_checker if safety_checker else None
     if safety_checker and components.safety_checker_in_base and checker is None:
         raise ModelLoadError("The safety checker was asked for but not loaded: call load_safety_checker first.")
-    return StableDiffusionPipeline(
-        vae=components.vae, text_encoder=text_encoder or components.text_encoder, tokenizer=components.tokenizer,
-        unet=unet or components.unet, scheduler=components.scheduler, safety_checker=checker,
-        feature_extractor=components.feature_extractor if checker is not None else None,
-        requires_safety_checker=components.safety_checker_in_base,
-    )
+    return components.family.pipeline(components, unet=unet, text_encoder=text_encoder, safety_checker=checker,
+                                      feature_extractor=components.feature_extractor)
 
 
 SAFETY_CHECKER_DIR, FEATURE_EXTRACTOR_DIR = "safety_checker", "feature_extractor"
@@ -454,7 +515,7 @@ SAFETY_CHECKER_DIR, FEATURE_EXTRACTOR_DIR = "safety_checker", "feature_extractor
 def safety_checker_note(components: SDComponents, used: bool) -> str | None:
     """What to tell whoever sees the images when they are not filtered; None when they are (or for the built-in
     toy models, which draw coloured shapes)."""
-    if used or components.source in (TINY_MODEL, TOY_MODEL):
+    if used or components.source in (TINY_MODEL, TOY_MODEL, TINY_SDXL_MODEL):
         return None
     if components.safety_checker_in_base:
         return "Safety checker off: images are not filtered for NSFW content."

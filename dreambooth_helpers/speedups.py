@@ -12,8 +12,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
+
+from .families import Conditioning
 
 
 class StepInBackward(torch.optim.Optimizer):
@@ -146,23 +149,30 @@ def optimizer_state_for(optimizer: torch.optim.Optimizer, saved: dict) -> dict:
 
 
 class TextEmbeddingCache:
-    """Hidden states of each distinct prompt from a frozen text encoder, computed on first use.
+    """The conditioning of each distinct prompt from a frozen text encoder, computed on first use.
 
-    Valid only while the text encoder does not change: the loop uses it when the text encoder is not
-    training (never trained, or after --stop-text-encoder-training-at, after which it never trains again).
+    `encode(text_encoder, input_ids)` is the model family's (families/): SD 1.x's hidden states, SDXL's hidden
+    states and pooled embedding, both kept. Valid only while the text encoder does not change: the loop uses it
+    when the text encoder is not training (never trained, or after --stop-text-encoder-training-at, after which
+    it never trains again).
     """
 
-    def __init__(self) -> None:
-        self._by_ids: dict[tuple[int, ...], torch.Tensor] = {}
+    def __init__(self, encode: Callable[[Any, torch.Tensor], Any]) -> None:
+        self._encode = encode
+        self._by_ids: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def __call__(self, text_encoder, input_ids: torch.Tensor, device) -> torch.Tensor:
-        distinct = {tuple(ids.tolist()): ids for ids in input_ids}
+    def __call__(self, text_encoder, input_ids: torch.Tensor, device):
+        distinct = {tuple(ids.flatten().tolist()): ids for ids in input_ids}
         missing = [(key, ids) for key, ids in distinct.items() if key not in self._by_ids]
         if missing:
             with torch.no_grad():
-                hidden = text_encoder(torch.stack([ids for _, ids in missing]).to(device))[0]
-            self._by_ids.update({key: row for (key, _), row in zip(missing, hidden)})
-        return torch.stack([self._by_ids[tuple(ids.tolist())] for ids in input_ids])
+                encoded = self._encode(text_encoder, torch.stack([ids for _, ids in missing]).to(device))
+            pooled = encoded.pooled if encoded.pooled is not None else [None] * len(missing)
+            self._by_ids.update({key: (hidden, row) for (key, _), hidden, row in zip(missing, encoded.hidden, pooled)})
+        rows = [self._by_ids[tuple(ids.flatten().tolist())] for ids in input_ids]
+        pooled = [row for _, row in rows]
+        return Conditioning(torch.stack([hidden for hidden, _ in rows]).to(device),
+                            None if pooled[0] is None else torch.stack(pooled).to(device))
 
     def fill(self, text_encoder, all_input_ids: Iterable[torch.Tensor], device) -> None:
         """Encode every prompt now, so the text encoder can leave the GPU."""
@@ -172,10 +182,13 @@ class TextEmbeddingCache:
         return len(self._by_ids)
 
 
-def live_text_embeddings(text_encoder, input_ids: torch.Tensor, device) -> torch.Tensor:
-    """The uncached path: encode the batch's prompts now, without gradients."""
-    with torch.no_grad():
-        return text_encoder(input_ids.to(device))[0]
+def live_text_embeddings(encode: Callable[[Any, torch.Tensor], Any]):
+    """The uncached path: encode the batch's prompts now, without gradients (same call as a TextEmbeddingCache)."""
+    def encode_now(text_encoder, input_ids: torch.Tensor, device):
+        with torch.no_grad():
+            return encode(text_encoder, input_ids.to(device))
+
+    return encode_now
 
 
 def use_channels_last(unet: torch.nn.Module) -> torch.nn.Module:

@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dreambooth_helpers.app import AppLimits, TrainingApp, launch_app, parse_users, share_warning
+from dreambooth_helpers.app import AppLimits, TrainingApp, parse_users
+from dreambooth_helpers.app_launch import launch_app, share_warning
 from dreambooth_helpers.errors import ConfigError, HubError, ImageDataError
 from dreambooth_helpers.jobs import CANCELLED, FINISHED, JobError
 
@@ -137,6 +138,45 @@ def test_settings_the_page_refuses(tmp_path):
         app.make_config(None, kind="landscape")
     with pytest.raises(JobError, match="Choose a run"):
         app.job_view(None, "")
+
+
+def test_the_base_model_choice_sets_the_model_and_preset_and_shows_what_it_means(tmp_path):
+    """The Train form's base-model dropdown: choices.py's outlook for the user's photos, updated on change."""
+    from dreambooth_helpers import choices
+    from dreambooth_helpers.app import build_ui
+    from dreambooth_helpers.config import SDXL_BASE_MODEL, SDXL_FP16_VAE
+
+    app = TrainingApp(tmp_path / "work", model="tiny", environment=ONE_THREAD)
+    try:
+        assert app.model_outlook(None, "sdxl-lora") == (choices.outlook("sdxl-lora", 5).text()
+                                                        + "\n(No photos yet: counted for 5.)")
+        app.upload(None, sample_photos()[:3])
+        assert app.model_outlook(None, "sd15-lora", kind="person", preset="low-memory", steps=500) == \
+            choices.outlook("sd15-lora", 3, kind="person", preset="low-memory", max_train_steps=500).text()
+        ui = build_ui(app)
+        handlers = {fn.name: fn.fn for fn in ui.fns.values()}
+        dropdown = next(block for block in ui.blocks.values() if getattr(block, "elem_id", None) == "base-model")
+        assert dropdown.value is None  # "tiny" is none of the choices: the model box says what trains
+        assert [value for _, value in dropdown.choices] == [choice.key for choice in choices.CHOICES]
+        model, preset, text = handlers["on_base_model"]("sdxl-lora", "object", 0, None)
+        assert (model, preset) == (SDXL_BASE_MODEL, "t4-sdxl")
+        assert text == choices.outlook("sdxl-lora", 3).text() and "1024 px" in text and "GPU on a T4" in text
+        assert "System RAM" in handlers["on_outlook"]("toy", "style", "t4", 0, None)
+        assert handlers["on_outlook"]("toy", "style", "no-such-preset", 0, None).startswith("Error:")
+        assert handlers["on_outlook"](None, "object", "t4", 0, None) == ""
+        # What the choice set is what trains: SDXL with its fp16-safe VAE and frozen text encoders.
+        config = app.make_config(None, model=SDXL_BASE_MODEL, preset="t4-sdxl")
+        assert (config.vae, config.lora, config.train_text_encoder) == (SDXL_FP16_VAE, True, False)
+        assert app.make_config(None, model="tiny-sdxl", preset="t4-sdxl").vae is None
+    finally:
+        app.close()
+    on_gpu = TrainingApp(tmp_path / "gpu", model=choices.SD15_MODEL, environment=ONE_THREAD)
+    try:
+        dropdown = next(block for block in build_ui(on_gpu).blocks.values()
+                        if getattr(block, "elem_id", None) == "base-model")
+        assert dropdown.value == "sd15-full"
+    finally:
+        on_gpu.close()
 
 
 def test_the_warning_for_a_page_anyone_can_use_and_the_users_flag():

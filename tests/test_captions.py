@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_helpers import captions, training
+from dreambooth_helpers import captions, run_identity, training
 from dreambooth_helpers.cli import _config_from_args, build_parser
 from dreambooth_helpers.data import read_images
 from dreambooth_helpers.errors import ConfigError, ImageDataError
@@ -109,19 +109,22 @@ def test_training_uses_each_caption_and_a_changed_caption_is_another_run(instanc
     (instance_dir / "photo0.txt").write_text("sks dog wearing a hat")
     (instance_dir / "photo1.txt").write_text("a dog in the snow")
     tokenized = []
-    original = training._tokenize
-    monkeypatch.setattr(training, "_tokenize", lambda tok, prompt: tokenized.append(prompt) or original(tok, prompt))
+    from dreambooth_helpers.families import SD1
+
+    original = type(SD1).tokenize
+    monkeypatch.setattr(type(SD1), "tokenize",
+                        lambda self, components, prompt: tokenized.append(prompt) or original(self, components, prompt))
     notices = []
     config = make_config(max_train_steps=2, report_to="none")
     training.train(config, progress=False, on_notice=notices.append)
     assert tokenized[:4] == ["sks dog wearing a hat", f"{INSTANCE}, a dog in the snow", INSTANCE, INSTANCE]
     assert any("2 of 4 photo(s)" in notice and "photo1.png" in notice for notice in notices)
-    assert training.find_finished_run(config) is not None  # the same photos and captions: the same run
+    assert run_identity.find_finished_run(config) is not None  # the same photos and captions: the same run
     (instance_dir / "photo0.txt").write_text("sks dog wearing a scarf")
-    assert training.find_finished_run(config) is None
+    assert run_identity.find_finished_run(config) is None
     (instance_dir / "photo0.txt").write_text("sks dog wearing a hat")
-    assert training.find_finished_run(config) is not None
-    assert training.find_finished_run(config.replace(captions="off")) is None  # no captions: another run too
+    assert run_identity.find_finished_run(config) is not None
+    assert run_identity.find_finished_run(config.replace(captions="off")) is None  # no captions: another run too
 
 
 def test_the_notebooks_photo_cell_reads_captions_with_the_same_reader(instance_dir, tmp_path):

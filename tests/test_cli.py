@@ -216,9 +216,10 @@ def test_train_help_shows_the_recipe_and_preset_defaults(capsys):
             in text
         assert "{} {}-{}".format(kind, *recipe.recommended_photos) in text  # --instance-dir
     assert "learning rate 2e-6" in text and "e-06" not in text  # rates as the README writes them
-    assert "LoRA rank; 8-32 for harder subjects (default 4; t4-lora: 8; low-memory: 8)." in text
+    assert "LoRA rank; 8-32 for harder subjects (default 4; t4-lora: 8; low-memory: 8; t4-sdxl: 8)." in text
     assert "Starting settings for your GPU (default t4)." in text
-    assert "(default toy)" in text and ") (" not in text  # one parenthesis per help, defaults included
+    assert "(default toy; t4-sdxl: stabilityai/stable-diffusion-xl-base-1.0)" in text
+    assert ") (" not in text  # one parenthesis per help, defaults included
     # All kinds generate the same number of class images: it is said once, by --num-class-images.
     assert len({subject.recipe(kind).num_class_images for kind in subject.SUBJECT_KINDS}) == 1
     assert "prior preservation generates (default: 50; the paper uses ~200)." in text
@@ -231,19 +232,45 @@ def test_short_number_writes_rates_as_the_readme_does():
         ["2e-6", "1e-6", "1.5e-6", "1e-4", "1e-3", "0.01", "1", "7.5"]
 
 
-def test_built_in_models_on_a_cpu_use_one_thread_unless_told(monkeypatch):
-    import argparse
+def _stopped_train_args(tmp_path, *extra: str):
+    return build_parser().parse_args(["train", "--instance-dir", str(SAMPLE), "--instance-prompt", "a sks toy",
+                                      "--output-dir", str(tmp_path / "out"), *extra])
 
-    import torch
 
+def test_ctrl_c_before_any_checkpoint_says_none_was_saved(tmp_path):
+    from dreambooth_helpers.cli import _interrupted_message
+
+    text = _interrupted_message(_stopped_train_args(tmp_path))
+    assert "No checkpoint was saved yet (--checkpoint-every N saves them" in text and "--resume" not in text
+    text = _interrupted_message(_stopped_train_args(tmp_path, "--checkpoint-every", "400"))
+    assert "No checkpoint was saved yet (--checkpoint-every 400 saves one every 400 steps)" in text
+
+
+def test_ctrl_c_after_checkpoints_names_the_newest_and_how_to_continue(tmp_path):
+    from dreambooth_helpers.checkpoints import checkpoint_dir
+    from dreambooth_helpers.cli import _interrupted_message
+
+    for step in (200, 400):
+        checkpoint_dir(tmp_path / "out", step).mkdir(parents=True)
+        (checkpoint_dir(tmp_path / "out", step) / "state.json").write_text(json.dumps({"step": step}))
+    checkpoint_dir(tmp_path / "out", 600).mkdir()  # half-written (no state.json): not a checkpoint to resume
+    text = _interrupted_message(_stopped_train_args(tmp_path, "--checkpoint-every", "200"))
+    assert str(checkpoint_dir(tmp_path / "out", 400)) in text and "--resume latest" in text
+    assert "No checkpoint" not in text
+
+
+def test_ctrl_c_in_main_prints_what_was_kept_and_exits_130(tmp_path, monkeypatch, capsys):
     from dreambooth_helpers import cli
 
-    calls = []
-    monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cli._one_thread_for_built_in_models(argparse.Namespace(model="toy"))
-    cli._one_thread_for_built_in_models(argparse.Namespace(model="stable-diffusion-v1-5/stable-diffusion-v1-5"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    cli._one_thread_for_built_in_models(argparse.Namespace(model="tiny"))
-    assert calls == [1]
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_train", interrupted)
+    monkeypatch.setattr(cli, "_one_thread_for_built_in_models", lambda args: False)  # tests/test_threads.py
+    assert main(["train", "--instance-dir", str(SAMPLE), "--instance-prompt", "a sks toy",
+                 "--output-dir", str(tmp_path / "out")]) == 130
+    assert "No checkpoint was saved yet" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_run_generate", interrupted)
+    assert main(["generate", "--model", "toy", "--prompt", "a sks toy", "--out", str(tmp_path / "images")]) == 130
+    err = capsys.readouterr().err
+    assert "Stopped." in err and "checkpoint" not in err

@@ -16,7 +16,8 @@ from dreambooth_helpers.config import step_in_backward_allowed
 BAD_VALUES = {
     "output_dir": ("", "--output-dir", "give a folder"),
     "model": ("", "--model", "Hub id"),
-    "preset": ("huge-gpu", "--preset", "t4, t4-lora, low-memory, large-gpu"),
+    "vae": ("  ", "--vae", "madebyollin/sdxl-vae-fp16-fix"),
+    "preset": ("huge-gpu", "--preset", "t4, t4-lora, low-memory, t4-sdxl, large-gpu"),
     "kind": ("animal", "--kind", "object, person, style"),
     "resolution": (4096, "--resolution", "from 16 to 2048"),
     "crop": ("stretch", "--crop", "center, pad"),

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_helpers.demo import DemoLimits, DemoService, launch_demo, parse_auth, parse_seed
+from dreambooth_helpers.demo import launch_demo
+from dreambooth_helpers.demo_api import DemoLimits, DemoService, parse_auth, parse_seed
 from dreambooth_helpers.errors import ConfigError, DreamBoothError, GenerationError
 from tests.trained_fixtures import make_full_output
 

@@ -22,15 +22,10 @@ import httpx
 import pytest
 
 from dreambooth_helpers import demo as demo_module
+from dreambooth_helpers import demo_api
 from dreambooth_helpers.cli import main
-from dreambooth_helpers.demo import (
-    DemoLimits,
-    DemoService,
-    api_help,
-    free_port,
-    launch_demo,
-    public_without_auth_warning,
-)
+from dreambooth_helpers.demo import api_help, free_port, launch_demo, public_without_auth_warning
+from dreambooth_helpers.demo_api import DemoLimits, DemoService
 from tests.demo_fakes import FakeGenerator, use_generator
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -51,7 +46,7 @@ def fake_demo(monkeypatch, tmp_path):
 
     def start(generator=None, **options):
         generator = generator or FakeGenerator()
-        monkeypatch.setattr(demo_module, "load_generator", lambda model, lora=None, **kwargs: generator)
+        monkeypatch.setattr(demo_api, "load_generator", lambda model, lora=None, **kwargs: generator)
         options = {"share": False, "port": 0, "quiet": True, "output_dir": tmp_path / f"out{len(started)}"} | options
         running = launch_demo("tiny", **options)
         started.append(running)
@@ -317,7 +312,7 @@ def test_multipart_bodies_are_refused_everywhere_but_the_login_form(fake_demo, p
 
 def test_an_open_demo_warns_that_anyone_can_use_it(monkeypatch, capsys):
     monkeypatch.setattr(demo_module.RunningDemo, "wait", lambda running: None)
-    monkeypatch.setattr(demo_module, "load_generator", lambda model, lora=None, **kwargs: FakeGenerator())
+    monkeypatch.setattr(demo_api, "load_generator", lambda model, lora=None, **kwargs: FakeGenerator())
     assert main(["demo", "--model", "tiny", "--host", "0.0.0.0", "--port", "0"]) == 0
     err = capsys.readouterr().err
     assert "warning: the demo is open to every network this machine is on (--host 0.0.0.0)" in err

@@ -19,7 +19,8 @@ import httpx
 import pytest
 import torch
 
-from dreambooth_helpers.demo import DemoLimits, DemoService, launch_demo
+from dreambooth_helpers.demo import launch_demo
+from dreambooth_helpers.demo_api import DemoLimits, DemoService
 from dreambooth_helpers.errors import DreamBoothError
 from tests.demo_fakes import FakeGenerator, use_generator
 

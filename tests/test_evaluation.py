@@ -13,29 +13,33 @@ from PIL import Image, ImageDraw
 from dreambooth_helpers import evaluation
 from dreambooth_helpers.cli import main
 from dreambooth_helpers.errors import ConfigError, ModelLoadError
+from dreambooth_helpers.eval_diversity import (
+    PAPER_PRIOR_FIGURES,
+    HistogramSsimDistance,
+    class_comparison_grid,
+    class_prior_scores,
+    diversity,
+    load_perceptual_distance,
+)
+from dreambooth_helpers.eval_encoders import (
+    SubjectScores,
+    build_tiny_encoders,
+    load_encoders,
+    mean_cosine,
+    real_image_scores,
+    score_images,
+)
 from dreambooth_helpers.evaluation import (
     LIVE_SUBJECT_PROMPTS,
     OBJECT_PROMPTS,
     PAPER_FIGURES,
-    PAPER_PRIOR_FIGURES,
     CheckpointScore,
-    HistogramSsimDistance,
-    SubjectScores,
-    build_tiny_encoders,
     choose_checkpoint,
-    class_comparison_grid,
-    class_prior_scores,
-    diversity,
     evaluate_checkpoints,
     evaluate_model,
     generate_images,
-    load_encoders,
-    load_perceptual_distance,
-    mean_cosine,
     paper_prompts,
     prompt_set_for,
-    real_image_scores,
-    score_images,
 )
 
 from .trained_fixtures import make_full_output

@@ -187,7 +187,8 @@ def test_lora_staging_and_card(lora_dir, tmp_path):
     text = (tmp_path / "stage" / "README.md").read_text()
     meta = front_matter(text)
     assert "lora" in meta["tags"]
-    assert 'pipe.load_lora_weights("alice/sks-dog-lora")' in text
+    # weight_name: diffusers before 0.42 (Colab's 0.39) will not guess it from the Hub's cache offline.
+    assert 'pipe.load_lora_weights("alice/sks-dog-lora", weight_name="pytorch_lora_weights.safetensors")' in text
     assert "LoRA rank 8" in text
 
 

@@ -135,11 +135,13 @@ EQUIVALENCE_FLAGS = ["--max-train-steps", "4", "--lr-warmup-steps", "2", "--chec
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "sdxl-lora"])
 def test_two_processes_with_batch_1_train_as_one_process_with_batch_2(method, instance_dir, tmp_path, one_thread):
-    lora = method == "lora"
+    lora = method != "full"
     flags = [*EQUIVALENCE_FLAGS, "--class-dir", str(tmp_path / "class_images")]  # one folder: the same images
     flags += ["--lora", "--lora-rank", "4"] if lora else ["--train-text-encoder"]
+    if method == "sdxl-lora":  # SDXL through the same loop: both text encoders' adapters, its size conditioning
+        flags += ["--model", "tiny-sdxl", "--train-text-encoder"]
     two_dir, two_trace = tmp_path / "two", tmp_path / "two-trace"
     run_launched(train_args(instance_dir, two_dir, *flags), tmp_path, two_trace)
     ranks = [read_trace(two_trace, 0), read_trace(two_trace, 1)]

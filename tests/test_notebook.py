@@ -82,6 +82,30 @@ def test_every_code_cell_is_short_and_preceded_by_an_explanation():
         assert len(previous.source) > 80, f"no explanation before: {cell.source[:60]!r}"
 
 
+def test_the_base_model_words_quote_the_recipe_and_the_planner():
+    """Section 4 explains each base-model choice with numbers: they are choices.py's outlook (the memory planner's
+    estimates on a T4, the RAM estimate, the native resolution), so a planner change shows here as a failure."""
+    from dreambooth_helpers import choices
+    from dreambooth_helpers.memory import GIB
+
+    text = next(cell.source for cell in _notebook().cells
+                if cell.cell_type == "markdown" and "**Base model**" in cell.source)
+    bullets = {match.group(1): match.group(2) for match in re.finditer(r"^  - \*([^*]+)\*:(.*?)(?=^  - |^- )", text,
+                                                                       re.M | re.S)}
+    for key in ("sd15-full", "sd15-lora", "sdxl-lora"):
+        outlook = choices.outlook(key, 5)
+        words = " ".join(bullets[outlook.choice.label].split())
+        assert f"~{outlook.gpu_peak_allocated / GIB:.1f} GiB of GPU memory" in words, (key, words)
+        assert f"{outlook.resolution} px" in words or key == "sd15-lora", (key, words)
+    sdxl = choices.outlook("sdxl-lora", 5)
+    assert f"~{sdxl.ram_needed / GIB:.1f} GiB of system RAM" in " ".join(bullets["SDXL LoRA"].split())
+    assert sdxl.gpu_settings == "gradient checkpointing" and "gradient checkpointing" in bullets["SDXL LoRA"]
+    extra = choices.outlook("sdxl-lora", 5, train_text_encoder=True).gpu_peak_allocated - sdxl.gpu_peak_allocated
+    assert f"~{extra / GIB:.1f} GiB more" in text
+    assert f"{choices.COLAB_RAM_GIB:g} GiB" in text
+    assert "*Toy model* and *Tiny SDXL*" in text
+
+
 def test_colab_badge_in_the_notebook_and_the_docs():
     badge = "https://colab.research.google.com/github/OWNER/dreambooth-helpers/blob/main/tutorial.ipynb"
     assert badge in NOTEBOOK.read_text()

@@ -130,12 +130,13 @@ def test_cached_text_embeddings_equal_live_ones():
     components = build_tiny_components()
     components.text_encoder.eval()
     _, _, ids = _batch(components)
-    cache = TextEmbeddingCache()
+    cache = TextEmbeddingCache(components.family.encode)
     batch = torch.stack([ids[0], ids[1], ids[0]])
-    live = live_text_embeddings(components.text_encoder, batch, "cpu")
-    torch.testing.assert_close(cache(components.text_encoder, batch, "cpu"), live, rtol=1e-5, atol=1e-6)
+    live = live_text_embeddings(components.family.encode)(components.text_encoder, batch, "cpu").hidden
+    torch.testing.assert_close(cache(components.text_encoder, batch, "cpu").hidden, live, rtol=1e-5, atol=1e-6)
     assert len(cache) == 2  # each distinct prompt once
-    torch.testing.assert_close(cache(components.text_encoder, batch[1:], "cpu"), live[1:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache(components.text_encoder, batch[1:], "cpu").hidden, live[1:], rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_channels_last_unet_gives_the_same_output_and_gradients():

@@ -16,7 +16,8 @@ from dreambooth_helpers import checkpoints as ckpt
 from dreambooth_helpers.data import images_to_tensor, load_instance_images
 from dreambooth_helpers.errors import TrainingError
 from dreambooth_helpers.files import SUMMARY_FILE
-from dreambooth_helpers.training import _assemble, dreambooth_loss, find_finished_run, resolve_runtime, train
+from dreambooth_helpers.run_identity import find_finished_run
+from dreambooth_helpers.training import _assemble, dreambooth_loss, resolve_runtime, train
 from tests.conftest import draw_subject
 
 

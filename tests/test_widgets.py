@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_helpers import cli, subject, widgets
-from dreambooth_helpers.config import TrainConfig
+from dreambooth_helpers.config import SDXL_BASE_MODEL, SDXL_FP16_VAE, TrainConfig
 from dreambooth_helpers.data import read_images
 from dreambooth_helpers.errors import ConfigError, DreamBoothError, ImageDataError
 from dreambooth_helpers.grids import labelled_grid
@@ -69,6 +69,11 @@ def test_choose_base_model():
     assert widgets.choose_base_model(f"  {widgets.SD15_MODEL} ", PLAIN) == widgets.SD15_MODEL
     with pytest.raises(ConfigError, match="BASE_MODEL is empty"):
         widgets.choose_base_model(" ", PLAIN)
+    # Empty: the form's base-model choice; a model typed in wins; smoke runs the offline model of its family.
+    assert widgets.choose_base_model("", PLAIN, "sdxl-lora") == SDXL_BASE_MODEL
+    assert widgets.choose_base_model(" my/sdxl ", PLAIN, "sdxl-lora") == "my/sdxl"
+    assert widgets.choose_base_model("", SMOKE, "sdxl-lora") == "tiny-sdxl"
+    assert widgets.choose_base_model("", SMOKE, "sd15-lora") in ("tiny", "toy")
 
 
 def test_smoke_model_is_toy_only_when_its_weights_exist(monkeypatch, tmp_path):
@@ -250,6 +255,27 @@ def test_the_notebook_and_the_cli_make_the_same_config(tmp_path, instance_dir, k
     assert command_line.steps_for(photos) == subject.default_steps(photos, kind)
 
 
+def test_settings_to_config_for_each_base_model(tmp_path, instance_dir):
+    """The choice's model (when BASE_MODEL is empty), its preset's LoRA and text encoder, SDXL's fp16-safe VAE."""
+    sdxl = widgets.NotebookSettings(base_model="sdxl-lora", preset="t4-sdxl")
+    config = widgets.settings_to_config(sdxl, instance_dir, 5, tmp_path / "run", "", PLAIN)
+    assert (config.model, config.vae, config.preset) == (SDXL_BASE_MODEL, SDXL_FP16_VAE, "t4-sdxl")
+    assert config.lora and not config.train_text_encoder
+    assert config.effective_learning_rate == subject.LORA_LEARNING_RATE
+    smoke = widgets.settings_to_config(sdxl, instance_dir, 5, tmp_path / "smoke", "tiny-sdxl", SMOKE)
+    assert (smoke.model, smoke.vae, smoke.max_train_steps) == ("tiny-sdxl", None, 4)
+    lighter = widgets.NotebookSettings(base_model="sdxl-lora", preset="low-memory")
+    assert widgets.settings_to_config(lighter, instance_dir, 5, tmp_path / "b", "", PLAIN).vae == SDXL_FP16_VAE
+    offline = widgets.NotebookSettings(base_model="tiny-sdxl", preset="t4-sdxl")
+    config = widgets.settings_to_config(offline, instance_dir, 5, tmp_path / "c", "", PLAIN)
+    assert (config.model, config.vae, config.lora) == ("tiny-sdxl", None, True)
+    toy = widgets.settings_to_config(widgets.NotebookSettings(base_model="toy"), instance_dir, 5, tmp_path / "d", "",
+                                     PLAIN)
+    assert (toy.model, toy.vae, toy.lora, toy.train_text_encoder) == ("toy", None, False, True)
+    assert "(VAE madebyollin/sdxl-vae-fp16-fix)" in widgets.config_summary(
+        widgets.settings_to_config(sdxl, instance_dir, 5, tmp_path / "e", "", PLAIN), 5)
+
+
 def test_settings_to_config_refuses_mistakes(tmp_path, instance_dir):
     with pytest.raises(ConfigError, match="Preset 'a100'"):
         widgets.settings_to_config(widgets.NotebookSettings(preset="a100"), instance_dir, 3, tmp_path, "tiny", PLAIN)
@@ -296,13 +322,21 @@ def test_drive_run_fits_a_free_drive(tmp_path, instance_dir):
 
 
 def test_describe_settings(tmp_path):
+    from dreambooth_helpers import choices
+
     steps = subject.default_steps(4)
     text = widgets.describe_settings(widgets.NotebookSettings(token="sks", class_noun="dog"), 4)
-    assert "a photo of sks dog" in text and f"<b>{steps}</b>" in text and "recommended for 4 photo(s)" in text
+    assert "a photo of sks dog" in text and f"{steps} steps (the recipe's for 4 photo(s))" in text
+    # The base-model choice's outlook, as choices.py makes it (HTML-escaped), in the notebook's words.
+    outlook = choices.outlook("sd15-full", 4).text()
+    assert outlook.splitlines()[-2] in text and outlook.splitlines()[-1] in text and "SD 1.5 (full fine-tune)" in text
     assert "ordinary word" in widgets.describe_settings(widgets.NotebookSettings(token="dog"), 4)
     off = widgets.describe_settings(widgets.NotebookSettings(num_class_images=0, steps=50), 4)
-    assert "off: 0 class images" in off and "<b>50</b>" in off and "recommended" not in off
+    assert "off: 0 class images" in off and "50 steps (as set" in off and "the recipe's" not in off
     assert "<script>" not in widgets.describe_settings(widgets.NotebookSettings(class_noun="<script>"), 4)
+    sdxl = widgets.describe_settings(widgets.NotebookSettings(base_model="sdxl-lora", preset="t4-sdxl"), 4)
+    assert "1024 px" in sdxl and "GPU on a T4" in sdxl and "System RAM" in sdxl
+    assert "Preset 'a100'" in widgets.describe_settings(widgets.NotebookSettings(preset="a100"), 4)
 
 
 def test_config_summary_lists_what_matters(tmp_path, instance_dir):
@@ -482,17 +516,26 @@ def test_settings_form_follows_kind_and_preset(tmp_path, instance_dir, monkeypat
 
     form = widgets.SettingsForm(num_images=4)
     assert form.settings() == widgets.NotebookSettings(num_class_images=subject.recipe("object").num_class_images,
-                                                       lora=False)
-    assert "a photo of sks dog" in form.summary.value and f"<b>{subject.default_steps(4)}</b>" in form.summary.value
+                                                       lora=False, train_text_encoder=True)
+    assert "a photo of sks dog" in form.summary.value and f"{subject.default_steps(4)} steps" in form.summary.value
     form.kind.value = "person"
-    assert form.class_noun.value == "person" and f"<b>{subject.default_steps(4, 'person')}</b>" in form.summary.value
+    assert form.class_noun.value == "person"
+    assert f"{subject.default_steps(4, 'person')} steps" in form.summary.value
     form.class_noun.value = "woman"
     form.kind.value = "style"
     assert form.class_noun.value == "woman"  # typed by the user: kept
     form.preset.value = "t4-lora"
-    assert form.lora.value and "0.0001" in form.summary.value
+    assert form.lora.value and "Learning rate 1e-4" in form.summary.value
     form.preset.value = "t4"
     assert not form.lora.value
+    # The base model sets its preset, and with it LoRA and the text encoder; the summary shows its outlook.
+    form.base_model.value = "sdxl-lora"
+    assert (form.preset.value, form.lora.value, form.train_text_encoder.value) == ("t4-sdxl", True, False)
+    assert "SDXL LoRA" in form.summary.value and "1024 px" in form.summary.value
+    assert "GPU on a T4" in form.summary.value and "System RAM" in form.summary.value
+    assert form.settings().base_model == "sdxl-lora"
+    form.base_model.value = "sd15-full"
+    assert (form.preset.value, form.lora.value, form.train_text_encoder.value) == ("t4", False, True)
     form.token.value = "zwx"
     form.steps.value = 300
     config = form.to_config(widgets.collect_images("folder", instance_dir, tmp_path), tmp_path, "tiny", PLAIN)
@@ -508,6 +551,10 @@ def test_settings_form_for_the_sample_subject():
     folder = REPO / "sample_data" / "toy_robot"
     form = widgets.SettingsForm.for_images(widgets.ImageSelection(folder, read_images(folder), is_sample=True))
     assert (form.token.value, form.class_noun.value) == ("sks", "toy")
+    from dreambooth_helpers import choices
+
+    chosen = choices.base_model_choice(choices.default_choice())  # the toy model here, without a GPU
+    assert (form.base_model.value, form.preset.value) == (chosen.key, chosen.preset)
 
 
 # ---------------------------------------------------------------------------- training

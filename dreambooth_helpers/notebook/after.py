@@ -26,8 +26,10 @@ from .runtime import NotebookRuntime, hub_login, hub_username, smoke_model
 def make_class_images(config: TrainConfig) -> list[Path]:
     """Generate the class images for prior preservation now, with a progress bar (training reuses them)."""
     from ..prior import prepare_class_images
+    from ..threads import use_one_thread_for
     from ..training import quiet_library_logs
 
+    use_one_thread_for(config.model)
     if not config.with_prior_preservation:
         print("Prior preservation is off (0 class images): nothing to generate.")
         return []
@@ -57,10 +59,10 @@ def _first_class_images(config: TrainConfig, limit: int) -> list:
 
 def class_before_after(config: TrainConfig, generator, count: int = 8, cell: int = 128):
     """What prior preservation protects: the class prompt drawn by the base model (the first class images) above
-    the same prompt drawn by the trained model, with each row's diversity (DIV, evaluation.diversity with the
+    the same prompt drawn by the trained model, with each row's diversity (DIV, eval_diversity.diversity with the
     offline histogram+SSIM distance) and a verdict. Returns (grid, text); (None, why) without class images.
     """
-    from ..evaluation import ClassPriorScores, HistogramSsimDistance, class_comparison_grid, diversity
+    from ..eval_diversity import ClassPriorScores, HistogramSsimDistance, class_comparison_grid, diversity
     from .runtime import in_notebook_words
 
     before = _first_class_images(config, count) if config.with_prior_preservation else []
@@ -82,8 +84,10 @@ def load_trained_model(output_dir: str | Path, **options: Any):
     `options` go to `inference.load_generator`, e.g. attention_slicing=True, vae_tiling=True for less memory.
     """
     from ..inference import load_generator
+    from ..threads import use_one_thread_for
     from ..training import quiet_library_logs
 
+    use_one_thread_for(output_dir)  # one trained from a built-in model: by the base model in its summary
     free_gpu_memory()
     print(f"Loading the trained model from {output_dir}...")
     with quiet_library_logs():
@@ -140,7 +144,9 @@ def start_demo(model_dir: str | Path, runtime: NotebookRuntime, password: str = 
     on a free local port, without a share link, and waits until the model is loaded.
     """
     from ..demo import launch_demo
+    from ..threads import use_one_thread_for
 
+    use_one_thread_for(model_dir)  # also Gradio's worker threads, which do the generating
     if password:
         options = {"auth": (DEMO_USER, password), **options}
     if runtime.smoke:
@@ -161,11 +167,14 @@ def start_app(output_root: str | Path, runtime: NotebookRuntime, requested: bool
     if not requested:
         print("The web app is not started (tick USE_WEB_APP to use it instead of the cells below).")
         return None
-    from ..app import launch_app
+    from ..app_launch import launch_app
+    from ..config import TOY_MODEL
+    from ..threads import use_one_thread_for
 
     options = {"share": runtime.colab, "port": None, **options}  # Colab cannot open the local address
     if runtime.smoke:
         options = {**options, "share": False, "port": 0, "model": smoke_model()}
+    use_one_thread_for(options.get("model") or TOY_MODEL)  # without --model, the app's base model without a GPU
     app = launch_app(Path(output_root) / "app", auth=[f"{DEMO_USER}:{password}"] if password else None, **options)
     print(f"The app runs at {app.share_url or app.url}" + ("" if password else
           " (no password: anyone with the link can use it and this GPU)") + ". Stop it with app.close().")

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import captions, subject
+from .. import captions, choices, subject
 from ..checkpoints import list_checkpoints, plan_checkpoints
 from ..config import DEFAULT_PRESET, PRESETS, Concept, TrainConfig
 from ..data import IMAGE_EXTENSIONS, DatasetReport, prepare_image, read_images, require_usable
 from ..errors import ConfigError, ImageDataError
 from ..grids import labelled_grid
 from ..memory import GIB, plan_memory, planning_size
-from .runtime import SD15_MODEL, NotebookRuntime, free_bytes, in_notebook_words, smoke_model
+from .runtime import NotebookRuntime, free_bytes, in_notebook_words, smoke_model
 
 SAMPLE_SUBJECT_NAME = "toy_robot"
 SAMPLE_SUBJECT = {"token": "sks", "class_noun": "toy", "kind": "object"}
@@ -34,7 +34,7 @@ PHOTO_SOURCES = ("upload", "sample", "folder")  # the notebook's PHOTOS choice
 UPLOAD_MAX_SIDE = 2048  # 4x the training size: room for the crop, without 12 MP PNGs filling the disk
 # What the photo picker accepts: images, HEIC from iPhones, and zips of either.
 UPLOAD_ACCEPT = "image/*,.heic,.heif,.zip"
-T4_FREE_GIB = 14.5  # what a Colab T4 leaves free for training (15 GiB card, CUDA context and driver)
+T4_FREE_GIB = choices.T4_FREE_GIB  # what a Colab T4 leaves free for training (15 GiB card, CUDA context and driver)
 # A free Google account has 15 GB for Drive, Gmail and Photos together; plan for what is usually left.
 DRIVE_BUDGET_GB = 12
 
@@ -236,16 +236,21 @@ def doctor_report(selection: ImageSelection, kind: str = subject.DEFAULT_KIND, r
 
 @dataclass
 class NotebookSettings:
-    """The settings form's values. None means "the recipe's value" (subject.py) for steps, rate and class images."""
+    """The settings form's values. None means "the recipe's value" (subject.py) for steps, rate and class images.
+
+    `base_model` is a choice of choices.py (SD 1.5 full or LoRA, SDXL LoRA, the offline models): its model is
+    trained unless another is given, with `preset` (the form sets the choice's own, which may be changed).
+    """
 
     token: str = "sks"
     class_noun: str = "dog"
     kind: str = subject.DEFAULT_KIND
+    base_model: str = choices.DEFAULT_CHOICE
     preset: str = DEFAULT_PRESET
     steps: int | None = None
     learning_rate: float | None = None
-    train_text_encoder: bool = True
-    lora: bool | None = None  # None: what the preset chooses (t4-lora and low-memory train LoRA)
+    train_text_encoder: bool | None = None  # None: what the preset chooses (t4-sdxl keeps the text encoders frozen)
+    lora: bool | None = None  # None: what the preset chooses (t4-lora, low-memory and t4-sdxl train LoRA)
     num_class_images: int | None = None  # 0: no prior preservation
 
     def prompts(self) -> subject.SubjectPrompts:
@@ -256,16 +261,21 @@ def _preset_lora(preset: str) -> bool:
     return bool(PRESETS[preset]["settings"].get("lora", False))
 
 
+def _preset_text_encoder(preset: str) -> bool:
+    return bool(PRESETS[preset]["settings"].get("train_text_encoder", True))
+
+
 def run_name(token: str, class_noun: str) -> str:
     """A folder name for a run: "sks-dog"."""
     return re.sub(r"[^a-z0-9]+", "-", f"{token} {class_noun}".lower()).strip("-") or "run"
 
 
-def smoke_overrides() -> dict[str, Any]:
-    """What smoke mode changes in a TrainConfig: a run of seconds on a CPU."""
-    return {"model": smoke_model(), "resolution": 32, "num_class_images": 2, "class_images_steps": 2,
-            "class_images_batch_size": 2, "max_train_steps": 4, "sample_every": 2, "sample_steps": 2,
-            "mixed_precision": "no", "use_8bit_adam": False, "checkpoint_every": None}
+def smoke_overrides(base_model: str = choices.DEFAULT_CHOICE) -> dict[str, Any]:
+    """What smoke mode changes in a TrainConfig: a run of seconds on a CPU, on the offline model of the base
+    model's family."""
+    return {"model": smoke_model(base_model), "vae": None, "resolution": 32, "num_class_images": 2,
+            "class_images_steps": 2, "class_images_batch_size": 2, "max_train_steps": 4, "sample_every": 2,
+            "sample_steps": 2, "mixed_precision": "no", "use_8bit_adam": False, "checkpoint_every": None}
 
 
 def settings_to_config(settings: NotebookSettings, instance_dir: str | Path, num_images: int, output_dir: str | Path,
@@ -274,8 +284,12 @@ def settings_to_config(settings: NotebookSettings, instance_dir: str | Path, num
 
     Values left at None come from the recipe in subject.py, as on the command line. The notebook adds
     only what it shows: samples five times per run from the kind's sample prompts. A run whose output
-    folder already holds checkpoints resumes from the newest ("latest").
+    folder already holds checkpoints resumes from the newest ("latest"). An empty `model` is the base-model
+    choice's; the choice's model comes with its VAE (SDXL's fp16-safe one) whatever the preset, and a built-in
+    model never takes a preset's VAE.
     """
+    choice = choices.base_model_choice(settings.base_model)
+    model = (model or "").strip() or choice.model
     if settings.preset not in PRESETS:
         raise ConfigError(f"Preset {settings.preset!r}: choose one of {', '.join(PRESETS)}.")
     if settings.steps is not None and settings.steps < 0:
@@ -291,8 +305,12 @@ def settings_to_config(settings: NotebookSettings, instance_dir: str | Path, num
         learning_rate=settings.learning_rate, train_text_encoder=settings.train_text_encoder, lora=settings.lora,
         sample_prompts=list(prompts.samples))
     overrides: dict[str, Any] = {"sample_every": max(1, config.steps_for(num_images) // 5)}
+    if model == choice.model and choice.vae:
+        overrides["vae"] = choice.vae
+    elif model in choices.BUILT_IN_MODELS:
+        overrides["vae"] = None
     if runtime.smoke:
-        overrides.update(smoke_overrides())
+        overrides.update(smoke_overrides(choice.key))
     if list_checkpoints(output_dir):
         overrides["resume"] = "latest"
     return config.replace(**overrides).validate()
@@ -319,30 +337,36 @@ def _drive_free_bytes(folder: str | Path) -> int:
 
 
 def describe_settings(settings: NotebookSettings, num_images: int) -> str:
-    """A short HTML summary of what the form's values mean, shown under the form."""
+    """A short HTML summary of what the form's values mean, shown under the form: the prompts, and the outlook of
+    the base-model choice (choices.py): model, resolution, steps, rates, class images, GPU memory and system RAM."""
     try:
         prompts = settings.prompts()
-        # Stable Diffusion's rates: the base model is chosen in a later cell, and SD 1.5 is what nearly everyone trains.
-        preview = TrainConfig.from_preset(settings.preset, kind=settings.kind, lora=settings.lora, model=SD15_MODEL,
-                                          max_train_steps=settings.steps or None, learning_rate=settings.learning_rate,
-                                          num_class_images=settings.num_class_images,
-                                          with_prior_preservation=settings.num_class_images != 0)
+        outlook = settings_outlook(settings, num_images)
     except ConfigError as error:
         return f"<b style='color:#b00'>{_html(str(error))}</b>"
-    auto = "" if settings.steps else f" (recommended for {num_images} photo(s))"
-    class_images = preview.effective_num_class_images
+    class_images = outlook.class_images
     lines = [
         f"Instance prompt: <code>{_html(prompts.instance)}</code>",
         f"Class prompt (prior preservation): <code>{_html(prompts.class_)}</code>"
         + (f" x {class_images} images" if class_images else " <i>off: 0 class images</i>"),
-        f"Steps: <b>{preview.steps_for(num_images)}</b>{auto}; learning rate "
-        f"<b>{preview.effective_learning_rate:g}</b>",
-        f"Preset: {_html(PRESETS[settings.preset]['description'])}",
+        f"<pre style='white-space:pre-wrap'>{_html(in_notebook_words(outlook.text()))}</pre>",
+        f"Preset {_html(settings.preset)}: {_html(PRESETS[settings.preset]['description'])}",
     ]
     advice = subject.token_advice(settings.token, settings.class_noun)
     if advice:
         lines.append(f"<b style='color:#a60'>{_html(advice)}</b>")
     return "<br>".join(lines)
+
+
+def settings_outlook(settings: NotebookSettings, num_images: int) -> choices.Outlook:
+    """The base-model choice's outlook with the form's other values (choices.outlook): what the run will be on a
+    T4 and on free Colab's system RAM, before the photos or the model load."""
+    if settings.preset not in PRESETS:
+        raise ConfigError(f"Preset {settings.preset!r}: choose one of {', '.join(PRESETS)}.")
+    return choices.outlook(settings.base_model, num_images, preset=settings.preset, kind=settings.kind,
+                           lora=settings.lora, train_text_encoder=settings.train_text_encoder,
+                           max_train_steps=settings.steps or None, learning_rate=settings.learning_rate,
+                           num_class_images=settings.num_class_images)
 
 
 def _html(text: str) -> str:
@@ -362,13 +386,16 @@ class SettingsForm:
         self.class_noun = w.Text(value=d.class_noun, description="Class noun", **wide)
         self.kind = w.Dropdown(options=[(subject.recipe(k).label, k) for k in subject.SUBJECT_KINDS], value=d.kind,
                                description="Subject kind", **wide)
+        self.base_model = w.Dropdown(options=choices.choice_options(), value=choices.base_model_choice(
+            d.base_model).key, description="Base model", **wide)
         self.preset = w.Dropdown(options=list(PRESETS), value=d.preset, description="Preset", **wide)
         self.steps = w.BoundedIntText(value=d.steps or 0, min=0, max=20_000, description="Steps (0 = recommended)",
                                       **wide)
         self.learning_rate = w.BoundedFloatText(value=d.learning_rate or 0.0, min=0.0, max=0.01, step=1e-6,
                                                 description="Learning rate (0 = rec.)", **wide)
-        self.train_text_encoder = w.Checkbox(value=d.train_text_encoder, description="Train the text encoder too",
-                                             indent=False)
+        self.train_text_encoder = w.Checkbox(
+            value=_preset_text_encoder(d.preset) if d.train_text_encoder is None else d.train_text_encoder,
+            description="Train the text encoder too", indent=False)
         self.lora = w.Checkbox(value=_preset_lora(d.preset) if d.lora is None else d.lora,
                                description="LoRA (small file, less memory)", indent=False)
         default_class_images = subject.recipe(d.kind).num_class_images if d.num_class_images is None \
@@ -376,9 +403,11 @@ class SettingsForm:
         self.num_class_images = w.IntSlider(value=default_class_images, min=0, max=300, step=10,
                                             description="Class images (0 = off)", **wide)
         self.summary = w.HTML()
-        self.widget = w.VBox([self.token, self.class_noun, self.kind, self.preset, self.steps, self.learning_rate,
-                              self.num_class_images, self.train_text_encoder, self.lora, self.summary])
+        self.widget = w.VBox([self.token, self.class_noun, self.kind, self.base_model, self.preset, self.steps,
+                              self.learning_rate, self.num_class_images, self.train_text_encoder, self.lora,
+                              self.summary])
         self.kind.observe(self._on_kind, names="value")
+        self.base_model.observe(self._on_base_model, names="value")
         self.preset.observe(self._on_preset, names="value")
         for control in (self.token, self.class_noun, self.steps, self.learning_rate, self.train_text_encoder,
                         self.lora, self.num_class_images):
@@ -387,9 +416,12 @@ class SettingsForm:
 
     @classmethod
     def for_images(cls, selection: ImageSelection) -> SettingsForm:
-        """A form for these photos; the sample subject comes with its own token and class noun."""
-        defaults = NotebookSettings(**SAMPLE_SUBJECT) if selection.is_sample else NotebookSettings()
-        return cls(selection.num_images, defaults)
+        """A form for these photos; the sample subject comes with its own token and class noun. The base model
+        starts as SD 1.5 (full fine-tune) with a GPU, the offline toy model without one."""
+        choice = choices.base_model_choice(choices.default_choice())
+        subject_values = SAMPLE_SUBJECT if selection.is_sample else {}
+        return cls(selection.num_images, NotebookSettings(**subject_values, base_model=choice.key,
+                                                          preset=choice.preset))
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -404,14 +436,21 @@ class SettingsForm:
             self.num_class_images.value = new.num_class_images
         self.refresh()
 
+    def _on_base_model(self, change) -> None:
+        self.preset.value = choices.base_model_choice(change["new"]).preset  # its LoRA and text encoder follow
+        self.refresh()
+
     def _on_preset(self, change) -> None:
         self.lora.value = _preset_lora(change["new"])
+        if _preset_text_encoder(change["old"]) != _preset_text_encoder(change["new"]):  # a tick the user set stays
+            self.train_text_encoder.value = _preset_text_encoder(change["new"])
         self.refresh()
 
     def settings(self) -> NotebookSettings:
         return NotebookSettings(
             token=self.token.value.strip(), class_noun=self.class_noun.value.strip(), kind=self.kind.value,
-            preset=self.preset.value, steps=self.steps.value or None, learning_rate=self.learning_rate.value or None,
+            base_model=self.base_model.value, preset=self.preset.value, steps=self.steps.value or None,
+            learning_rate=self.learning_rate.value or None,
             train_text_encoder=self.train_text_encoder.value, lora=self.lora.value,
             num_class_images=self.num_class_images.value,
         )
@@ -421,6 +460,7 @@ class SettingsForm:
 
     def to_config(self, selection: ImageSelection, root: str | Path, model: str,
                   runtime: NotebookRuntime) -> TrainConfig:
+        """The run's TrainConfig; an empty `model` trains the base-model choice's."""
         settings = self.settings()
         output_dir = Path(root) / run_name(settings.token, settings.class_noun)
         return settings_to_config(settings, selection.folder, selection.num_images, output_dir, model, runtime)
@@ -454,7 +494,7 @@ def config_summary(config: TrainConfig, num_images: int) -> str:
     concept = config.concepts[0]
     prior = config.with_prior_preservation
     lines = [
-        f"model:            {config.model}",
+        f"model:            {config.model}" + (f" (VAE {config.vae})" if config.vae else ""),
         f"photos:           {concept.instance_dir} ({num_images})",
         f"instance prompt:  {concept.instance_prompt}",
         f"class prompt:     {concept.class_prompt if prior else '(prior preservation off)'}"

@@ -25,8 +25,11 @@ def run_training(config: TrainConfig, num_images: int, train_again: bool = False
     `train_again` trains from step 0 even when a finished model or checkpoints exist (the model is replaced
     only once the new one is complete).
     """
-    from ..training import find_finished_run, train
+    from ..run_identity import find_finished_run
+    from ..threads import use_one_thread_for
+    from ..training import train
 
+    use_one_thread_for(config.model)
     if not train_again:
         finished = find_finished_run(config, max_steps=config.steps_for(num_images))
         if finished is not None:

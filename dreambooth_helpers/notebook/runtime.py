@@ -45,20 +45,28 @@ def detect_runtime() -> NotebookRuntime:
                            smoke_output=os.environ.get(SMOKE_OUTPUT_VARIABLE, "outputs/notebook-smoke"))
 
 
-def smoke_model() -> str:
-    """The model smoke runs use: the shipped offline "toy" model, or "tiny" in a checkout that lacks its weights."""
-    from .. import models
+def smoke_model(base_model: str | None = None) -> str:
+    """The model smoke runs use: for an SDXL base-model choice (choices.py) "tiny-sdxl"; else the shipped offline
+    "toy" model, or "tiny" in a checkout that lacks its weights."""
+    from .. import choices, models
 
+    if base_model is not None and choices.offline_model(base_model) != models.TOY_MODEL:
+        return choices.offline_model(base_model)
     return models.TOY_MODEL if (models.TOY_MODEL_DIR / "unet").is_dir() else models.TINY_MODEL
 
 
-def choose_base_model(requested: str, runtime: NotebookRuntime) -> str:
-    """The base model to train: `requested`, or the small offline model in smoke mode."""
+def choose_base_model(requested: str, runtime: NotebookRuntime, base_model: str | None = None) -> str:
+    """The base model to train: `requested`; when it is empty, the model of the form's `base_model` choice
+    (choices.py); in smoke mode, the small offline model of that choice's family."""
     if runtime.smoke:
-        return smoke_model()
-    if not requested or not requested.strip():
-        raise ConfigError(f"BASE_MODEL is empty: use {SD15_MODEL!r} (Stable Diffusion 1.5).")
-    return requested.strip()
+        return smoke_model(base_model)
+    if requested and requested.strip():
+        return requested.strip()
+    if base_model is not None:
+        from ..choices import base_model_choice
+
+        return base_model_choice(base_model).model
+    raise ConfigError(f"BASE_MODEL is empty: use {SD15_MODEL!r} (Stable Diffusion 1.5).")
 
 
 # ---------------------------------------------------------------------------- the GPU

@@ -1,0 +1,245 @@
+"""The base-model choice the notebook and the app offer, and what each choice means for a run before it starts.
+
+A choice is a base model with the preset that trains it on a free Colab T4: SD 1.5 fully fine-tuned (`t4`), SD 1.5
+with LoRA (`t4-lora`), SDXL with LoRA (`t4-sdxl`), and the offline models that train on a CPU (`toy`, `tiny-sdxl`).
+`outlook(choice, photos)` says what the run will be: the model, resolution, steps, learning rates and class images
+(TrainConfig's recipe, subject.py), the memory planner's estimate of GPU memory on a T4 and its estimate of the
+system RAM loading takes, against free Colab's. Nothing here imports a widget library, and nothing loads a model
+but the small offline ones (to count their parameters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from . import memory
+from .config import PRESETS, SDXL_BASE_MODEL, TINY_MODEL, TOY_MODEL, TrainConfig, short_number
+from .errors import ConfigError
+from .families import SD1, SDXL, SDXL_RANDOM, TINY_SDXL_MODEL, ModelFamily
+from .memory import GIB, SD1_SIZE, SDXL_SIZE, ModelSize, candidate_settings, estimate_memory, estimate_ram
+from .models import SD15_RANDOM
+from .notebook.runtime import SD15_MODEL
+
+T4 = "a T4"
+T4_FREE_GIB = 14.5  # what a Colab T4 leaves free for training (15 GiB card, CUDA context and driver)
+# Free Colab's system RAM. Colab's resource panel says "12.7 GB"; /proc/meminfo's MemTotal there is ~13.6e9 bytes,
+# which is 12.7 GiB: the panel's GB are GiB.
+COLAB_RAM_GIB = 12.7
+TYPICAL_PHOTOS = 5  # what an outlook counts with before any photo is chosen
+# Models built in code or shipped with the package: no download, they train on a CPU, and no other VAE fits them.
+BUILT_IN_MODELS = (TINY_MODEL, TOY_MODEL, SD15_RANDOM, TINY_SDXL_MODEL, SDXL_RANDOM)
+
+
+@dataclass(frozen=True)
+class BaseModelChoice:
+    """One entry of the base-model list: a model and the preset that trains it."""
+
+    key: str
+    label: str  # what the dropdown shows
+    model: str
+    preset: str
+    family: ModelFamily
+    offline: bool = False  # built in: no download, trains on a CPU
+
+    @property
+    def vae(self) -> str | None:
+        """The VAE that goes with the model (SDXL's fp16-safe one, from its preset); None for the built-in models."""
+        settings = PRESETS[self.preset]["settings"]
+        return None if self.offline or settings.get("model") != self.model else settings.get("vae")
+
+
+CHOICES = (
+    BaseModelChoice("sd15-full", "SD 1.5 (full fine-tune)", SD15_MODEL, "t4", SD1),
+    BaseModelChoice("sd15-lora", "SD 1.5 LoRA", SD15_MODEL, "t4-lora", SD1),
+    BaseModelChoice("sdxl-lora", "SDXL LoRA", SDXL_BASE_MODEL, "t4-sdxl", SDXL),
+    BaseModelChoice("toy", "Toy model (offline, trains on a CPU)", TOY_MODEL, "t4", SD1, offline=True),
+    BaseModelChoice("tiny-sdxl", "Tiny SDXL (offline, trains on a CPU)", TINY_SDXL_MODEL, "t4-sdxl", SDXL,
+                    offline=True),
+)
+DEFAULT_CHOICE = "sd15-full"
+CPU_DEFAULT_CHOICE = "toy"
+
+
+def base_model_choice(choice: str | BaseModelChoice) -> BaseModelChoice:
+    """The choice named by its key or its label."""
+    if isinstance(choice, BaseModelChoice):
+        return choice
+    for candidate in CHOICES:
+        if choice in (candidate.key, candidate.label):
+            return candidate
+    raise ConfigError(f"Base model {choice!r}: choose one of {', '.join(c.label for c in CHOICES)}.")
+
+
+def choice_options() -> list[tuple[str, str]]:
+    """(label, key) pairs, as ipywidgets' and Gradio's dropdowns take them."""
+    return [(choice.label, choice.key) for choice in CHOICES]
+
+
+def default_choice(cuda_available: bool | None = None) -> str:
+    """SD 1.5 (full fine-tune) with a GPU; the offline toy model without one."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    return DEFAULT_CHOICE if cuda_available else CPU_DEFAULT_CHOICE
+
+
+def choice_for_model(model: str, preset: str | None = None) -> str | None:
+    """The key of the choice that trains `model` (with `preset`, when several do), or None."""
+    matching = [choice for choice in CHOICES if choice.model == model]
+    for choice in matching:
+        if choice.preset == preset:
+            return choice.key
+    return matching[0].key if matching else None
+
+
+def offline_model(choice: str | BaseModelChoice) -> str:
+    """The built-in model of the same family, for smoke runs on a CPU."""
+    return TINY_SDXL_MODEL if base_model_choice(choice).family is SDXL else TOY_MODEL
+
+
+def preview_config(choice: str | BaseModelChoice, *, preset: str | None = None, **settings: Any) -> TrainConfig:
+    """The TrainConfig a run of this choice starts from (no photos yet): the choice's preset (or `preset`), model
+    and VAE, with `settings` on top (None: the recipe's). `num_class_images=0` turns prior preservation off."""
+    choice = base_model_choice(choice)
+    if settings.get("num_class_images") == 0:
+        settings["with_prior_preservation"] = False
+    config = TrainConfig.from_preset(preset or choice.preset, **{**settings, "model": choice.model})
+    return config.replace(vae=choice.vae or (None if choice.model in BUILT_IN_MODELS else config.vae))
+
+
+@cache
+def _built_in_size(model: str) -> ModelSize:
+    return memory.planning_size(model)  # the built-in models load in a second or two; counted once
+
+
+def model_size(choice: BaseModelChoice) -> ModelSize:
+    """Parameter counts to plan with: the offline models' own, else those of the family's real model."""
+    if choice.offline:
+        return _built_in_size(choice.model)
+    return SDXL_SIZE if choice.family is SDXL else SD1_SIZE
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """What a run of a base-model choice will be, before anything loads. Sizes in bytes."""
+
+    choice: BaseModelChoice
+    photos: int
+    config: TrainConfig
+    resolution: int
+    steps: int
+    learning_rate: float
+    text_encoder_learning_rate: float | None  # None: the text encoder(s) do not train
+    class_images: int
+    gpu_name: str  # the GPU the plan is made for, in words: "a T4"
+    gpu_free: int  # its free memory
+    gpu_peak_allocated: int  # the planner's estimate with the settings it chose (or its smallest, when none fits)
+    gpu_peak_reserved: int
+    gpu_fits: bool
+    gpu_settings: str  # the settings the planner chose, in words ("gradient checkpointing")
+    gpu_note: str  # the faster setting it passed over and its need, or (does not fit) the change that would fit
+    ram_needed: int
+    ram_budget: int
+
+    @property
+    def ram_fits(self) -> bool:
+        return self.ram_needed <= self.ram_budget
+
+    def as_dict(self) -> dict[str, Any]:
+        """The outlook as plain data (memory in GiB, two decimals), e.g. for JSON."""
+        config = self.config
+        return {
+            "choice": self.choice.key, "label": self.choice.label, "model": config.model, "vae": config.vae,
+            "preset": config.preset, "family": self.choice.family.name, "lora": config.lora,
+            "lora_rank": config.lora_rank if config.lora else None, "train_text_encoder": config.train_text_encoder,
+            "photos": self.photos, "resolution": self.resolution, "steps": self.steps,
+            "learning_rate": self.learning_rate, "text_encoder_learning_rate": self.text_encoder_learning_rate,
+            "class_images": self.class_images,
+            "gpu": {"name": self.gpu_name, "free_gib": _gib(self.gpu_free),
+                    "peak_allocated_gib": _gib(self.gpu_peak_allocated),
+                    "peak_reserved_gib": _gib(self.gpu_peak_reserved), "fits": self.gpu_fits,
+                    "settings": self.gpu_settings, "note": self.gpu_note},
+            "ram": {"needed_gib": _gib(self.ram_needed), "budget_gib": _gib(self.ram_budget), "fits": self.ram_fits},
+        }
+
+    def text(self) -> str:
+        """A few lines for people: what trains, the recipe's values, and both memory outlooks."""
+        config, family = self.config, self.choice.family
+        model = config.model + (f" with the VAE {config.vae}" if config.vae else "")
+        encoders = "both text encoders" if family is SDXL else "the text encoder"
+        if config.lora:
+            trains = f"LoRA rank {config.lora_rank} on the UNet" + (f" and {encoders}" if config.train_text_encoder
+                                                                     else f"; {encoders} frozen")
+        else:
+            trains = "every weight of the UNet" + (f" and {encoders}" if config.train_text_encoder
+                                                   else f"; {encoders} frozen")
+        how = "the recipe's" if config.max_train_steps is None else "as set"
+        rates = f"learning rate {short_number(self.learning_rate)}"
+        if self.text_encoder_learning_rate is not None:
+            rates += f" (text encoder {short_number(self.text_encoder_learning_rate)})"
+        class_images = (f"{self.class_images} class images (prior preservation)" if self.class_images
+                        else "no class images (prior preservation off)")
+        gpu = (f"GPU on {self.gpu_name} ({_gib(self.gpu_free):g} GiB free): ~{_gib(self.gpu_peak_allocated):.1f} "
+               f"GiB peak, ~{_gib(self.gpu_peak_reserved):.1f} GiB reserved: ")
+        if self.gpu_fits:
+            gpu += f"fits; the plan: {self.gpu_settings}" + (f" ({self.gpu_note})." if self.gpu_note else ".")
+        else:
+            gpu += f"does not fit. {self.gpu_note}"
+        ram = (f"System RAM: ~{_gib(self.ram_needed):.1f} GiB to load; free Colab has {_gib(self.ram_budget):g} GiB: "
+               + ("fits." if self.ram_fits else "does not fit: the session would crash while loading."))
+        return "\n".join([
+            f"{self.choice.label}: {model} (preset {config.preset})",
+            f"Trains: {trains}.",
+            f"Resolution {self.resolution} px; {self.steps} steps ({how} for {self.photos} photo(s)).",
+            f"{rates[0].upper()}{rates[1:]}; {class_images}.",
+            gpu,
+            ram,
+        ])
+
+
+def _gib(size: int) -> float:
+    return round(size / GIB, 2)
+
+
+def outlook(choice: str | BaseModelChoice, photos: int = TYPICAL_PHOTOS, *, preset: str | None = None,
+            gpu: tuple[str, float] = (T4, T4_FREE_GIB), ram_gib: float = COLAB_RAM_GIB, **settings: Any) -> Outlook:
+    """What a run of `choice` on `photos` photos will be (see Outlook) on `gpu` (its name in words, and its free
+    GiB); `settings` as preview_config takes them."""
+    choice = base_model_choice(choice)
+    return outlook_of(preview_config(choice, preset=preset, **settings), photos, choice, gpu=gpu, ram_gib=ram_gib)
+
+
+def outlook_of(config: TrainConfig, photos: int, choice: str | BaseModelChoice, *,
+               gpu: tuple[str, float] = (T4, T4_FREE_GIB), ram_gib: float = COLAB_RAM_GIB) -> Outlook:
+    """The Outlook of `config` (made for `choice`'s model) on `photos` photos: the memory planner's plan for a GPU
+    `gpu` (when nothing fits: its smallest settings' estimate and its advice), and its estimate
+    of the system RAM that loading takes."""
+    choice = base_model_choice(choice)
+    size = model_size(choice)
+    precision = config.mixed_precision
+    gpu_name, free = gpu[0], int(gpu[1] * GIB)
+    candidates = candidate_settings(config)
+    estimates = [estimate_memory(config, settings, precision=precision, size=size) for settings in candidates]
+    running_plan = memory._current_plan  # plan_memory records its plan as the run's (for out-of-memory advice)
+    try:
+        plan = memory.plan_memory(config, precision=precision, free_bytes=free, size=size)
+    except ConfigError as refusal:
+        settings, estimate, fits, note = candidates[-1], estimates[-1], False, str(refusal)
+    else:
+        settings, estimate, fits = plan.settings, plan.estimate, True
+        note = "" if settings == candidates[0] else \
+            f"{candidates[0].describe()} would need ~{estimates[0].peak_reserved / GIB:.1f} GiB"
+    finally:
+        memory._current_plan = running_plan
+    return Outlook(
+        choice=choice, photos=photos, config=config,
+        resolution=config.resolution or size.native_resolution, steps=config.steps_for(photos),
+        learning_rate=config.effective_learning_rate,
+        text_encoder_learning_rate=config.effective_text_encoder_learning_rate if config.train_text_encoder else None,
+        class_images=config.effective_num_class_images, gpu_name=gpu_name, gpu_free=free,
+        gpu_peak_allocated=estimate.peak_allocated, gpu_peak_reserved=estimate.peak_reserved, gpu_fits=fits,
+        gpu_settings=settings.describe(), gpu_note=note, ram_needed=estimate_ram(config, size, precision),
+        ram_budget=int(ram_gib * GIB))

@@ -1,0 +1,97 @@
+"""Model families: what differs between Stable Diffusion 1.x and SDXL, behind one small interface (base.py).
+
+Training, generation, export, publishing and the memory planner ask `family_of(model)` (before loading: from
+the name, a folder's model_index.json, a single file's keys, or the Hub's model_index.json) or
+`components.family` (after) and call its methods; no other module branches on the family.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..errors import ModelLoadError
+from .base import LORA_TARGETS_TEXT, LORA_TARGETS_UNET, UNET_PART, Conditioning, ModelFamily, seeded_rng
+from .sd import SD1
+from .sdxl import SDXL, SDXL_RANDOM, TINY_SDXL_MODEL, TextEncoderPair
+
+FAMILIES = {family.name: family for family in (SD1, SDXL)}
+# Built-in models of each family (the SD 1.x ones, tiny/toy/sd15-random, are models.py's and default to SD1).
+BUILT_IN_FAMILY = {TINY_SDXL_MODEL: SDXL, SDXL_RANDOM: SDXL}
+# A single-file checkpoint's keys that only SDXL has: its second text encoder (OpenCLIP bigG).
+SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1."
+
+__all__ = ["FAMILIES", "LORA_TARGETS_TEXT", "LORA_TARGETS_UNET", "SD1", "SDXL", "SDXL_RANDOM", "TINY_SDXL_MODEL",
+           "UNET_PART", "Conditioning", "ModelFamily", "TextEncoderPair", "family_named", "family_of",
+           "family_of_index", "seeded_rng"]
+
+
+def family_named(name: str | None) -> ModelFamily:
+    """The family recorded under `name` in a summary or checkpoint; SD 1.x for records older than families."""
+    return FAMILIES.get(name or SD1.name, SD1)
+
+
+def family_of_index(index: dict) -> ModelFamily:
+    """The family of a diffusers model_index.json's contents."""
+    class_name = str(index.get("_class_name", ""))
+    return SDXL if "XL" in class_name or "text_encoder_2" in index else SD1
+
+
+def family_of(model: str, *, hub_options: dict | None = None) -> ModelFamily:
+    """Which family `model` is, known before its weights load: never asked of the user.
+
+    Built-in names are known; a folder says so in model_index.json (or, without one, its unet/config.json's
+    "text_time" added embedding); a single .safetensors file by its keys (read from the header, no tensor
+    loads); a Hub id by its model_index.json, one small download (or the cache). Anything unreadable is SD 1.x,
+    whose loader then says what is wrong with it.
+    """
+    if model in BUILT_IN_FAMILY:
+        return BUILT_IN_FAMILY[model]
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _family_of_folder(path)
+    if path.is_file():
+        return _family_of_file(path)
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return _family_of_hub_id(model, hub_options or {})
+    return SD1
+
+
+def _family_of_folder(path: Path) -> ModelFamily:
+    try:
+        return family_of_index(json.loads((path / "model_index.json").read_text()))
+    except (OSError, ValueError):
+        pass
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return SD1
+    return SDXL if unet.get("addition_embed_type") == "text_time" else SD1
+
+
+def _family_of_file(path: Path) -> ModelFamily:
+    if path.suffix != ".safetensors":
+        return SD1  # .ckpt files are pickles: never opened to look (models.py refuses what it cannot read safely)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = handle.keys()
+    except Exception as error:  # safetensors raises its own error type for a damaged header
+        raise ModelLoadError(f"--model {str(path)!r} is not a readable .safetensors file ({type(error).__name__}): "
+                             "it may be cut short or not a model. Download it again.") from None
+    return SDXL if any(key.startswith(SDXL_SINGLE_FILE_KEY) for key in keys) else SD1
+
+
+def _family_of_hub_id(repo: str, hub_options: dict) -> ModelFamily:
+    """The Hub's model_index.json says; without it (offline, gated, not yet cached), the base models people type,
+    then the name: SDXL fine-tunes carry "XL" in it (…-xl-base-1.0, sdxl-turbo, Juggernaut-XL)."""
+    try:
+        from diffusers import DiffusionPipeline
+
+        return family_of_index(DiffusionPipeline.load_config(repo, **hub_options))
+    except Exception:  # offline, unknown repository, gated: the loader says which, with advice
+        pass
+    name = repo.split("/")[-1].lower()
+    return SDXL if re.search(r"(^|[-_])(sd)?xl([-_]|$)", name) else SD1

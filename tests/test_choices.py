@@ -1,0 +1,124 @@
+"""The base-model choice (choices.py): each choice's preset and model, and its outlook, whose every value must be the
+one TrainConfig's recipe and the memory planner give, not a copy of them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dreambooth_helpers import choices, memory
+from dreambooth_helpers.config import SDXL_BASE_MODEL, SDXL_FP16_VAE, TrainConfig
+from dreambooth_helpers.errors import ConfigError
+from dreambooth_helpers.families import SDXL
+from dreambooth_helpers.notebook.runtime import SD15_MODEL
+
+T4_FREE = int(choices.T4_FREE_GIB * memory.GIB)
+
+
+def test_the_three_base_models_and_the_offline_ones():
+    assert [(c.label, c.model, c.preset) for c in choices.CHOICES[:3]] == [
+        ("SD 1.5 (full fine-tune)", SD15_MODEL, "t4"), ("SD 1.5 LoRA", SD15_MODEL, "t4-lora"),
+        ("SDXL LoRA", SDXL_BASE_MODEL, "t4-sdxl")]
+    assert [(c.model, c.offline) for c in choices.CHOICES[3:]] == [("toy", True), ("tiny-sdxl", True)]
+    assert choices.choice_options()[2] == ("SDXL LoRA", "sdxl-lora")
+    assert choices.base_model_choice("SDXL LoRA") is choices.base_model_choice("sdxl-lora")
+    with pytest.raises(ConfigError, match="SD 1.5 LoRA"):
+        choices.base_model_choice("sd3")
+    assert choices.default_choice(cuda_available=True) == "sd15-full"
+    assert choices.default_choice(cuda_available=False) == "toy"
+    assert choices.choice_for_model(SD15_MODEL, "t4-lora") == "sd15-lora"
+    assert choices.choice_for_model(SD15_MODEL, "low-memory") == "sd15-full"
+    assert choices.choice_for_model("tiny") is None
+    assert [choices.offline_model(c) for c in ("sd15-full", "sdxl-lora", "tiny-sdxl")] == ["toy", "tiny-sdxl",
+                                                                                         "tiny-sdxl"]
+
+
+@pytest.mark.parametrize("choice", [c.key for c in choices.CHOICES])
+def test_a_choice_is_its_preset_with_its_model(choice):
+    chosen = choices.base_model_choice(choice)
+    config = choices.preview_config(choice)
+    preset = TrainConfig.from_preset(chosen.preset)
+    assert config.model == chosen.model and config.preset == chosen.preset
+    for name in ("lora", "lora_rank", "train_text_encoder", "mixed_precision", "use_8bit_adam", "cache_latents"):
+        assert getattr(config, name) == getattr(preset, name), name
+    # SDXL's fp16-safe VAE comes with SDXL; a built-in model never takes a VAE it cannot use.
+    assert config.vae == (SDXL_FP16_VAE if choice == "sdxl-lora" else None)
+
+
+@pytest.mark.parametrize("choice", [c.key for c in choices.CHOICES])
+def test_the_outlook_is_the_recipes_and_the_planners(choice):
+    chosen = choices.base_model_choice(choice)
+    outlook = choices.outlook(choice, 5)
+    config = choices.preview_config(choice)
+    size = memory.planning_size(chosen.model) if chosen.offline else (
+        memory.SDXL_SIZE if chosen.family is SDXL else memory.SD1_SIZE)
+    assert outlook.steps == config.steps_for(5)
+    assert outlook.resolution == (config.resolution or size.native_resolution)
+    assert outlook.learning_rate == config.effective_learning_rate
+    assert outlook.text_encoder_learning_rate == (config.effective_text_encoder_learning_rate
+                                                  if config.train_text_encoder else None)
+    assert outlook.class_images == config.effective_num_class_images
+    plan = memory.plan_memory(config, free_bytes=T4_FREE, size=size)
+    assert outlook.gpu_fits
+    assert (outlook.gpu_peak_allocated, outlook.gpu_peak_reserved) == (plan.estimate.peak_allocated,
+                                                                       plan.estimate.peak_reserved)
+    assert outlook.gpu_settings == plan.settings.describe()
+    assert outlook.ram_needed == memory.estimate_ram(config, size, config.mixed_precision)
+    assert outlook.ram_budget == int(choices.COLAB_RAM_GIB * memory.GIB) and outlook.ram_fits
+    text = outlook.text()
+    for expected in (chosen.label, chosen.model, f"{outlook.resolution} px", f"{outlook.steps} steps",
+                     f"~{outlook.gpu_peak_allocated / memory.GIB:.1f} GiB peak", outlook.gpu_settings,
+                     f"~{outlook.ram_needed / memory.GIB:.1f} GiB to load", "12.7 GiB"):
+        assert expected in text, (expected, text)
+    data = json.loads(json.dumps(outlook.as_dict()))
+    assert data["steps"] == outlook.steps and data["gpu"]["fits"] and data["ram"]["fits"]
+    assert data["gpu"]["peak_allocated_gib"] == round(outlook.gpu_peak_allocated / memory.GIB, 2)
+
+
+def test_what_each_real_choice_means_on_a_t4():
+    """The facts the notebook's text states, as the recipe and the planner give them today."""
+    full, lora, sdxl = (choices.outlook(key, 5) for key in ("sd15-full", "sd15-lora", "sdxl-lora"))
+    assert (full.resolution, lora.resolution, sdxl.resolution) == (512, 512, 1024)
+    assert full.learning_rate < lora.learning_rate == sdxl.learning_rate
+    assert sdxl.text_encoder_learning_rate is None and "both text encoders frozen" in sdxl.text()
+    assert lora.gpu_peak_allocated < sdxl.gpu_peak_allocated < full.gpu_peak_allocated  # SDXL LoRA fits a T4
+    # SDXL needs gradient checkpointing on a T4, and says what the faster setting would need.
+    assert sdxl.gpu_settings == "gradient checkpointing" and "no gradient checkpointing would need" in sdxl.text()
+    assert full.ram_needed < sdxl.ram_needed < sdxl.ram_budget
+
+
+def test_the_forms_values_change_the_outlook():
+    frozen = choices.outlook("sdxl-lora", 5)
+    trained = choices.outlook("sdxl-lora", 5, train_text_encoder=True)
+    assert trained.gpu_peak_allocated > frozen.gpu_peak_allocated and trained.text_encoder_learning_rate
+    assert "both text encoders" in trained.text() and "frozen" not in trained.text()
+    short = choices.outlook("sd15-full", 12, kind="person", max_train_steps=300, num_class_images=0)
+    assert short.steps == 300 and "as set" in short.text()
+    assert short.class_images == 0 and "prior preservation off" in short.text()
+    person = choices.outlook("sd15-full", 12, kind="person")
+    assert person.steps == TrainConfig(kind="person").steps_for(12)
+    assert person.learning_rate == TrainConfig(kind="person", model=SD15_MODEL).effective_learning_rate
+    low = choices.outlook("sdxl-lora", 5, preset="low-memory")
+    assert low.config.preset == "low-memory" and low.config.vae == SDXL_FP16_VAE  # the VAE goes with the model
+
+
+def test_a_run_that_does_not_fit_says_what_to_change():
+    outlook = choices.outlook("sd15-full", 5, gpu=("an 8 GB card", 7.5))
+    config = outlook.config
+    smallest = memory.candidate_settings(config)[-1]
+    assert not outlook.gpu_fits and outlook.gpu_settings == smallest.describe()
+    assert outlook.gpu_peak_reserved == memory.estimate_memory(config, smallest, size=memory.SD1_SIZE).peak_reserved
+    assert "on an 8 GB card (7.5 GiB free)" in outlook.text() and "does not fit" in outlook.text()
+    assert "Change this setting: --lora" in outlook.text()
+    tight_ram = choices.outlook("sdxl-lora", 5, ram_gib=4)
+    assert not tight_ram.ram_fits and "does not fit" in tight_ram.text().splitlines()[-1]
+
+
+def test_an_outlook_leaves_the_running_plan_alone():
+    """plan_memory records its plan for the run's out-of-memory advice; a preview must not replace it."""
+    config = TrainConfig.from_preset("t4", model=SD15_MODEL)
+    running = memory.plan_memory(config, free_bytes=40 * memory.GIB)
+    choices.outlook("sd15-full", 5)
+    choices.outlook("sd15-full", 5, gpu=("a small card", 2))
+    assert memory.current_plan(config) is running
