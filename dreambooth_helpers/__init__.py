@@ -1,5 +1,6 @@
 """dreambooth-helpers: teach Stable Diffusion 1.x a new subject from a few photos, on a free Colab T4."""
 
+from . import library_notes  # noqa: F401  (first: it quiets a transformers note before diffusers is imported)
 from .app import AppLimits, TrainingApp
 from .app_launch import RunningApp, launch_app
 from .config import PRESETS, Concept, TrainConfig

@@ -9,20 +9,21 @@ after a reload or a restart) and Gradio's file cache (WORKDIR/.gradio). The page
 (samples, crops, generated images) through that cache, and the exported file from WORKDIR/.gradio/exports: no other
 path, inside or outside the work folder, is ever served. With several users each sees only their own photos and
 runs. The Hub token typed into the Publish tab is used for that one upload and never stored, shown or logged.
+What a visitor may train on, publish with and be shown (no server paths) is app_access.py's rules.
 """
 
 import logging
-import os
-import re
 import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .app_access import check_base_model, models_dirs, public_text, publish_token
 from .config import DEFAULT_PRESET, PRESETS, TOY_MODEL, TrainConfig
-from .errors import ConfigError, DreamBoothError, HubError, ImageDataError
+from .errors import ConfigError, DreamBoothError, HubError, ImageDataError, RepoExistsError
 from .jobs import FINISHED, RUNNING, Job, JobError, JobRunner
+from .safe_text import log_exception, masked, plain_markdown
 from .subject import DEFAULT_KIND, SUBJECT_KINDS
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class AppLimits:
     max_photos: int = 30
     max_file_bytes: int = 25 * 2**20  # one uploaded file (a zip of photos included)
     max_upload_bytes: int = 200 * 2**20  # one upload, all files together
+    # Pixels, read from each photo's header before it is decoded: a 1 KB zip can hold gigapixels of flat PNG.
+    max_photo_pixels: int = 70_000_000  # a 64 MP phone photo (9248x6936) passes
+    max_upload_pixels: int = 1_000_000_000  # all photos of one upload together
     max_steps: int = 3000
     max_prompt_chars: int = 300
     max_generation_steps: int = 50
@@ -69,36 +73,19 @@ def default_model() -> str:
     return SD15_MODEL if torch.cuda.is_available() else TOY_MODEL
 
 
-def parse_users(auth: list[str] | None) -> list[tuple[str, str]] | None:
-    """["alice:pw", "bob:pw2"] -> [(user, password), ...]; a user named twice is a mistake."""
-    from .demo_api import parse_auth
-
-    if not auth:
-        return None
-    pairs = [parse_auth(text) for text in auth]
-    names = [user for user, _ in pairs]
-    if len(set(names)) != len(names):
-        raise ConfigError("--auth names the same user twice: give each user one USER:PASS.")
-    for name in names:
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name) or name.strip(".") == "":
-            raise ConfigError(f"--auth user {name!r}: use letters, digits, '.', '_' or '-' (it names a folder).")
-    return pairs
-
-
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.3g} MiB"
-
-
 class TrainingApp:
     """The page's logic over a work folder: one method per action, each for the signed-in `user`."""
 
     def __init__(self, workdir: str | Path, *, users: list[str] | None = None, model: str | None = None,
                  limits: AppLimits | None = None, config_overrides: dict[str, Any] | None = None,
-                 environment: dict[str, str] | None = None, generator_options: dict[str, Any] | None = None):
+                 environment: dict[str, str] | None = None, generator_options: dict[str, Any] | None = None,
+                 models_dir: list[str | Path] | None = None, publish_with_host_token: bool = False):
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.users = list(users or [])
         self.model = model or default_model()
+        self.models_dirs = models_dirs(models_dir, self.workdir)  # --models-dir: the folders visitors may train from
+        self.publish_with_host_token = publish_with_host_token  # else the host's HF_TOKEN never publishes for them
         self.limits = limits or AppLimits()
         # Settings the page does not show, applied to every run (tests: a tiny resolution and few sample steps).
         self.config_overrides = dict(config_overrides or {})
@@ -125,6 +112,13 @@ class TrainingApp:
     def photos_dir(self, user: str | None) -> Path:
         return self.user_folder(user) / "photos"
 
+    def uploads_dir(self, user: str | None) -> Path:
+        """Where the page's upload door (uploads.py) keeps the user's uploads until the page uses them."""
+        from .uploads import user_uploads
+
+        self._check_user(user)
+        return user_uploads(self.cache_dir, user)
+
     def jobs(self, user: str | None) -> list[Job]:
         self._check_user(user)
         every = self.runner.jobs()
@@ -134,10 +128,14 @@ class TrainingApp:
         """The user's run `job_id`; another user's run is "no such run", like one that does not exist."""
         if not job_id:
             raise JobError("Choose a run first.")
-        found = self.runner.job(str(job_id))
         self._check_user(user)
+        unknown = JobError(f"No training run {str(job_id)!r}.")  # the runner's words too: one answer for both
+        try:
+            found = self.runner.job(str(job_id))
+        except JobError:
+            raise unknown from None
         if len(self.users) > 1 and found.owner != user:
-            raise JobError(f"No training run {job_id!r}.")
+            raise unknown
         return found
 
     # -- Photos
@@ -146,29 +144,21 @@ class TrainingApp:
         """Check an upload against the limits, read it as `check-images` does, and keep the usable photos
         (replacing the user's earlier ones)."""
         from .data import read_images
-        from .notebook.forms import save_uploads
+        from .notebook.forms import UPLOAD_MAX_SIDE, save_uploads
+        from .uploads import check_upload_files
 
         limits = self.limits
         files = [Path(f) for f in files or []]
-        if not files:
-            raise ImageDataError("Choose some photos (JPEG, PNG, WebP, HEIC) or a zip of them first.")
-        if len(files) > limits.max_photos:
-            raise ImageDataError(f"{len(files)} files is more than this page takes ({limits.max_photos}); "
-                                 "choose your best photos (5-20 work well).")
-        sizes = {f: f.stat().st_size for f in files}
-        too_big = [f.name for f, size in sizes.items() if size > limits.max_file_bytes]
-        if too_big:
-            raise ImageDataError(f"{', '.join(too_big)}: larger than {_mib(limits.max_file_bytes)} per file. "
-                                 "Resize or re-save them as JPEG first.")
-        if sum(sizes.values()) > limits.max_upload_bytes:
-            raise ImageDataError(f"The upload is larger than {_mib(limits.max_upload_bytes)} in all: "
-                                 "choose fewer or smaller photos.")
-        uploads = [(f.name, f.read_bytes()) for f in files]
-        report = read_images(uploads)  # zips opened, hostile files skipped with a reason, as check-images does
+        check_upload_files(files, limits)
+        # Zips opened, hostile files skipped with a reason, as check-images does; every photo's pixels checked from
+        # its header, then decoded once, at most the size kept (save_uploads writes these, reading nothing again).
+        report = read_images(files, max_side=UPLOAD_MAX_SIDE, max_pixels=limits.max_photo_pixels,
+                             max_total_pixels=limits.max_upload_pixels)
+        report.source = "the upload"
         if len(report.images) > limits.max_photos:
             raise ImageDataError(f"The upload holds {len(report.images)} photos, more than this page takes "
                                  f"({limits.max_photos}); choose your best ones.")
-        save_uploads(uploads, self.photos_dir(user))
+        save_uploads(files, self.photos_dir(user), report=report)
         return self.photos_view(user, kind, report.format())
 
     def photos_view(self, user: str | None, kind: str = DEFAULT_KIND, read_report: str = "") -> PhotosView:
@@ -183,7 +173,7 @@ class TrainingApp:
         crops = [prepare_image(record.image, PREVIEW_SIZE, "center") for record in report.images]
         doctor = diagnose(folder, kind=kind).format()
         text = "\n\n".join(part for part in (read_report, doctor) if part)
-        return PhotosView(len(report.images), crops, text)
+        return PhotosView(len(report.images), crops, public_text(text, self.workdir))
 
     # -- Train
 
@@ -202,11 +192,11 @@ class TrainingApp:
         steps = int(steps or 0)
         if not 0 <= steps <= self.limits.max_steps:
             raise ConfigError(f"Steps must be from 1 to {self.limits.max_steps} (0: the recipe's number).")
+        model = check_base_model(model or self.model, self.models_dirs, self.model)  # no other folder of the server
         photos = self.photos_dir(user)
         count = len(read_images(photos).images) if photos.is_dir() else 0
         if not count:
             raise ImageDataError("Upload photos of your subject in the Photos tab first.")
-        model = (model or self.model).strip()
         choice = choice_for_model(model, preset) or DEFAULT_CHOICE  # its VAE goes with its model (SDXL's fp16-safe)
         settings = NotebookSettings(token=token, class_noun=class_noun, kind=kind, base_model=choice, preset=preset,
                                     steps=steps or None)
@@ -224,7 +214,7 @@ class TrainingApp:
         config = self.make_config(user, **settings)
         count = len(read_images(self.photos_dir(user)).images)
         summary = config_summary(config, count).replace(str(config.output_dir), "(a new folder for this run)")
-        return f"{summary}\n\nMemory: {memory_outlook(config)}"
+        return public_text(f"{summary}\n\nMemory: {memory_outlook(config)}", self.workdir)  # photos: "photos"
 
     def model_outlook(self, user: str | None, base_model: str, *, kind: str = DEFAULT_KIND, preset: str | None = None,
                       steps: int | None = None) -> str:
@@ -256,14 +246,13 @@ class TrainingApp:
 
     def job_view(self, user: str | None, job_id: str) -> JobView:
         """What the Train tab shows of a run: its state and progress, the newest samples, the loss history."""
-        from PIL import Image
-
         from .notebook.monitor import progress_line
+        from .run_outputs import shown_sample
 
         job = self.job(user, job_id)
         total = job.total_steps or job.progress.get("total_steps") or 0
-        if job.status == "queued":
-            text = "Waiting: another run is training; this one starts when it ends."
+        if job.status == "queued":  # nothing starts while the disk is full (jobs.DISK_FULL says what to do)
+            text = self.runner.disk_full or "Waiting: another run is training; this one starts when it ends."
         elif job.status == RUNNING and not job.progress:
             text = "Starting: loading the model and preparing the photos (and class images)."
         elif job.progress:
@@ -271,7 +260,7 @@ class TrainingApp:
         else:
             text = ""
         ending = {"finished": "Finished: try it in the next tab.",
-                  "failed": f"Training failed: {job.error}",
+                  "failed": f"Training failed: {plain_markdown(public_text(str(job.error), self.workdir))}",
                   "cancelled": "Cancelled: the checkpoints saved so far are kept; Resume continues from the newest.",
                   "interrupted": "Interrupted (the app or the machine stopped while it trained): Resume continues "
                                  "from the newest checkpoint."}.get(job.status)
@@ -280,8 +269,7 @@ class TrainingApp:
         for path in job.samples[-SAMPLES_SHOWN:]:
             resolved = Path(path).resolve()
             if resolved.is_relative_to(job.folder) and resolved.is_file():  # only the run's own files
-                with Image.open(resolved) as image:
-                    samples.append((image.convert("RGB"), resolved.stem))
+                samples.append(shown_sample(resolved))  # enlarged sharply, captioned "step N: prompt"
         return JobView(job.job_id, job.status, text, samples, list(job.progress.get("history") or []))
 
     # -- Try it
@@ -326,21 +314,21 @@ class TrainingApp:
     # -- Publish
 
     def publish(self, user: str | None, job_id: str, repo_id: str, private: bool = True,
-                token: str | None = None) -> str:
-        """Push a finished run with its model card. The token is the one typed in, else HF_TOKEN; the host's
-        saved Hub login is never used for a visitor's upload."""
+                token: str | None = None, overwrite: bool = False) -> str:
+        """Push a finished run with its model card, with the token typed in (the host's HF_TOKEN or saved login
+        only with --publish-with-host-token), into a new repository (an existing one only with `overwrite`)."""
         from .hub import check_repo_id, push_to_hub
 
         job = self.job(user, job_id)
         if job.status != FINISHED:
             raise JobError(f"Run {job.job_id} is {job.status}: only a finished run can be published.")
-        check_repo_id((repo_id or "").strip())
-        token = (token or "").strip() or os.environ.get("HF_TOKEN", "").strip()
-        if not token:
-            raise HubError("No Hugging Face token: paste a token with write access "
-                           "(https://huggingface.co/settings/tokens) into the token field, or start the app with "
-                           "HF_TOKEN set. The token is used for this upload only and never stored.")
-        return push_to_hub(job.output_dir, repo_id.strip(), private=bool(private), token=token)
+        repo_id = check_repo_id((repo_id or "").strip())
+        token = publish_token(token, self.publish_with_host_token)
+        try:
+            return push_to_hub(job.output_dir, repo_id, private=bool(private), token=token, exist_ok=bool(overwrite))
+        except RepoExistsError:
+            raise HubError(f"{repo_id} already exists on the Hub; nothing was published and it was left as it is. "
+                           "Choose a new name, or tick \"Overwrite existing repository\" to upload into it.") from None
 
     def export(self, user: str | None, job_id: str, half: bool = True) -> Path:
         """The run as one .safetensors file, in a folder of its own with an unguessable name (it is served)."""
@@ -368,11 +356,14 @@ def _user(request: Any) -> str | None:
     return getattr(request, "username", None) if request is not None else None
 
 
-def _message(error: Exception) -> str:
-    if isinstance(error, DreamBoothError):
-        return f"**Error:** {error}"
-    logger.exception("The app's action failed")
-    return f"**Error:** {type(error).__name__}: {error}"
+def _message(error: Exception, markdown: bool = True) -> str:
+    """What the page says of a failed action: the error without server paths (their last part only) or tokens,
+    as plain text in Markdown (`markdown`) or a text box. An unexpected error is logged, its chain masked."""
+    text = masked(public_text(str(error)))
+    if not isinstance(error, DreamBoothError):
+        log_exception(logger, "The app's action failed", error)
+        text = f"{type(error).__name__}: {text}"
+    return f"**Error:** {plain_markdown(text)}" if markdown else f"Error: {text}"
 
 
 def _run_choices(app: TrainingApp, user: str | None, finished_only: bool = False) -> list[tuple[str, str]]:
@@ -386,6 +377,7 @@ def build_ui(app: TrainingApp):
 
     from .choices import base_model_choice, choice_for_model, choice_options
     from .notebook.monitor import plot_losses
+    from .uploads import discard, own_uploads
 
     def loss_plot(history):
         if not history:
@@ -443,6 +435,8 @@ def build_ui(app: TrainingApp):
             private = gr.Checkbox(True, label="Private")
             hub_token = gr.Textbox(label="Hugging Face token (write access; used once, never stored)",
                                    type="password", elem_id="hub-token")
+            overwrite_box = gr.Checkbox(False, label="Overwrite existing repository (else only a new one is created)",
+                                        elem_id="overwrite")
             publish_button = gr.Button("Publish to the Hub", variant="primary", elem_id="publish")
             export_button = gr.Button("Export one .safetensors file", elem_id="export")
             exported = gr.File(label="Download", elem_id="exported")
@@ -463,10 +457,13 @@ def build_ui(app: TrainingApp):
                     gr.Dropdown(choices=finished, value=newest_finished))
 
         def on_upload(file_paths, kind_value, request: gr.Request):
-            try:
-                view = app.upload(_user(request), file_paths or [], kind_value)
+            user = _user(request)
+            try:  # only files this user put through the upload door, used once
+                files = own_uploads(file_paths or [], app.uploads_dir(user))
+                view = app.upload(user, files, kind_value)
             except Exception as error:
-                return gr.skip(), _message(error).replace("**", "")
+                return gr.skip(), _message(error, markdown=False)
+            discard(files, app.uploads_dir(user))
             return view.crops, view.report
 
         def on_outlook(choice, kind_value, preset_value, steps_value, request: gr.Request):
@@ -476,7 +473,7 @@ def build_ui(app: TrainingApp):
                 return app.model_outlook(_user(request), choice, kind=kind_value, preset=preset_value,
                                          steps=steps_value)
             except Exception as error:
-                return _message(error).replace("**", "")
+                return _message(error, markdown=False)
 
         def on_base_model(choice, kind_value, steps_value, request: gr.Request):
             """A base-model choice sets the model and its preset, and shows what they mean for the run."""
@@ -526,13 +523,14 @@ def build_ui(app: TrainingApp):
 
         def on_generate(job_id, prompt_text, steps_value, seed_text, request: gr.Request):
             from .demo_api import parse_seed
+            from .grids import enlarged
 
             try:
                 made = app.generate(_user(request), job_id, prompt_text, steps=int(steps_value),
                                     seed=parse_seed(seed_text))
             except Exception as error:
                 return gr.skip(), _message(error)
-            return made, f"Done: {len(made)} image(s)."
+            return [enlarged(image, 512) for image in made], f"Done: {len(made)} image(s)."  # small ones: sharp
 
         def on_try_run(job_id, request: gr.Request):
             try:
@@ -540,10 +538,10 @@ def build_ui(app: TrainingApp):
             except Exception:
                 return gr.skip()
 
-        def on_publish(job_id, repo, private_value, token_value, request: gr.Request):
+        def on_publish(job_id, repo, private_value, token_value, overwrite, request: gr.Request):
             # The token field is emptied whatever happens; the message never contains the token.
             try:
-                url = app.publish(_user(request), job_id, repo, bool(private_value), token_value)
+                url = app.publish(_user(request), job_id, repo, bool(private_value), token_value, bool(overwrite))
             except Exception as error:
                 return _message(error), ""
             return f"Published: {url}", ""
@@ -578,8 +576,8 @@ def build_ui(app: TrainingApp):
         try_run.change(on_try_run, [try_run], [prompt], api_visibility="private")
         generate_button.click(on_generate, [try_run, prompt, gen_steps, seed], [images, try_status],
                               api_name="generate")
-        publish_button.click(on_publish, [publish_run, repo_id, private, hub_token], [publish_status, hub_token],
-                             api_name="publish")
+        publish_button.click(on_publish, [publish_run, repo_id, private, hub_token, overwrite_box],
+                             [publish_status, hub_token], api_name="publish")
         export_button.click(on_export, [publish_run], [exported, publish_status], api_name="export")
         ui.load(on_load, outputs=[crops, photo_report, *run_lists], api_visibility="private")
         # Live progress: the run's files on disk, read every two seconds while the page is open.

@@ -2,6 +2,8 @@
 can reach without a password is announced loudly (`share_warning`).
 
 Gradio's file cache is pointed into the work folder while the app serves, so the page only ever serves files it made.
+Uploads come in through uploads.py's door (the page's limits, metadata stripped, each user's files his own), and a
+request body that does not arrive in time is refused (body_timeout.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .app import DEFAULT_WORKDIR, GRADIO_CACHE_VARIABLE, AppLimits, TrainingApp, build_ui, parse_users
+from .app import DEFAULT_WORKDIR, GRADIO_CACHE_VARIABLE, AppLimits, TrainingApp, build_ui
+from .app_access import parse_users
 from .errors import ConfigError
 
 
@@ -57,17 +60,25 @@ def launch_app(workdir: str | Path = DEFAULT_WORKDIR, *, share: bool = False, au
                host: str = "127.0.0.1", port: int | None = 7860, model: str | None = None, block: bool = False,
                limits: AppLimits | None = None, config_overrides: dict[str, Any] | None = None,
                environment: dict[str, str] | None = None, generator_options: dict[str, Any] | None = None,
-               quiet: bool = False) -> RunningApp:
-    """Serve the app over `workdir` and return at once (or, with `block`, when stopped with Ctrl+C)."""
-    import gradio as gr  # noqa: F401  (fail here, clearly, when the demo extra is not installed)
+               quiet: bool = False, models_dir: list[str | Path] | None = None,
+               publish_with_host_token: bool = False) -> RunningApp:
+    """Serve the app over `workdir` and return at once (or, with `block`, when stopped with Ctrl+C).
 
+    `models_dir`: folders whose models visitors may train on (--models-dir); `publish_with_host_token`: publish
+    with the host's HF_TOKEN or saved login when a visitor types no token (--publish-with-host-token)."""
+    import gradio as gr  # noqa: F401  (fail here, clearly, when the demo extra is not installed)
+    from starlette.middleware import Middleware
+
+    from .body_timeout import BodyTimeout
     from .demo import check_address, free_port
+    from .uploads import UploadDoor
 
     pairs = parse_users(auth)
     check_address(host, port)
     app = TrainingApp(workdir, users=[user for user, _ in pairs or []], model=model, limits=limits,
                       config_overrides=config_overrides, environment=environment,
-                      generator_options=generator_options)
+                      generator_options=generator_options, models_dir=models_dir,
+                      publish_with_host_token=publish_with_host_token)
     app.exports_dir.mkdir(parents=True, exist_ok=True)
     app.runner.start()
     if port == 0:
@@ -81,7 +92,9 @@ def launch_app(workdir: str | Path = DEFAULT_WORKDIR, *, share: bool = False, au
         _, local_url, share_url = ui.launch(
             share=share, server_name=host, server_port=port, auth=pairs, prevent_thread_lock=True,
             allowed_paths=[str(app.exports_dir)], show_error=True, quiet=True, ssr_mode=False,
-            inbrowser=False, max_file_size=app.limits.max_file_bytes)
+            inbrowser=False, max_file_size=app.limits.max_file_bytes,
+            # Uploads through uploads.py's door (limits, metadata stripped, one user's files served to him only).
+            app_kwargs={"middleware": [Middleware(BodyTimeout), Middleware(UploadDoor, training=app)]})
     except OSError as error:
         app.close()
         raise ConfigError(f"Could not start the app on {host}:{port} ({error}). Pick another --port, or "

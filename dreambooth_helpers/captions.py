@@ -11,7 +11,10 @@ subject and what is only that photo's context. The rule that ties a caption to t
 - A photo without a caption trains on the instance prompt, as without captions.
 
 Everything a user can get wrong is refused before any model loads, naming the file: a caption file without its
-photo, an empty caption, two captions for one photo, a malformed metadata.jsonl (with its line number). A caption
+photo, an empty caption, two captions for one photo, a malformed metadata.jsonl (with its line number). What is read
+is bounded before reading: a caption file over MAX_CAPTION_BYTES (the text encoder reads 77 tokens, a few hundred
+characters), a metadata.jsonl over MAX_METADATA_BYTES or MAX_METADATA_LINES, a line of it nested deeper than
+MAX_METADATA_DEPTH (Python's JSON decoder would recurse into it). A caption
 longer than the text encoder reads is counted with the model's tokenizer once it is loaded (check_caption_lengths):
 the part past the limit is cut, which is said; a cut that removes the identifier is an error.
 """
@@ -26,11 +29,16 @@ from typing import Any
 from .config import CAPTION_MODES  # noqa: F401  (the modes, for callers)
 from .data import IMAGE_EXTENSIONS, DatasetReport
 from .errors import ImageDataError
+from .safe_json import json_depth
 
 CAPTION_EXTENSION = ".txt"
 METADATA_FILE = "metadata.jsonl"  # Hugging Face imagefolder's layout: {"file_name": "photo.jpg", "text": "..."}
 METADATA_CAPTION_FIELD = "text"  # imagefolder's and diffusers' default caption column
 INSERTED_NOTE = "caption without the identifier: the instance prompt was put in front"
+MAX_CAPTION_BYTES = 16 * 1024  # the text encoder reads 77 tokens (a few hundred characters): this is far past them
+MAX_METADATA_BYTES = 8 * 2**20  # 10,000 photos with a long caption each
+MAX_METADATA_LINES = 10_000
+MAX_METADATA_DEPTH = 8  # a line is one object; imagefolder's extra columns may hold a list or an object or two
 _WORD = re.compile(r"[\w<>'-]+")  # a prompt's words; <sks>-style tokens count as one word
 
 
@@ -93,7 +101,7 @@ def read_caption_files(folder: str | Path) -> dict[str, tuple[str, str]]:
         if len(photos) > 1:
             raise ImageDataError(f"{path}: {' and '.join(photos)} share this caption file; give each photo its own "
                                  "name so each caption belongs to one photo.")
-        captions[photos[0]] = (_caption_text(path, _read_text(path)), path.name)
+        captions[photos[0]] = (_caption_text(path, _read_text(path, MAX_CAPTION_BYTES, "a caption file")), path.name)
     metadata = folder / METADATA_FILE
     if metadata.is_file():
         for name, caption, line in _read_metadata(metadata, photo_names):
@@ -104,16 +112,45 @@ def read_caption_files(folder: str | Path) -> dict[str, tuple[str, str]]:
     return captions
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, max_bytes: int, what: str) -> str:
+    """The text of `path`, refused without reading it all when it is over `max_bytes`."""
     try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: Notepad's byte-order mark is not part of the caption
-    except UnicodeDecodeError:
-        raise ImageDataError(f"{path}: not UTF-8 text. Save the caption as UTF-8 (any editor's default).") from None
+        with path.open("rb") as file:
+            data = file.read(max_bytes + 1)  # (the size on disk may change, or lie: count what is read)
     except OSError as error:
         raise ImageDataError(f"{path}: cannot be read ({error.strerror or error}).") from None
+    if len(data) > max_bytes:
+        raise ImageDataError(f"{path}: {_size_of(path, len(data))} is over the {_limit_text(max_bytes)} limit for "
+                             f"{what}; the text encoder reads only the first 77 tokens of a caption (a few hundred "
+                             "characters). Shorten it, or pass --captions off to train without captions.")
+    try:
+        return data.decode("utf-8-sig")  # -sig: Notepad's byte-order mark is not part of the caption
+    except UnicodeDecodeError:
+        raise ImageDataError(f"{path}: not UTF-8 text. Save the caption as UTF-8 (any editor's default).") from None
+
+
+def _limit_text(size: int) -> str:
+    return f"{size // 2**20} MB" if size >= 2**20 else f"{size // 1024} KB"
+
+
+def _size_of(path: Path, at_least: int) -> str:
+    try:
+        size = max(path.stat().st_size, at_least)
+    except OSError:
+        size = at_least
+    return f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size:,} bytes"
 
 
 def _caption_text(where: str | Path, text: str) -> str:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # JSON's "\ud800": half of a UTF-16 pair, no character
+        raise ImageDataError(f"{where}: the caption holds a lone surrogate (such as \\ud800), which is no "
+                             "character. Write the caption as plain UTF-8 text.") from None
+    if size > MAX_CAPTION_BYTES:
+        raise ImageDataError(f"{where}: the caption is {len(text):,} characters, over the "
+                             f"{_limit_text(MAX_CAPTION_BYTES)} limit for a caption; the text encoder reads only its "
+                             "first 77 tokens (a few hundred characters). Shorten it.")
     caption = _clean(text)
     if not caption:
         raise ImageDataError(f"{where}: the caption is empty. Write what the photo shows (with the identifier), or "
@@ -124,10 +161,17 @@ def _caption_text(where: str | Path, text: str) -> str:
 def _read_metadata(path: Path, photo_names: set[str]) -> list[tuple[str, str, int]]:
     """(photo name, caption, line number) for each line of a metadata.jsonl."""
     entries, seen = [], {}
-    for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
+    lines = _read_text(path, MAX_METADATA_BYTES, f"a {METADATA_FILE}").splitlines()
+    if sum(1 for line in lines if line.strip()) > MAX_METADATA_LINES:
+        raise ImageDataError(f"{path}: over {MAX_METADATA_LINES} lines; it holds one line per photo, and a photos "
+                             "folder for DreamBooth holds a few dozen. Keep the lines of the photos in this folder.")
+    for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path} line {line_number}"
+        if json_depth(line) > MAX_METADATA_DEPTH:  # before decoding: Python's decoder recurses into each level
+            raise ImageDataError(f"{where}: nested deeper than {MAX_METADATA_DEPTH} levels of lists and objects. "
+                                 'Each line must be one object like {"file_name": "photo.jpg", "text": "sks dog"}.')
         try:
             entry: Any = json.loads(line)
         except ValueError as error:

@@ -303,12 +303,21 @@ def run_bytes_needed(state: TrainingState, frozen_models, checkpoints_kept: int)
     return checkpoints_kept * _state_checkpoint_bytes(state) + final
 
 
+def _size_text(size: int) -> str:
+    """1.2 GiB, 35 MiB, 12 KiB, 0 bytes: never "0.0 GiB" for a size that is not nothing."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.{1 if size < 10 * scale else 0}f} {unit}"
+    return f"{size} bytes"
+
+
 def check_free_disk(folder: Path, needed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < needed:
+        full = "The disk is full. " if free < 2**20 else ""
         raise TrainingError(
-            f"Not enough disk space in {folder} to save: {needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free. "
+            f"{full}Not enough disk space in {folder} to save: {_size_text(needed)} needed, {_size_text(free)} free. "
             "Delete old outputs or checkpoints, lower --checkpoints-total-limit, or use --lora (small files)."
         )
 

@@ -45,8 +45,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train(subparsers) -> None:
     p = subparsers.add_parser("train", help="Fine-tune a model on your subject with DreamBooth.",
-                              description="Fine-tune Stable Diffusion 1.x on a few photos of a subject. Settings "
-                              "left out take the preset's value, else the recipe of --kind, else the default shown.")
+                              description="Fine-tune Stable Diffusion 1.x or SDXL (LoRA) on a few photos of a "
+                              "subject. Settings left out take the preset's value, else the recipe of --kind, else the "
+                              "default shown.")
     what = p.add_argument_group(WHAT)
     photos = per_kind(lambda r: "{}-{}".format(*r.recommended_photos))
     what.add_argument("--instance-dir", help=f"Folder with photos of your subject ({photos} work best).")
@@ -186,7 +187,7 @@ def _add_generate(subparsers) -> None:
                               description="Generate images from a trained output folder, a Hub id, or a base model "
                               "plus LoRA weights, and save them as PNGs with the prompt and seed in their metadata.")
     p.add_argument("--model", required=True,
-                   help='Trained output folder, Hub id, local diffusers folder, "toy" or "tiny".')
+                   help='Trained output folder, Hub id, local diffusers folder, "toy", "tiny" or "tiny-sdxl".')
     p.add_argument("--lora", help=LORA_HELP)
     p.add_argument("--prompt", required=True, help='What to draw, with your token: "a photo of sks dog on the beach".')
     p.add_argument("--negative-prompt", default="", help='What to avoid: "blurry, low quality".')
@@ -201,12 +202,14 @@ def _add_generate(subparsers) -> None:
                    help=f"Sampler (default {DEFAULT_SCHEDULER}: DPM-Solver++, good in ~25 steps).")
     _add_memory_savers(p)
     _add_safety_switch(p)
-    p.add_argument("--grid", action="store_true", help=f"Also save all images as one {GRID_FILE}.")
+    p.add_argument("--grid", action="store_true", help=f"Also save all images as one {GRID_FILE} (small images "
+                   "enlarged, sharp, to cells of at least 256 px; the PNGs keep their true size).")
     p.add_argument("--out", required=True, help="Folder for the PNGs.")
     p.set_defaults(run=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    from .grids import DISPLAY_MIN
     from .inference import check_generation_settings, image_grid, load_generator, save_images
     from .output_paths import check_output_folder
 
@@ -229,7 +232,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(f"{path}  (seed {result.seed})")
     if args.grid:
         grid_path = Path(args.out, GRID_FILE)
-        image_grid([r.image for r in results]).save(grid_path)
+        image_grid([r.image for r in results], min_cell=DISPLAY_MIN).save(grid_path)  # small images enlarged
         print(grid_path)
     return 0
 
@@ -251,7 +254,7 @@ def _add_demo(subparsers) -> None:
                               description="Serve a Gradio page and a REST endpoint (POST /api/generate) for a model. "
                               "Runs until Ctrl+C.")
     p.add_argument("--model", required=True,
-                   help='Trained output folder, Hub id, local diffusers folder, "toy" or "tiny".')
+                   help='Trained output folder, Hub id, local diffusers folder, "toy", "tiny" or "tiny-sdxl".')
     p.add_argument("--lora", help=LORA_HELP)
     p.add_argument("--share", action="store_true", help="Also open a public gradio.live link (lasts up to a week).")
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 to let your network in).")
@@ -297,8 +300,10 @@ def _run_push(args: argparse.Namespace) -> int:
 
 def _add_export(subparsers) -> None:
     p = subparsers.add_parser("export-single-file", help="Save a model as one .safetensors for AUTOMATIC1111/ComfyUI.",
-                              description="Write a trained model (a LoRA run is merged into its base model first) as "
-                              "one checkpoint in the original Stable Diffusion layout.")
+                              description="Write a trained SD 1.x model as one checkpoint in the original Stable "
+                              "Diffusion layout (with --model; a LoRA run is merged into its base model first), or a "
+                              "LoRA run alone in the LoRA layout the web UIs read (--lora without --model; SDXL LoRA "
+                              "runs always).")
     p.add_argument("--model", help='Trained output folder, local diffusers folder, "toy" or "tiny": written as one '
                    "checkpoint (SD 1.x). Leave it out to export --lora alone.")
     p.add_argument("--lora", help=LORA_HELP + " With --model (SD 1.x), merged into the model before it is written; "
@@ -328,7 +333,7 @@ def _add_evaluate(subparsers) -> None:
                               "DINO and CLIP-I (likeness to your photos) and CLIP-T (prompt following). Writes "
                               "evaluation.json, evaluation.md and evaluation_grid.png. With --checkpoints, scores "
                               "every saved checkpoint of the run instead and recommends one.")
-    p.add_argument("--model", required=True, help='Trained output folder (or Hub id, "toy" or "tiny").')
+    p.add_argument("--model", required=True, help='Trained output folder (or Hub id, "toy", "tiny" or "tiny-sdxl").')
     p.add_argument("--lora", help=LORA_HELP)
     p.add_argument("--instance-dir", help="Your subject's photos (default: the folder the run trained on).")
     p.add_argument("--class-noun", required=True, help="The class of your subject: dog, backpack, man.")
@@ -399,6 +404,10 @@ def _add_app(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 to let your network in).")
     p.add_argument("--port", type=int, default=7860, help="Port (default 7860; 0 picks a free one).")
     p.add_argument("--model", help="Base model the Train tab starts with (default: SD 1.5 on a GPU, toy without).")
+    p.add_argument("--models-dir", action="append", metavar="DIR", help="A folder of models visitors may train on "
+                   "(repeatable). Without it they get Hub ids and the built-in models only, no server folder.")
+    p.add_argument("--publish-with-host-token", action="store_true", help="Publish with this machine's HF_TOKEN "
+                   "or saved Hub login when a visitor types no token (off: each visitor pastes their own).")
     _add_memory_savers(p)  # for the Try it tab's generation
     p.set_defaults(run=_run_app)
 
@@ -408,11 +417,43 @@ def _run_app(args: argparse.Namespace) -> int:
 
     launch_app(args.workdir, share=args.share, auth=args.auth, host=args.host, port=args.port, model=args.model,
                block=True, generator_options={"attention_slicing": args.attention_slicing,
-                                              "vae_tiling": args.vae_tiling})
+                                              "vae_tiling": args.vae_tiling},
+               models_dir=args.models_dir, publish_with_host_token=args.publish_with_host_token)
     return 0
 
 
-COMMANDS = (_add_train, _add_check_images, _add_generate, _add_demo, _add_push, _add_export, _add_evaluate, _add_app)
+def _add_register(subparsers) -> None:
+    p = subparsers.add_parser("register", help="Register a trained model in MLflow's model registry, to serve it.",
+                              description="Log a trained output folder as an MLflow model (a pyfunc that takes a "
+                              "prompt and returns a base64 PNG), register it as a new version of NAME, point ALIAS "
+                              "at it and print models:/NAME@ALIAS. Serve it with "
+                              "`mlflow models serve -m models:/NAME@ALIAS --env-manager local`. Needs mlflow.")
+    p.add_argument("--model", required=True, help="The trained output folder (a full fine-tune or a LoRA run).")
+    p.add_argument("--name", required=True, help="The registered model's name, e.g. sks-dog.")
+    p.add_argument("--alias", default="champion", help="Alias pointed at the new version (default champion).")
+    p.add_argument("--tracking-uri", help="MLflow server or database (default: MLFLOW_TRACKING_URI, else "
+                   "sqlite:///MODEL/mlflow.db, where `train --report-to mlflow` records by default).")
+    p.set_defaults(run=_run_register)
+
+
+def _run_register(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("register needs the mlflow package: `pip install mlflow` (or the `registry` extra: "
+                          "`pip install 'dreambooth-helpers[registry]'`).")
+    from .registry import register_model
+
+    registered = register_model(args.model, args.name, alias=args.alias, tracking_uri=args.tracking_uri)
+    link = f", linked to training run {registered.training_run_id}" if registered.training_run_id else ""
+    print(f"Registered {registered.name} version {registered.version} at {registered.tracking_uri}{link}.",
+          file=sys.stderr)
+    print(registered.uri)
+    return 0
+
+
+COMMANDS = (_add_train, _add_check_images, _add_generate, _add_demo, _add_push, _add_export, _add_evaluate, _add_app,
+            _add_register)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ from .subject import (
     SUBJECT_KINDS,
     TOY_LEARNING_RATES,
     TOY_TEXT_ENCODER_SHARE,
+    check_prompt_characters,
     default_learning_rate,
     default_steps,
     recipe,
@@ -188,7 +189,8 @@ class TrainConfig:
                          'the offline 32 px model that draws coloured shapes. SDXL (e.g. '
                          f'{SDXL_BASE_MODEL}, or "tiny-sdxl" offline) is detected and trains LoRA.', WHAT)
     vae: str | None = setting(None, f"Another VAE for the model (a Hub id or folder), e.g. {SDXL_FP16_VAE}: "
-                              "SDXL's own VAE gives NaN images in fp16, so it is kept in fp32 without this.", WHAT)
+                              "SDXL's own VAE gives NaN images in fp16, so it is kept in fp32 without this; none keeps "
+                              "the model's own VAE, also over a preset's.", WHAT)
     preset: str = setting(DEFAULT_PRESET, f"Starting settings for your GPU (default {DEFAULT_PRESET}). "
                           + " ".join(f"{name}: {p['description']}" for name, p in PRESETS.items()),
                           WHAT, choices=tuple(PRESETS))
@@ -362,12 +364,18 @@ class TrainConfig:
             for name, value in (("--class-prompt", concept.class_prompt), ("--class-dir", concept.class_dir)):
                 if value is not None and not isinstance(value, (str, Path)):
                     raise ConfigError(f"{name} must be text{where} (got a {type(value).__name__}).")
+            for name, prompt in (("--instance-prompt", concept.instance_prompt),
+                                 ("--class-prompt", concept.class_prompt)):
+                if isinstance(prompt, str):
+                    check_prompt_characters(name, prompt, where)
         _choice("--preset", self.preset, tuple(PRESETS))
         _choice("--kind", self.kind, SUBJECT_KINDS)
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError(f"--model must name a base model (got {self.model!r}): a Hub id such as stable-"
                               f"diffusion-v1-5/stable-diffusion-v1-5, a local folder or file, {TOY_MODEL!r} or "
                               f"{TINY_MODEL!r}.")
+        if isinstance(self.vae, str) and self.vae.strip().lower() == "none":  # "--vae none": the model's own VAE
+            self.vae = None
         if self.vae is not None and (not isinstance(self.vae, str) or not self.vae.strip()):
             raise ConfigError(f"--vae must name a VAE (got {self.vae!r}): a Hub id such as {SDXL_FP16_VAE} or a "
                               "folder; leave it out to keep the model's own VAE.")

@@ -13,7 +13,7 @@ import hashlib
 import io
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -138,13 +138,45 @@ def _entries(source: Any) -> tuple[list[tuple[str, Any]], str]:
                          "or uploads.")
 
 
-def _to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
-    """RGB with the photo's own orientation; notes say what changed."""
+# EXIF orientation -> the transpose that turns the stored pixels upright (as ImageOps.exif_transpose does).
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block: the photo is read as stored
+        return 1
+
+
+def _shrunk(image: Image.Image, max_side: int) -> tuple[Image.Image, list[str]]:
+    """`image` fitted within `max_side` px, right after decoding: the only full-size copy is the decoded one.
+    Modes Pillow cannot resample are converted first (1-bit to gray, palette to RGB(A), 16-bit to 32-bit)."""
+    if max(image.size) <= max_side:
+        return image, []
     notes = []
-    oriented = ImageOps.exif_transpose(image)
-    if oriented is not image and image.getexif().get(0x0112, 1) != 1:
+    if image.mode == "1":
+        image = image.convert("L")
+    elif image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        notes = [] if image.mode == "RGBA" else ["converted from P"]
+    elif image.mode.startswith("I;16"):
+        image = image.convert("I")
+    image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return image, notes
+
+
+def _to_rgb(image: Image.Image, orientation: int | None = None) -> tuple[Image.Image, list[str]]:
+    """RGB with the photo's own orientation (`orientation`: its EXIF value, read from the file before any
+    resizing); notes say what changed. Always a new image, never `image` itself."""
+    original = image
+    notes = []
+    orientation = _orientation(image) if orientation is None else orientation
+    if orientation in UPRIGHT:
+        image = image.transpose(UPRIGHT[orientation])
         notes.append("rotated upright from its EXIF orientation")
-    image = oriented
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.nan_to_num(np.asarray(image, dtype=np.float64))
@@ -172,7 +204,7 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
     elif mode != "RGB":
         image = image.convert("RGB")
         notes.append(f"converted from {mode}")
-    return image, notes
+    return (image.copy() if image is original else image), notes
 
 
 def _read_bytes(name: str, data: Path | bytes | bytearray | memoryview) -> bytes:
@@ -200,11 +232,16 @@ def _is_heif(raw: bytes) -> bool:
     return raw[4:8] == b"ftyp" and raw[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1")
 
 
-def read_image(name: str, data: Path | bytes | bytearray | memoryview) -> ImageRecord:
+def read_image(name: str, data: Path | bytes | bytearray | memoryview, *, max_side: int | None = None,
+               max_pixels: int | None = None,
+               on_size: Callable[[tuple[int, int]], None] | None = None) -> ImageRecord:
     """Decode one photo to RGB. Raises ImageDataError naming the file when it cannot be used.
 
-    The size in the header is checked before any pixel is decoded: decompression bombs, slivers and
-    dots are refused without spending memory on them.
+    The size in the header is checked before any pixel is decoded: decompression bombs (over `max_pixels`, at
+    most MAX_IMAGE_PIXELS), slivers and dots are refused without spending memory on them; `on_size(size)` is
+    called then too, and may refuse it by raising ImageDataError. With `max_side` the photo is decoded once, at
+    most that size: a JPEG at a reduced scale straight from the file, other formats fitted right after decoding,
+    so no full-size RGB copy is ever made. `original_size` is the size in the file either way.
     """
     raw = _read_bytes(name, data)
     try:
@@ -212,13 +249,20 @@ def read_image(name: str, data: Path | bytes | bytearray | memoryview) -> ImageR
             warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like: the photo still reads
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS) as opened:
-                _check_size(name, opened.size)
+                _check_size(name, opened.size, max_pixels)
+                if on_size is not None:
+                    on_size(opened.size)
                 frames = getattr(opened, "n_frames", 1)
                 if frames > 1:
                     opened.seek(0)
-                opened.load()
                 original_mode, original_size = opened.mode, opened.size
-                image, notes = _to_rgb(opened)
+                orientation = _orientation(opened)
+                if max_side and opened.format in ("JPEG", "MPO"):
+                    opened.draft(opened.mode, (max_side, max_side))  # DCT scaling: 1/2 to 1/8 of the pixels
+                opened.load()
+                shrunk, notes = _shrunk(opened, max_side) if max_side else (opened, [])
+                image, more_notes = _to_rgb(shrunk, orientation)
+                notes += more_notes
                 if frames > 1 and opened.format != "MPO":  # MPO: a camera JPEG with a preview, not a sequence
                     kind = "animated" if opened.format in ("GIF", "WEBP", "PNG", "AVIF") else "multi-page"
                     notes.append(f"{kind} ({frames} frames): first frame used")
@@ -246,12 +290,14 @@ def read_image(name: str, data: Path | bytes | bytearray | memoryview) -> ImageR
     return ImageRecord(name, image, original_size, original_mode, notes)
 
 
-def _check_size(name: str, size: tuple[int, int]) -> None:
+def _check_size(name: str, size: tuple[int, int], max_pixels: int | None = None) -> None:
     """Refuse, from the header alone, images too large to decode safely or too thin to hold a subject."""
     width, height = size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ImageDataError(f"{name}: {width}x{height} is too large to open safely (over "
-                             f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels); resize it to about 2000 px on the long side.")
+    limit = min(max_pixels or MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS)
+    if width * height > limit:
+        raise ImageDataError(f"{name}: {width}x{height} ({width * height / 1e6:.0f} megapixels) is too large to open "
+                             f"safely (the limit is {limit / 1e6:.0f} megapixels per photo); resize it to about "
+                             "2000 px on the long side.")
     if min(width, height) < MIN_IMAGE_SIDE:
         raise ImageDataError(f"{name}: {width}x{height} is too small to show a subject; use photos of 512 px or more.")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
@@ -328,16 +374,32 @@ def _expand_zips(entries: list[tuple[str, Any]], report: DatasetReport) -> Itera
             yield name, data
 
 
-def read_images(source: Any) -> DatasetReport:
+class TooManyPixels(ImageDataError):
+    """The photos together are over the pixel limit of one upload (read_images' `max_total_pixels`)."""
+
+
+def read_images(source: Any, *, max_side: int | None = None, max_pixels: int | None = None,
+                max_total_pixels: int | None = None) -> DatasetReport:
     """Read every image in `source` (zips included); skip unusable files with the reason.
 
     Outcomes: a photo is used (with notes on what was converted), or skipped with the reason. Hidden
     files and macOS metadata are ignored. A file with exactly the same bytes as an earlier one is
-    used once; the copy is listed as skipped.
+    used once; the copy is listed as skipped. `max_side` and `max_pixels` go to read_image (decode at most
+    that size; a lower per-photo limit). `max_total_pixels` bounds the photos' pixels all together, counted
+    from their headers before each is decoded: going over raises TooManyPixels.
     """
     entries, description = _entries(source)
     report = DatasetReport(source=description)
     first_with_digest: dict[str, str] = {}
+    total_pixels = 0
+
+    def count(name: str, size: tuple[int, int]) -> None:
+        nonlocal total_pixels
+        total_pixels += size[0] * size[1]
+        if max_total_pixels is not None and total_pixels > max_total_pixels:
+            raise TooManyPixels(f"The photos hold over {max_total_pixels / 1e6:.0f} megapixels in all, the limit for "
+                                f"one upload ({name} goes over it): use fewer or smaller photos (about 2000 px on "
+                                "the long side is plenty).")
     for name, data in _expand_zips(entries, report):
         if isinstance(data, Path) and data.suffix.lower() not in IMAGE_EXTENSIONS:
             report.skipped.append(SkippedImage(name, f"not an image file ({data.suffix or 'no extension'})"))
@@ -349,9 +411,12 @@ def read_images(source: Any) -> DatasetReport:
                 report.skipped.append(SkippedImage(name, f"exact duplicate of {first_with_digest[digest]} (used once)"))
                 continue
             first_with_digest[digest] = name
-            record = read_image(name, raw)
+            record = read_image(name, raw, max_side=max_side, max_pixels=max_pixels,
+                                on_size=lambda size, name=name: count(name, size))
             record.digest = digest
             report.images.append(record)
+        except TooManyPixels:
+            raise
         except ImageDataError as error:
             report.skipped.append(SkippedImage(name, str(error).removeprefix(f"{name}: ")))
     return report

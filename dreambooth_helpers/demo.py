@@ -1,4 +1,4 @@
-"""A web demo for a trained model: a Gradio page plus the REST API (demo_api.py), from one process.
+"""A web demo for a trained model: a Gradio page plus the REST API (demo_rest.py), from one process.
 
 `launch_demo(model)` checks what it can (model reference, LoRA, address, auth), starts the server and
 loads the model in the background (the page says so while it loads), exactly once per process. The
@@ -31,14 +31,14 @@ from .demo_api import (
     RANDOM_SEED,
     DemoLimits,
     DemoService,
-    RequestLimits,
-    add_rest_api,
     check_auth_pair,
     check_model_reference,
     parse_seed,
 )
+from .demo_rest import RequestLimits, add_rest_api
 from .errors import ConfigError, DreamBoothError, ModelLoadError
 from .inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from .safe_text import log_exception, masked
 
 logger = logging.getLogger(__name__)
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
@@ -207,8 +207,8 @@ def build_ui(service: DemoService, auth: bool = False):
             except DreamBoothError as error:
                 return kept, f"Generation failed: {error}", kept
             except Exception as error:  # show every failure on the page, keep the traceback in the log
-                logger.exception("Generation failed")
-                return kept, service.redact(f"Generation failed ({type(error).__name__}: {error})."), kept
+                log_exception(logger, "Generation failed", error)  # its whole chain, tokens masked
+                return kept, masked(service.redact(f"Generation failed ({type(error).__name__}: {error}).")), kept
             paths = service.save(results)
             seeds = ", ".join(str(r.seed) for r in results)
             elapsed = time.perf_counter() - start
@@ -355,6 +355,8 @@ def launch_demo(
     import gradio as gr  # noqa: F401  (fail here, clearly, when the demo extra is not installed)
     from starlette.middleware import Middleware
 
+    from .body_timeout import BodyTimeout
+
     # Everything that can be checked without loading is checked before anything starts.
     check_auth_pair(auth)
     auth = tuple(auth) if auth is not None else None
@@ -371,7 +373,8 @@ def launch_demo(
                 share=share, server_name=host, server_port=port, auth=auth, prevent_thread_lock=True,
                 allowed_paths=[str(service.output_dir)], show_error=True, quiet=True, ssr_mode=False,
                 inbrowser=False, max_file_size=service.limits.max_request_bytes,
-                app_kwargs={"middleware": [Middleware(RequestLimits, max_bytes=service.limits.max_request_bytes)]},
+                app_kwargs={"middleware": [Middleware(RequestLimits, max_bytes=service.limits.max_request_bytes),
+                                           Middleware(BodyTimeout)]},  # a trickled body does not hold a connection
             )
         except OSError as error:
             service.cleanup()

@@ -1,32 +1,18 @@
-"""What the demo and the training app share: one model behind one generation queue, and the REST API.
+"""What the demo and the training app share: one model behind one generation queue.
 
 `DemoService` owns the one model of a process: it loads it in the background, checks each request against
 `DemoLimits` and serves requests first come, first served from one FIFO with one worker thread, whoever sent
 them, so a second user waits for the first instead of running two generations on one GPU. A request whose
 sender hung up leaves the queue (`withdraw`). The demo's page (demo.py), the app's finished-run tab (app.py)
-and the REST API all put their requests into it. The REST API, beside the page on the same port (and through
-the share link):
-
-    GET  /api/health    -> {"status": "loading" | "ready" | "failed", "model": ..., "queue": ..., "message": ...}
-    POST /api/generate  {"prompt": "...", "negative_prompt": "", "steps": 25, "guidance": 7.5,
-                         "seed": 1234 or null, "num_images": 1, "width": null, "height": null}
-                        -> {"images": [{"seed": 1234, "png_base64": "..."}], "seeds": [...], ...}
-
-`add_rest_api` adds these routes to a FastAPI app, behind HTTP basic auth when a USER:PASS is set
-(`parse_auth`); `RequestLimits`, ASGI middleware in front of the whole app, refuses uploads, multipart bodies
-and oversized requests. What a share link shows of the model is its name (`display_name`: a Hub id, or a
-local folder's name), never a local path.
+and the REST API (demo_rest.py: POST /api/generate, GET /api/health) all put their requests into it. What a
+share link shows of the model is its name (`display_name`: a Hub id, or a local folder's name), never a
+local path.
 """
 
-import asyncio
-import base64
 import collections
 import concurrent.futures
 import dataclasses
-import io
-import json
 import logging
-import secrets
 import shutil
 import tempfile
 import threading
@@ -48,6 +34,7 @@ from .inference import (
     save_images,
 )
 from .models import OFFLINE_RESOLUTIONS, SD15_RANDOM
+from .safe_text import log_exception, masked
 
 logger = logging.getLogger(__name__)
 RANDOM_SEED = "random"
@@ -207,8 +194,8 @@ class DemoService:
         except DreamBoothError as error:
             self._load_error = self.redact(str(error))
         except Exception as error:  # any failure must reach the page, not die in a thread
-            logger.exception("Loading the demo model failed")
-            self._load_error = self.redact(f"{type(error).__name__}: {error}")
+            log_exception(logger, "Loading the demo model failed", error)  # its whole chain, tokens masked
+            self._load_error = masked(self.redact(f"{type(error).__name__}: {error}"))
         finally:
             self._loaded.set()
 
@@ -284,6 +271,9 @@ class DemoService:
             if len(text) > limits.max_prompt_chars:
                 raise ConfigError(f"The {name} is {len(text)} characters; this demo takes at most "
                                   f"{limits.max_prompt_chars}.")
+            if isinstance(text, str) and not _encodable(text):
+                raise ConfigError(f"The {name} holds a lone surrogate (half of a UTF-16 pair, such as \\ud800), "
+                                  "which is no character; send the text as UTF-8.")
         if not _is_whole(steps) or not 1 <= steps <= limits.max_steps:
             raise ConfigError(f"steps must be from 1 to {limits.max_steps} in this demo (got {steps!r}).")
         if not _is_whole(num_images) or not 1 <= num_images <= limits.max_images:
@@ -393,181 +383,11 @@ def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# ---------------------------------------------------------------------------- the REST API
-
-# What each field of POST /api/generate takes, for the message when a value has the wrong type.
-REQUEST_FIELDS = {
-    "prompt": "a string", "negative_prompt": "a string", "steps": "a whole number", "guidance": "a number",
-    "seed": 'a whole number, "random" or null', "num_images": "a whole number",
-    "width": "a whole number or null", "height": "a whole number or null",
-}
-
-
-def _request_model():
-    """The body of POST /api/generate. Strict: true is not a number and "5" is not a whole number, as
-    JSON means them; unknown fields are refused rather than ignored (a typo would silently do nothing)."""
-    from pydantic import BaseModel, ConfigDict
-
-    class GenerateRequest(BaseModel):
-        model_config = ConfigDict(strict=True, extra="forbid")
-
-        prompt: str
-        negative_prompt: str = ""
-        steps: int = DEFAULT_STEPS
-        guidance: float = DEFAULT_GUIDANCE
-        seed: int | str | None = None  # a number, or null / "random"
-        num_images: int = 1
-        width: int | None = None
-        height: int | None = None
-
-    return GenerateRequest
-
-
-def request_errors_text(error, body: Any) -> str:
-    """One readable sentence per wrong field of a pydantic ValidationError, naming what the field takes."""
-    problems: dict[str, str] = {}
-    for item in error.errors():
-        name = str(item["loc"][0]) if item["loc"] else "body"
-        if item["type"] == "missing":
-            problems[name] = f"{name} is missing"
-        elif item["type"] == "extra_forbidden":
-            problems[name] = f"unknown field {name!r} (the fields are: {', '.join(REQUEST_FIELDS)})"
-        elif name in REQUEST_FIELDS:
-            got = json.dumps(body.get(name)) if isinstance(body, dict) else "?"
-            problems[name] = f"{name} must be {REQUEST_FIELDS[name]} (got {got})"
-        else:
-            problems[name] = f"{name}: {item['msg']}"
-    return "; ".join(problems.values()) + "."
-
-
-def _credentials_match(header: str | None, auth: tuple[str, str]) -> bool:
-    """Whether an `Authorization: Basic ...` header carries `auth`, compared as UTF-8 bytes in constant time
-    (non-ASCII users and passwords work; nothing here can raise on what a client sends)."""
-    scheme, _, encoded = (header or "").partition(" ")
-    if scheme.lower() != "basic":
-        return False
+def _encodable(text: str) -> bool:
+    """Whether `text` is real characters: a lone surrogate (JSON's "\\ud800" decodes to one) is not, and
+    fails later in the tokenizer, the PNG metadata or the JSON answer."""
     try:
-        sent = base64.b64decode(encoded.strip(), validate=True)
-    except ValueError:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
         return False
-    user, sep, password = sent.partition(b":")
-    user_ok = secrets.compare_digest(user, auth[0].encode("utf-8"))
-    password_ok = secrets.compare_digest(password, auth[1].encode("utf-8"))
-    return bool(sep) and user_ok and password_ok
-
-
-def add_rest_api(app, service: DemoService, auth: tuple[str, str] | None = None) -> None:
-    """Add GET /api/health and POST /api/generate to a FastAPI app (Gradio's own, or any other)."""
-    from fastapi import APIRouter, Depends, HTTPException, Request
-    from pydantic import ValidationError
-    from starlette.concurrency import run_in_threadpool
-
-    generate_request = _request_model()
-
-    def check_auth(request: Request) -> None:
-        if auth is not None and not _credentials_match(request.headers.get("authorization"), auth):
-            raise HTTPException(401, "Give the demo's USER:PASS with HTTP basic auth (curl -u USER:PASS).",
-                                headers={"WWW-Authenticate": 'Basic realm="demo", charset="UTF-8"'})
-
-    router = APIRouter(prefix="/api", dependencies=[Depends(check_auth)])
-
-    @router.get("/health")
-    def health() -> dict[str, Any]:
-        return service.health()
-
-    # Async: the request joins the queue on the event loop, in the order requests arrive, and waits for its
-    # turn without holding a thread.
-    @router.post("/generate")
-    async def generate(request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            raise HTTPException(400, 'The body must be JSON, e.g. {"prompt": "a photo of sks dog"}.') from None
-        try:
-            params = generate_request.model_validate(body)
-        except ValidationError as error:
-            raise HTTPException(422, request_errors_text(error, body)) from None
-        if service.state == "loading":
-            raise HTTPException(503, service.status_text(), headers={"Retry-After": "10"})
-        try:
-            job = service.submit(params.prompt, params.negative_prompt, params.steps, params.guidance,
-                                 parse_seed(params.seed), params.num_images, params.width, params.height)
-        except ConfigError as error:
-            raise HTTPException(422, str(error)) from None
-        except DreamBoothError as error:
-            raise HTTPException(503, str(error)) from None
-        try:
-            results = await asyncio.wrap_future(job.future)
-        except ConfigError as error:
-            raise HTTPException(422, str(error)) from None
-        except DreamBoothError as error:
-            raise HTTPException(503, str(error)) from None
-        except asyncio.CancelledError:  # the client went away: give up its place
-            service.withdraw(job)
-            raise
-        images = await run_in_threadpool(lambda: [_png_base64(r) for r in results])
-        return {
-            "images": [{"seed": r.seed, "png_base64": image} for r, image in zip(results, images, strict=True)],
-            "seeds": [r.seed for r in results],
-            "prompt": params.prompt, "negative_prompt": params.negative_prompt, "steps": params.steps,
-            "guidance": params.guidance, "width": results[0].width, "height": results[0].height,
-            "scheduler": results[0].scheduler, "model": service.model_name, "lora": service.lora_name,
-            "seconds_per_image": round(results[0].seconds, 3),
-        }
-
-    app.include_router(router)
-    # Gradio's app was built before these routes: put them first so no catch-all route shadows them.
-    ours = [route for route in app.router.routes if getattr(route, "path", "").startswith("/api/")]
-    app.router.routes[:] = ours + [route for route in app.router.routes if route not in ours]
-
-
-# Gradio's login page posts its form as multipart/form-data (the browser's FormData); nothing else on this
-# demo takes a multipart body: the page sends JSON, and it has no file, audio or image input.
-MULTIPART_ROUTES = ("/login", "/login/")
-
-
-class RequestLimits:
-    """ASGI middleware in front of the whole app (page, Gradio's API, the REST API).
-
-    It refuses file uploads (Gradio's upload and recording routes would store anything sent to them),
-    multipart bodies everywhere but the login form, and request bodies over `max_bytes`, so a public
-    link cannot be used to fill the disk or the memory. Bodies without a declared length are refused
-    too, as their size is unknown up front.
-    """
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        refusal = self._refusal(scope) if scope["type"] == "http" else None
-        if refusal is None:
-            await self.app(scope, receive, send)
-            return
-        status, message = refusal
-        body = json.dumps({"detail": message}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    def _refusal(self, scope) -> tuple[int, str] | None:
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return None
-        headers = dict(scope["headers"])
-        content_type = headers.get(b"content-type", b"").lower()
-        if scope["path"].rstrip("/").endswith("/upload") or (
-                content_type.startswith(b"multipart/") and scope["path"] not in MULTIPART_ROUTES):
-            return 403, "This demo takes no file uploads."
-        length = headers.get(b"content-length")
-        if length is None:
-            return 411, "Send a Content-Length header; bodies of unknown size are not accepted."
-        if not length.isdigit() or int(length) > self.max_bytes:
-            return 413, f"The request is over {self.max_bytes // 1024} KB; this demo takes a prompt, not files."
-        return None
-
-
-def _png_base64(result: GeneratedImage) -> str:
-    buffer = io.BytesIO()
-    result.image.save(buffer, format="PNG", pnginfo=result.png_info())
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
+    return True

@@ -16,7 +16,9 @@ measurement is clear, and the subject checks only when the subject was found wit
   (exactly what training's flip augmentation makes) and a slightly reframed burst shot are caught;
 - subject too small, or cut by the centre crop: a saliency map from colour contrast with the photo's border,
   trusted only when the border is a plain background and the salient pixels form one blob (`Subject.confidence`);
-- style sets: one object repeating across photos (the model would learn the object as "the style").
+- style sets: one object repeating across photos (the model would learn the object as "the style");
+- one subject: photos that stand apart from a tight majority in colour and edge directions (photo_likeness.py),
+  e.g. an astronaut, a cat and a cup among five photos of a toy robot.
 
 Thresholds and their measured false-positive and miss rates on real photos: docs/doctor.md.
 Everything is numpy on one copy of each photo at the training size: 20 phone photos are checked in seconds.
@@ -521,6 +523,26 @@ def _check_style_repeats(report: DoctorReport) -> None:
                 "of the style. Replace most of them with pictures of other things."))
 
 
+def _check_one_subject(report: DoctorReport) -> None:
+    """Photos that do not look like the others: DreamBooth learns what the photos share."""
+    from .photo_likeness import outlying_photos
+
+    records = report.dataset.images
+    likeness = outlying_photos([r.name for r in records], [r.image for r in records])
+    for name, far in likeness.distances.items():
+        if name in report.measurements:
+            report.measurements[name]["likeness_distance"] = round(far, 3)
+    if likeness.outliers:
+        others = len(records) - len(likeness.outliers)
+        report.findings.append(Finding(
+            "warning", "one-subject", f"{', '.join(likeness.outliers)} "
+            f"{'does' if len(likeness.outliers) == 1 else 'do'} not look like the other {others} photos (colours "
+            "and shapes far from what those share): the set may not show one subject.",
+            "DreamBooth learns whatever all the photos share, so a photo of something else blurs the subject into "
+            "it: remove photos that show another thing (keep them if they are the same subject in very different "
+            "light or surroundings)."))
+
+
 _ORDER = {severity: i for i, severity in enumerate(SEVERITIES)}
 
 
@@ -539,6 +561,8 @@ def diagnose(source: Any, *, kind: str = DEFAULT_KIND, resolution: int = 512) ->
     _check_duplicates(report)
     if kind == "style":
         _check_style_repeats(report)
+    else:  # a style set is meant to show many different things
+        _check_one_subject(report)
     report.findings.sort(key=lambda f: _ORDER[f.severity])
     return report
 

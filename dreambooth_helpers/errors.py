@@ -32,3 +32,7 @@ class GenerationError(DreamBoothError):
 
 class HubError(DreamBoothError):
     """Publishing failed for a reason the user can act on (login, permissions, repository name)."""
+
+
+class RepoExistsError(HubError):
+    """The Hub repository exists already, and writing into it was not allowed: nothing was uploaded."""

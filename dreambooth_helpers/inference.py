@@ -31,7 +31,7 @@ from .config import check_int_range
 from .errors import ConfigError, ModelLoadError
 from .failures import generation_out_of_memory, is_out_of_memory
 from .files import LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SUMMARY_FILE
-from .grids import labelled_grid
+from .grids import display_scale, labelled_grid
 from .models import load_components, load_safety_checker, make_pipeline, safety_checker_note
 from .output_paths import check_output_folder
 
@@ -185,11 +185,16 @@ def save_images(results: Sequence[GeneratedImage], out_dir: str | Path, prefix: 
     return paths
 
 
-def image_grid(images: Sequence[Image.Image], cols: int | None = None, background: str = "white") -> Image.Image:
-    """Images side by side in rows of `cols` (default: as square as possible), each cell the largest size."""
+def image_grid(images: Sequence[Image.Image], cols: int | None = None, background: str = "white",
+               min_cell: int = 0) -> Image.Image:
+    """Images side by side in rows of `cols` (default: as square as possible), each cell the largest size; with
+    `min_cell`, small images are enlarged by a whole factor (nearest neighbour, grids.enlarged) until a cell is at
+    least that many px: `generate --grid` shows the toy model's 32 px images in 256 px cells, not a 96 px grid."""
     images = list(images)
     cols = min(cols or max(1, round(len(images) ** 0.5 + 0.49)), max(1, len(images)))
     cell = (max((im.width for im in images), default=1), max((im.height for im in images), default=1))
+    factor = display_scale(cell, min_cell) if min_cell else 1
+    cell = (cell[0] * factor, cell[1] * factor)
     rows = [("", images[start:start + cols]) for start in range(0, len(images), cols)]
     return labelled_grid(rows, cell=cell, background=background)
 

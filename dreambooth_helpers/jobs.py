@@ -22,11 +22,14 @@ Only one run trains at a time, across every runner of the folder: starting one h
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +52,23 @@ STOPPED = (FINISHED, FAILED, CANCELLED, INTERRUPTED)
 RESUMABLE = (FAILED, CANCELLED, INTERRUPTED)
 CANCEL_GRACE_S = 60.0  # after SIGINT, how long training may take to stop (a checkpoint being written) before SIGKILL
 ERROR_CHARS = 2000  # at most this much of a log's last paragraph becomes the job's error
+LOW_DISK_BYTES = 16 * 2**20  # less free space than this where a run died: the full disk is why
+FREE_SPACE = "Free some space (old runs, checkpoints, exported files)"
+DISK_FULL = ("The disk of the work folder is full (no space left on device), so the run could not go on or be "
+             f"recorded. {FREE_SPACE}; Resume then continues from the newest checkpoint.")
+DISK_FULL_NOW = f"The disk of the work folder is full (no space left on device): no run can be queued. {FREE_SPACE}."
+logger = logging.getLogger(__name__)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _low_on_disk(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < LOW_DISK_BYTES
+    except OSError:
+        return False
 
 
 class JobError(DreamBoothError):
@@ -112,23 +132,30 @@ def last_error_paragraph(log_text: str) -> str:
 
 
 def process_alive(pid: int | None, marker: str | None = None) -> bool:
-    """Whether process `pid` runs (not a zombie) and, when /proc says, was started with `marker` in its command."""
+    """Whether process `pid` runs (not a zombie) and, when /proc says, was started with `marker` in its command.
+
+    Another user's process under that pid (kill answers EPERM: a reused pid) is ours only when /proc shows `marker`
+    in its command line; where /proc cannot tell, it is not, so a stale run never stays "running"."""
     if not pid:
         return False
     try:
         os.kill(pid, 0)
+        ours = True
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # someone else's process under that pid: alive, but never ours to follow (checked below)
+    except PermissionError:  # another user's process under that pid: ours only if its command line says so
+        ours = False
     proc = Path(f"/proc/{pid}")
+    unknown = ours or marker is None  # what to answer when /proc cannot tell
     if not proc.exists():
-        return True
-    with contextlib.suppress(OSError):
+        return unknown
+    try:
         if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
             return False
         if marker is not None:  # a reused pid is another program: the job's process is gone
             return marker in proc.joinpath("cmdline").read_bytes().decode(errors="replace")
+    except (OSError, IndexError):
+        return unknown
     return True
 
 
@@ -147,6 +174,8 @@ class JobRunner:
         self.environment = dict(environment or {})
         self.poll_every = poll_every
         self._children: dict[str, subprocess.Popen] = {}  # the processes this runner started, to reap them
+        self._unsaved: dict[str, dict[str, Any]] = {}  # state changes a full disk kept from state.json
+        self.disk_full: str | None = None  # DISK_FULL while the disk keeps a run's state from being written
         self._thread_lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -170,19 +199,33 @@ class JobRunner:
     def _folder(self, job_id: str) -> Path:
         folder = (self.jobs_dir / job_id).resolve()
         if folder.parent != self.jobs_dir or not (folder / STATE_FILE).is_file():
-            raise JobError(f"No training run {job_id!r} in {self.jobs_dir}.")
+            raise JobError(f"No training run {job_id!r}.")  # no server path in it
         return folder
 
     def _read(self, job_id: str) -> Job:
         folder = self._folder(job_id)
-        state = _read_json(folder / STATE_FILE)
+        state = {**_read_json(folder / STATE_FILE), **self._unsaved.get(job_id, {})}  # what a full disk kept back
         return Job(job_id, folder, state.get("status", QUEUED), float(state.get("created", 0.0)),
                    state.get("total_steps"), state.get("pid"), state.get("error"), state.get("owner"),
                    _read_json(folder / PROGRESS_FILE))
 
     def _update(self, job_id: str, **changes: Any) -> None:
+        """Write `changes` into the run's state.json. On a full disk they are kept in memory (what `_read` shows),
+        written by a later poll once there is room, and the disk is said to be full once (`disk_full`)."""
         path = self._folder(job_id) / STATE_FILE
-        write_json_atomically(path, {**_read_json(path), **changes})
+        changes = {**self._unsaved.pop(job_id, {}), **changes}
+        try:
+            write_json_atomically(path, {**_read_json(path), **changes})
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            self._unsaved[job_id] = changes
+            if self.disk_full is None:
+                logger.warning("%s (%s)", DISK_FULL, self.workdir)
+                self.disk_full = DISK_FULL
+            return
+        if not self._unsaved:
+            self.disk_full = None
 
     @contextlib.contextmanager
     def _locked(self):
@@ -200,13 +243,20 @@ class JobRunner:
                owner: str | None = None) -> Job:
         """Queue a run of `config`; its outputs go to the job's own folder (config.output_dir is replaced)."""
         safe_name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
-        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{safe_name}-{secrets.token_hex(2)}"
+        # 96 random bits: the id is all it takes to reach a run (earlier runs' shorter ids still load).
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{safe_name}-{secrets.token_urlsafe(12)}"
         folder = self.jobs_dir / job_id
-        folder.mkdir()
         config = config.replace(output_dir=str(folder / OUTPUT_DIR)).validate()
-        write_json_atomically(folder / CONFIG_FILE, config.to_dict())
-        write_json_atomically(folder / STATE_FILE, {"status": QUEUED, "created": time.time(),
-                                                    "total_steps": total_steps, "owner": owner})
+        try:
+            folder.mkdir()
+            write_json_atomically(folder / CONFIG_FILE, config.to_dict())
+            write_json_atomically(folder / STATE_FILE, {"status": QUEUED, "created": time.time(),
+                                                        "total_steps": total_steps, "owner": owner})
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            raise JobError(DISK_FULL_NOW) from None
         self.poll()
         return self._read(job_id)
 
@@ -230,7 +280,12 @@ class JobRunner:
             if job.status not in RESUMABLE:
                 raise JobError(f"Run {job_id} is {job.status}; only a {', '.join(RESUMABLE)} run can be resumed.")
             config = job.config().replace(resume="latest")
-            write_json_atomically(job.folder / CONFIG_FILE, config.to_dict())
+            try:
+                write_json_atomically(job.folder / CONFIG_FILE, config.to_dict())
+            except OSError as error:
+                if not is_disk_full(error):
+                    raise
+                raise JobError(DISK_FULL_NOW) from None
             (job.folder / RESULT_FILE).unlink(missing_ok=True)
             self._update(job_id, status=QUEUED, error=None, pid=None, cancel_requested=None, resumed=time.time())
         self.poll()
@@ -252,11 +307,16 @@ class JobRunner:
     def poll(self) -> None:
         """Settle runs whose process ended, then start the oldest queued run if none is training."""
         with self._locked():
+            for job_id in list(self._unsaved):  # what a full disk kept back, written once there is room
+                try:
+                    self._update(job_id)
+                except JobError:  # its folder is gone
+                    self._unsaved.pop(job_id, None)
             running = False
             for job in self._read_all():
                 if job.status == RUNNING:
                     running = self._follow(job) or running
-            if not running:
+            if not running and self.disk_full is None:  # nothing starts on a full disk
                 queued = [job for job in self._read_all() if job.status == QUEUED]
                 if queued:
                     self._launch(queued[0])
@@ -279,7 +339,9 @@ class JobRunner:
         elif state.get("cancel_requested"):
             outcome, error = CANCELLED, None
         elif child is not None:  # our own child died without a word: a crash (killed, out of memory, a segfault)
-            outcome, error = FAILED, last_error_paragraph(self._log_text(job))
+            error = last_error_paragraph(self._log_text(job))
+            full = "No space left on device" in error or "[Errno 28]" in error or _low_on_disk(job.folder)
+            outcome, error = FAILED, DISK_FULL if full else error
         else:  # found dead after a restart: the app, or the machine, went down with it
             outcome, error = INTERRUPTED, None
         self._update(job.job_id, status=outcome, error=error, finished=time.time())
@@ -297,8 +359,13 @@ class JobRunner:
 
     def _signal(self, job: Job, signum: int) -> None:
         if process_alive(job.pid, str(job.folder)):
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.killpg(job.pid, signum)  # its own process group: whatever training started stops too
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                raise JobError(f"Run {job.job_id}'s training process belongs to another user of this machine: "
+                               "stop it as that user.") from None
 
     def _launch(self, job: Job) -> None:
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self.environment}
@@ -389,6 +456,7 @@ def run_job(folder: str | Path) -> int:
     """
     import traceback
 
+    from .safe_text import masked
     from .threads import use_one_thread_for
     from .training import train
 
@@ -398,6 +466,7 @@ def run_job(folder: str | Path) -> int:
     outcome: dict[str, Any]
     try:
         config = TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        check_job_paths(config, folder)
         use_one_thread_for(config.model)  # a fresh process: the app's own thread setting does not reach it
         total = _read_json(folder / STATE_FILE).get("total_steps") or count_steps(config)
         result = train(config, progress=False, on_step=_ProgressWriter(folder, total),
@@ -407,10 +476,31 @@ def run_job(folder: str | Path) -> int:
         print("Stopped on request. Checkpoints already saved are kept; resume continues from the newest.", flush=True)
         outcome = {"outcome": CANCELLED}
     except DreamBoothError as error:
-        print(f"error: {error}", flush=True)
-        outcome = {"outcome": FAILED, "error": str(error)}
+        _say(f"error: {masked(str(error))}")
+        outcome = {"outcome": FAILED, "error": masked(str(error))}
     except Exception as error:  # a bug, or the machine: the traceback goes to the log, its last line to the page
-        traceback.print_exc()
-        outcome = {"outcome": FAILED, "error": f"{type(error).__name__}: {error}"[-ERROR_CHARS:]}
-    write_json_atomically(folder / RESULT_FILE, outcome)
+        _say(masked(traceback.format_exc()).rstrip())  # the whole chain, tokens masked
+        text = DISK_FULL if is_disk_full(error) else masked(f"{type(error).__name__}: {error}")[-ERROR_CHARS:]
+        outcome = {"outcome": FAILED, "error": text}
+    with contextlib.suppress(OSError):  # on a full disk the runner finds out from the disk itself
+        write_json_atomically(folder / RESULT_FILE, outcome)
     return 0 if outcome["outcome"] == FINISHED else 1
+
+
+def _say(text: str) -> None:
+    with contextlib.suppress(OSError):  # the log is on the same disk, which may be full
+        print(text, flush=True)
+
+
+def check_job_paths(config: TrainConfig, folder: Path) -> None:
+    """Refuse a config.json (edited by hand, or by anyone with access to the work folder) that would write outside
+    its run's folder: the output folder must be the run's own, class images and resumed checkpoints inside it."""
+    folder = Path(folder).resolve()
+    outside = [] if Path(config.output_dir).resolve() == folder / OUTPUT_DIR else [f"output_dir {config.output_dir}"]
+    outside += [f"class_dir {concept.class_dir}" for concept in config.concepts
+                if concept.class_dir and not Path(concept.class_dir).resolve().is_relative_to(folder)]
+    if config.resume not in (None, "latest") and not Path(config.resume).resolve().is_relative_to(folder):
+        outside.append(f"resume {config.resume}")
+    if outside:
+        raise JobError(f"This run's config.json points outside the run's own folder ({'; '.join(outside)}): runs "
+                       "write only inside it. Start a new run from the page instead of editing config.json.")

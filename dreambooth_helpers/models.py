@@ -324,7 +324,7 @@ def _load_vae(vae: str, dtype: torch.dtype):
     if not local.is_dir() and (vae.startswith((".", "/", "~")) or vae.count("/") != 1):
         raise ModelLoadError(f"--vae {vae!r}: no such folder. Give a diffusers VAE folder or a Hub id such as "
                              "madebyollin/sdxl-vae-fp16-fix.")
-    options = {} if local.is_dir() or not _check_hub_model(vae, "config.json") else {"local_files_only": True}
+    options = {} if local.is_dir() or not _check_hub_model(vae, "config.json", "--vae") else {"local_files_only": True}
     try:
         return AutoencoderKL.from_pretrained(str(local) if local.is_dir() else vae, torch_dtype=dtype, **options)
     except (OSError, ValueError) as error:
@@ -363,7 +363,7 @@ def _load_base(model: str, *, seed: int, variant: str | None, dtype: torch.dtype
     return _load_diffusers_folder(model, local=False, variant=variant, dtype=dtype)
 
 
-def _check_hub_model(repo: str, marker: str = "model_index.json") -> bool:
+def _check_hub_model(repo: str, marker: str = "model_index.json", flag: str = "--model") -> bool:
     """Ask the Hub about `repo` once, quickly, before loading; True: load from the local cache only.
 
     Without this an unreachable Hub (no network, a proxy, a wrong HF_ENDPOINT) shows up as minutes of retries
@@ -376,26 +376,32 @@ def _check_hub_model(repo: str, marker: str = "model_index.json") -> bool:
     cached = isinstance(try_to_load_from_cache(repo, marker), str)
     if constants.HF_HUB_OFFLINE:
         if not cached:
-            raise ModelLoadError(f"--model {repo!r}: no local folder of that name, and offline mode (HF_HUB_OFFLINE) "
+            raise ModelLoadError(f"{flag} {repo!r}: no local folder of that name, and offline mode (HF_HUB_OFFLINE) "
                                  "is on with no copy of that Hub model in the cache. Check the path, download the "
-                                 "model once with a network, or use --model toy (works offline).")
+                                 f"model once with a network, or {_offline_choice(flag)}.")
         return True
     try:
         HfApi().model_info(repo, timeout=15)
     except GatedRepoError:
         return False  # loading says what to do (log in, accept the license)
     except RepositoryNotFoundError:
-        raise ModelLoadError(f"--model {repo!r}: no local folder of that name, and no such model on the Hugging Face "
+        raise ModelLoadError(f"{flag} {repo!r}: no local folder of that name, and no such model on the Hugging Face "
                              "Hub (or it is private: log in with `hf auth login`). Check the spelling, e.g. "
                              "stable-diffusion-v1-5/stable-diffusion-v1-5, or the folder's path.") from None
     except Exception as error:  # connection refused, DNS, timeout, proxy, 5xx: the Hub cannot be asked
         if cached:
             return True
-        raise ModelLoadError(f"--model {repo!r}: no local folder of that name, and the Hugging Face Hub at "
+        raise ModelLoadError(f"{flag} {repo!r}: no local folder of that name, and the Hugging Face Hub at "
                              f"{constants.ENDPOINT} could not be reached ({type(error).__name__}) with no copy in the "
-                             "cache. Check your network (or HF_ENDPOINT), or use --model toy (works offline)."
-                             ) from None
+                             f"cache. Check your network (or HF_ENDPOINT), or {_offline_choice(flag)}.") from None
     return False
+
+
+def _offline_choice(flag: str) -> str:
+    """What works offline instead of the Hub model named with `flag`."""
+    if flag == "--vae":
+        return "pass --vae none to keep the model's own VAE (run in fp32), or a local VAE folder"
+    return "use --model toy (SD 1.x) or --model tiny-sdxl (SDXL's structure), which work offline"
 
 
 def _from_pretrained_variant(cls, where: str, subfolder: str, variant: str | None, dtype: torch.dtype = torch.float32,

@@ -54,8 +54,8 @@ def resolve_runtime(config: TrainConfig, cuda_available: bool | None = None, *,
     Refuses (ConfigError) to train a real model without a GPU unless `allow_cpu` (see _refuse_cpu_training).
     """
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    _refuse_cpu_training(config.model, cuda, allow_cpu=allow_cpu)  # first: it needs no network
     family_of(config.model).check_training(config)
-    _refuse_cpu_training(config.model, cuda, allow_cpu=allow_cpu)
     notices = []
     if not config.lora and config.effective_learning_rate > 2e-5 and config.model not in (TINY_MODEL, TOY_MODEL):
         notices.append(f"--learning-rate {config.effective_learning_rate:g} is high for a full fine-tune of SD 1.x: "
@@ -120,7 +120,8 @@ def _refuse_cpu_training(model: str, cuda_available: bool | None = None, *, allo
     raise ConfigError(
         f"This machine has no GPU, and training {model!r} on a CPU would take days. In Colab: Runtime > Change "
         "runtime type > T4 GPU > Save, then run the notebook again from the top. To try the whole pipeline "
-        f"without a GPU, use --model {TOY_MODEL} (a small offline model). To train on the CPU anyway, set "
+        f"without a GPU, use --model {TOY_MODEL} (a small offline SD 1.x model) or --model {TINY_SDXL_MODEL} --lora "
+        "(SDXL's structure with random weights: it trains but draws noise). To train on the CPU anyway, set "
         f"{ALLOW_CPU_VARIABLE}=1."
     )
 

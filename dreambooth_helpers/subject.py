@@ -106,12 +106,32 @@ def check_token(token: str) -> str:
     return token
 
 
+# A class noun is a plain word or two: letters, digits, spaces and - ' _ . , ("dog", "teddy bear", "t-shirt").
+CLASS_NOUN = re.compile(r"\w[\w '.,-]*")
+# Characters that mean something to a shell, Markdown or a template and nothing to the text encoder; a prompt lands
+# in the model card's commands and code (quoted there too), so a prompt with them is refused when it is given.
+NOT_IN_PROMPTS = set('`$"\\;|{}')
+
+
 def check_class_noun(class_noun: str) -> str:
     class_noun = " ".join((class_noun or "").split())
     if not class_noun or len(class_noun) > 40:
         raise ConfigError("Class noun is empty or too long: use the plain word for what the subject is, e.g. \"dog\", "
                           "\"backpack\", \"man\", \"woman\", \"painting\".")
+    if not CLASS_NOUN.fullmatch(class_noun):
+        raise ConfigError(f"Class noun {class_noun!r}: use letters, digits, spaces and - ' _ . , only, the plain word "
+                          "for what the subject is, e.g. \"dog\", \"teddy bear\", \"t-shirt\".")
     return class_noun
+
+
+def check_prompt_characters(option: str, prompt: str, where: str = "") -> None:
+    """Refuse a prompt with a control character (a newline, an escape) or one of NOT_IN_PROMPTS, naming them."""
+    bad = sorted({c for c in prompt if c in NOT_IN_PROMPTS or (ord(c) < 32 or 127 <= ord(c) < 160)})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise ConfigError(f"{option} {prompt!r}{where} has characters a prompt does not use ({shown}): write it on "
+                          "one line with letters, digits, spaces and ordinary punctuation (- ' _ . , : ! ? ( ) < >), "
+                          "e.g. \"a photo of sks dog\".")
 
 
 def token_advice(token: str, class_noun: str) -> str | None:

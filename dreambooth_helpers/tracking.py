@@ -14,8 +14,10 @@ Where the records go:
 - tensorboard: event files in OUTPUT_DIR/logs/dreambooth (`tensorboard --logdir OUTPUT_DIR/logs`).
 - mlflow: MLFLOW_TRACKING_URI when set (a server, `sqlite:///...`, or a `file:` folder, which MLflow 3 only opens with
   MLFLOW_ALLOW_FILE_STORE=true); else MLflow's own database backend in OUTPUT_DIR/mlflow.db, which the full `mlflow`
-  package brings (not mlflow-skinny). The experiment is MLFLOW_EXPERIMENT_NAME, else "dreambooth"; the run is named
-  after the output folder.
+  package brings (not mlflow-skinny). The experiment is MLFLOW_EXPERIMENT_NAME, else "dreambooth" (in a sqlite
+  database its artifacts go to mlartifacts/ beside the database); the run is named after the output folder, and its
+  ids are recorded in training_summary.json ("mlflow"), for `register` (registry.py). A URI MLflow refuses, or a
+  server that does not answer, stops the run with one paragraph before the model loads (check_mlflow_uri).
 - wandb: the "dreambooth" project (WANDB_PROJECT overrides it), its files in OUTPUT_DIR/wandb; WANDB_MODE=offline
   records without an account (`wandb sync` uploads later).
 
@@ -78,6 +80,78 @@ def mlflow_tracking_uri(output_dir: Path) -> str:
     return f"sqlite:///{(output_dir / MLFLOW_DATABASE).resolve()}"
 
 
+def shown_uri(uri: str) -> str:
+    """`uri` without a password (http://user:secret@host -> http://user:***@host), for messages and records."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
+def check_mlflow_uri(uri: str, source: str = "MLFLOW_TRACKING_URI") -> None:
+    """Refuse (ConfigError, one paragraph) a tracking URI that MLflow will not open, before any model loads.
+
+    A server is asked once, quickly (its /health page; any answer counts, MLflow handles logins): MLflow's own
+    client would retry a refused connection for minutes and end in a traceback. Any other URI is opened by
+    MLflow itself, which refuses the old file store (`file:` or a plain folder) unless MLFLOW_ALLOW_FILE_STORE
+    is true, and creates a sqlite database that is not there yet. `source` names where the URI came from.
+    """
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    scheme, shown = urlsplit(uri).scheme.lower(), shown_uri(uri)
+    start = ("Start one (`mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`), "
+             "check the address, or leave the URI out to keep everything in OUTPUT/mlflow.db.")
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+                return
+        except urllib.error.HTTPError:
+            return  # something answered: a server behind a login or a proxy; MLflow says the rest
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            reason = getattr(error, "reason", error)
+            raise ConfigError(f"No MLflow server answers at {shown} ({source}): {reason}. {start}") from None
+    sqlite = "sqlite:///OUTPUT_DIR/mlflow.db (what is used when no URI is given)"
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:  # MlflowException, SQLAlchemy's errors, an unknown scheme
+        if scheme in ("", "file"):
+            raise ConfigError(f"MLflow will not use the file store {shown} ({source}): MLflow 3 keeps runs and "
+                              "registered models in a database and opens the old `file:`/folder store only with "
+                              f"MLFLOW_ALLOW_FILE_STORE=true. Use a database file such as {sqlite}, or an MLflow "
+                              "server (http://HOST:5000).") from None
+        detail = (str(error).strip() or type(error).__name__).splitlines()[0]
+        if len(detail) > 300:  # MLflow's longer messages: their first sentences
+            detail = detail[:300].rsplit(". ", 1)[0]
+        detail = detail.rstrip(".")
+        raise ConfigError(f"MLflow cannot use the tracking URI {shown} ({source}): {detail}. Use a server "
+                          f"(http://HOST:5000) or a database file such as {sqlite}.") from None
+
+
+def mlflow_experiment_id(uri: str) -> str:
+    """The experiment the runs and registered models go to (MLFLOW_EXPERIMENT_NAME, else "dreambooth"), made when
+    missing. In a sqlite database its artifacts are kept beside the database (mlartifacts/), not in whatever folder
+    the command happened to run from (MLflow's default, ./mlruns)."""
+    from mlflow.tracking import MlflowClient
+
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT_NAME
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.lower().startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        if str(database) != ":memory:":
+            location = (database.resolve().parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def accelerator_arguments(kind: str | None, output_dir: Path) -> dict[str, Any]:
     """What `Accelerator(...)` needs to record to `kind`: nothing when tracking is off."""
     if kind is None:
@@ -114,6 +188,7 @@ class RunTracker:
     def __init__(self, accelerator, kind: str | None, output_dir: Path):
         self.accelerator, self.kind, self.output_dir = accelerator, kind, Path(output_dir)
         self.active = kind is not None and accelerator.is_main_process
+        self.mlflow_run: dict[str, str] | None = None  # the MLflow run's ids, once it is open
 
     @classmethod
     def begin(cls, accelerator, kind: str | None, output_dir: Path, parameters: dict[str, Any]) -> RunTracker:
@@ -125,7 +200,12 @@ class RunTracker:
         if kind == "mlflow" and accelerator.is_main_process:
             import mlflow
 
-            mlflow.set_tracking_uri(mlflow_tracking_uri(Path(output_dir)))
+            uri = mlflow_tracking_uri(Path(output_dir))
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                Path(output_dir).mkdir(parents=True, exist_ok=True)  # the default database lives there
+            check_mlflow_uri(uri)  # a refused store or an unreachable server: one paragraph, before the model loads
+            mlflow.set_tracking_uri(uri)
+            mlflow_experiment_id(uri)  # made here, so that a sqlite database keeps its artifacts beside it
             if mlflow.active_run() is not None:  # left open by a run that failed earlier in this process
                 mlflow.end_run(status="FAILED")
             init_kwargs["mlflow"] = {"run_name": Path(output_dir).name}
@@ -139,7 +219,18 @@ class RunTracker:
         # The project: TensorBoard's folder, MLflow's experiment (its tracker reads MLFLOW_EXPERIMENT_NAME first).
         project = os.environ.get("WANDB_PROJECT", PROJECT_NAME) if kind == "wandb" else PROJECT_NAME
         accelerator.init_trackers(project, config=flat_parameters(parameters), init_kwargs=init_kwargs)
+        if kind == "mlflow" and accelerator.is_main_process:
+            import mlflow
+
+            run = mlflow.active_run()  # what `register` links the registered model to (registry.py)
+            tracker.mlflow_run = {"tracking_uri": shown_uri(mlflow.get_tracking_uri()),
+                                  "experiment_id": run.info.experiment_id, "run_id": run.info.run_id}
         return tracker
+
+    def summary_fields(self) -> dict[str, Any]:
+        """What training_summary.json records about the tracked run: {"mlflow": {tracking_uri, experiment_id,
+        run_id}} with MLflow, else nothing."""
+        return {"mlflow": self.mlflow_run} if self.mlflow_run else {}
 
     def log_step(self, step: int, logs: dict[str, Any]) -> None:
         """The step's loss and learning rate, and the sample images it drew (logs["samples"])."""

@@ -494,7 +494,7 @@ def _finish(run: _Run, model: _Model, data: _Data, optim: _Optim, history: list[
                    "use_8bit_adam": run.runtime.use_8bit_adam,  # after the fallback to AdamW (the model card)
                    "notices": run.runtime.notices, "wall_time_s": round(time.time() - run.started, 2),
                    "peak_gpu_memory_gib": result.peak_memory_gib, "history": history, "losses": result.losses,
-                   "versions": _versions()}
+                   "versions": _versions(), **run.tracker.summary_fields()}
         ckpt.write_json_atomically(result.summary_path, summary)
     run.tracker.finish(wall_time_s=round(time.time() - run.started, 2), peak_gpu_memory_gib=result.peak_memory_gib,
                        step=run.max_steps, lora=config.lora)

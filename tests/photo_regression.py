@@ -5,7 +5,8 @@ coffee, a night rocket launch, a motorcycle, a cameraman, a pagoda and a flower.
 that stay good (mirrored alone, re-encoded, slightly reframed, +-0.5 EV, upscaled) and in variants with one defect
 made the way cameras and editors make it (darkened or overexposed in linear light, blurred at the training size,
 letterboxed, shrunk onto a large wall), plus product-like shots on plain white and black backdrops. A case lists
-the checks that must fire; any other warning on it is a false positive.
+the checks that must fire; any other warning on it is a false positive. Sets for the one-subject check
+(`subject_set_cases`) mix these photos, their crops and the sample robot, with the photos that must be named.
 
 scikit-image and scikit-learn are test dependencies only (requirements.txt), imported when the photos are first
 needed: `pytest.importorskip` them in a test module.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
@@ -243,6 +245,114 @@ def duplicate_cases() -> tuple[DuplicateCase, ...]:
     return tuple(cases)
 
 
+@dataclass
+class SubjectSetCase:
+    """A set of photos and the names that do not show its subject (empty: one subject throughout)."""
+
+    name: str
+    images: dict[str, Image.Image]
+    outliers: set[str] = field(default_factory=set)
+
+
+SAMPLE_ROBOT = Path(__file__).resolve().parent.parent / "sample_data"
+
+
+def robot_photos() -> dict[str, Image.Image]:
+    """The sample subject's five photos (a toy robot on blue, yellow, white, green and black)."""
+    return {path.name: Image.open(path).convert("RGB") for path in sorted((SAMPLE_ROBOT / "toy_robot").glob("*.png"))}
+
+
+def robot_on(backgrounds: list[tuple[int, int, int]], seed: int = 3) -> dict[str, Image.Image]:
+    """The same robot drawn by sample_data/make_sample_data.py on other backdrops, in its five poses."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_sample_data", SAMPLE_ROBOT / "make_sample_data.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    rng = np.random.default_rng(seed)
+    return {f"robot-{i}-on-{'-'.join(map(str, colour))}.png":
+            maker.draw_photo(colour, *maker.SHOTS[i % 5][1:], rng) for i, colour in enumerate(backgrounds)}
+
+
+def _pasted(background: Image.Image, subject: Image.Image, share: float, centre=(0.5, 0.5)) -> Image.Image:
+    """A round cut-out of `subject` at `share` of a busy photo's area: the same thing somewhere else."""
+    w, h = background.size
+    scale = np.sqrt(share * w * h / (subject.width * subject.height))
+    small = subject.resize((round(subject.width * scale), round(subject.height * scale)), Image.Resampling.LANCZOS)
+    mask = Image.new("L", small.size, 0)
+    ImageDraw.Draw(mask).ellipse((0, 0, small.width - 1, small.height - 1), fill=255)
+    canvas = background.copy()
+    canvas.paste(small, (round(centre[0] * w - small.width / 2), round(centre[1] * h - small.height / 2)),
+                 mask.filter(ImageFilter.GaussianBlur(1.5)))
+    return canvas
+
+
+@cache
+def subject_set_cases() -> tuple[SubjectSetCase, ...]:
+    """One subject throughout (variants, crops, exposures of one photo; one toy or cup or flower on many backdrops
+    and in busy places; unrelated photos with no majority), and such sets with other photos among them."""
+    photos, robots = originals(), robot_photos()
+    cases = [SubjectSetCase("robots", robots),
+             SubjectSetCase("robots-on-seven-backdrops", robot_on([(200, 40, 40), (140, 60, 200), (250, 140, 30),
+                                                                   (128, 128, 128), (240, 240, 240), (20, 20, 20),
+                                                                   (40, 80, 220)])),
+             SubjectSetCase("all-distinct", {f"{name}.jpg": image for name, image in photos.items()})]
+    for name, image in photos.items():
+        variants = {f"{name}.jpg": image, f"{name}-mirrored.jpg": ImageOps.mirror(image),
+                    f"{name}-jpeg75.jpg": jpeg(image), f"{name}-reframed.jpg": reframed(image, 0.06, 0.04, 0.94),
+                    f"{name}-plus-half-ev.jpg": exposed(image, 0.5), f"{name}-minus-half-ev.jpg": exposed(image, -0.5)}
+        crops = {f"{name}.jpg": image, f"{name}-zoom80.jpg": reframed(image, 0.1, 0.1, 0.8),
+                 f"{name}-zoom60.jpg": reframed(image, 0.2, 0.2, 0.6),
+                 f"{name}-left.jpg": reframed(image, 0.0, 0.1, 0.75),
+                 f"{name}-right-mirrored.jpg": ImageOps.mirror(reframed(image, 0.25, 0.1, 0.75))}
+        cases += [SubjectSetCase(f"{name}-variants", variants), SubjectSetCase(f"{name}-crops", crops),
+                  SubjectSetCase(f"{name}-exposures", {f"{name}{stops:+}ev.jpg": exposed(image, stops)
+                                                       for stops in (-1, -0.5, 0, 0.5, 1)})]
+        others = [other for other in photos if other != name]
+        cases += [SubjectSetCase(f"{name}-crops+{other}", {**crops, f"{other}.jpg": photos[other]}, {f"{other}.jpg"})
+                  for other in others]
+        three = {f"{other}.jpg": photos[other] for other in others[:3]}
+        cases.append(SubjectSetCase(f"{name}-variants+3", {**dict(list(variants.items())[:5]), **three}, set(three)))
+        cases.append(SubjectSetCase(f"robots+{name}", {**robots, f"{name}.jpg": image}, {f"{name}.jpg"}))
+    mixed = {f"{name}.jpg": photos[name] for name in ("astronaut", "cat", "coffee")}
+    cases.append(SubjectSetCase("robots+astronaut+cat+coffee", {**robots, **mixed}, set(mixed)))  # issue 30
+    cup, flower = _disc(photos["coffee"], (0.43, 0.38), 0.37), _disc(photos["flower"], (0.5, 0.42), 0.3)
+    for label, thing in (("cup", cup), ("flower", flower)):
+        cases.append(SubjectSetCase(f"{label}-on-backdrops", {
+            f"{label}-white.jpg": on_backdrop(thing, (800, 800), (250, 250, 250), 0.35, round_cutout=True, seed=1),
+            f"{label}-black.jpg": on_backdrop(thing, (900, 600), (6, 6, 6), 0.3, round_cutout=True, seed=2),
+            f"{label}-wall.jpg": on_backdrop(thing, (800, 800), (200, 190, 175), 0.3, round_cutout=True, seed=3),
+            f"{label}-green.jpg": on_backdrop(thing, (900, 700), (40, 70, 50), 0.25, centre=(0.4, 0.5),
+                                              round_cutout=True, seed=4),
+            f"{label}-grey.jpg": on_backdrop(thing, (700, 900), (150, 145, 140), 0.4, round_cutout=True, seed=5)}))
+        cases.append(SubjectSetCase(f"{label}-in-places", {
+            f"{label}-white.jpg": on_backdrop(thing, (800, 800), (250, 250, 250), 0.35, round_cutout=True, seed=1),
+            f"{label}-wall.jpg": on_backdrop(thing, (800, 800), (200, 190, 175), 0.3, round_cutout=True, seed=3),
+            **{f"{label}-in-{place}.jpg": _pasted(photos[place], thing, 0.35)
+               for place in ("china", "motorcycle", "rocket", "cameraman")}}))
+    return tuple(cases)
+
+
+def score_subject_sets() -> dict:
+    """The one-subject check on every SubjectSetCase: photos it should name and missed, photos it named wrongly."""
+    from dreambooth_helpers.photo_likeness import outlying_photos
+
+    should, missed, judged, false, sets = [], [], [], [], {}
+    for case in subject_set_cases():
+        likeness = outlying_photos(list(case.images), list(case.images.values()))
+        sets[case.name] = likeness
+        for name in case.images:
+            label = f"{case.name}: {name}"
+            (should if name in case.outliers else judged).append(label)
+            if name in case.outliers and name not in likeness.outliers:
+                missed.append(label)
+            if name not in case.outliers and name in likeness.outliers:
+                false.append(label)
+    good_sets = [case.name for case in subject_set_cases() if not case.outliers]
+    return {"should": should, "missed": missed, "judged": judged, "false": false, "sets": sets,
+            "good_sets": good_sets, "good_sets_warned": [name for name in good_sets if sets[name].outliers]}
+
+
 # ---------------------------------------------------------------------------- scoring
 
 
@@ -321,3 +431,10 @@ if __name__ == "__main__":
               f"| {len(row['false'])} {row['false'] or ''} |")
     false_on_good = result["false_on_good"]
     print(f"warnings on good photos: {len(false_on_good)} / {result['good_photos']} {false_on_good}")
+    sets = score_subject_sets()
+    for name, likeness in sets["sets"].items():
+        far = ", ".join(f"{photo} {d:.3f}" for photo, d in likeness.distances.items())
+        print(f"{name:36s} spread {likeness.spread:.3f} named {likeness.outliers}  outside the core: {far}")
+    print(f"| one-subject | {len(sets['should'])} | {len(sets['missed'])} {sets['missed'] or ''} "
+          f"| {len(sets['judged'])} | {len(sets['false'])} {sets['false'] or ''} |")
+    print(f"good sets warned: {len(sets['good_sets_warned'])} / {len(sets['good_sets'])}")

@@ -137,3 +137,61 @@ def test_the_notebooks_photo_cell_reads_captions_with_the_same_reader(instance_d
     (instance_dir / "lonely.txt").write_text("sks dog")
     with pytest.raises(ImageDataError, match=r"lonely\.txt: a caption file without a photo"):
         collect_images("folder", str(instance_dir), tmp_path / "work")
+
+
+def _train_cli(instance_dir: Path, tmp_path: Path, capsys) -> tuple[int, str, float]:
+    import time
+
+    from dreambooth_helpers.cli import main
+
+    started = time.monotonic()
+    code = main(["train", "--instance-dir", str(instance_dir), "--instance-prompt", INSTANCE, "--class-prompt", CLASS,
+                 "--output-dir", str(tmp_path / "out"), "--model", "tiny"])
+    return code, capsys.readouterr().err, time.monotonic() - started
+
+
+def test_a_huge_caption_file_fails_fast_with_one_error_naming_it_and_the_limit(instance_dir, tmp_path, capsys):
+    words = b"sks dog on a red sofa "
+    (instance_dir / "photo0.txt").write_bytes(words * (50 * 2**20 // len(words)))  # 50 MB
+    code, err, seconds = _train_cli(instance_dir, tmp_path, capsys)
+    assert code == 2 and seconds < 20, (code, seconds)
+    assert err.startswith("error: ") and err.count("error:") == 1 and "Traceback" not in err
+    assert "photo0.txt" in err and f"{captions.MAX_CAPTION_BYTES // 1024} KB" in err and "77 tokens" in err
+    assert not (tmp_path / "out").exists()
+    # Just over the limit is refused too; at the limit is read (and later cut to what the text encoder reads).
+    (instance_dir / "photo0.txt").write_text("sks dog " + "x" * (captions.MAX_CAPTION_BYTES - 7))
+    with pytest.raises(ImageDataError, match=r"photo0\.txt: .* over the 16 KB limit"):
+        _captioned(instance_dir)
+    (instance_dir / "photo0.txt").write_text("sks dog " + "x" * (captions.MAX_CAPTION_BYTES - 8))
+    assert len(_by_name(_captioned(instance_dir))["photo0.png"].caption) == captions.MAX_CAPTION_BYTES
+    # The same bound for a caption in metadata.jsonl.
+    (instance_dir / "photo0.txt").unlink()
+    (instance_dir / "metadata.jsonl").write_text(json.dumps({"file_name": "photo1.png", "text": "sks " * 5000}))
+    with pytest.raises(ImageDataError, match=r"metadata\.jsonl line 1: the caption is .* over the 16 KB limit"):
+        _captioned(instance_dir)
+
+
+def test_a_deeply_nested_metadata_line_is_refused_without_a_traceback(instance_dir, tmp_path, capsys):
+    nested = '{"file_name": "photo0.png", "text": "sks dog", "extra": ' + "[" * 5000 + "]" * 5000 + "}"
+    (instance_dir / "metadata.jsonl").write_text('{"file_name": "photo1.png", "text": "sks dog"}\n' + nested + "\n")
+    code, err, _ = _train_cli(instance_dir, tmp_path, capsys)
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err and "Recursion" not in err, err
+    assert "metadata.jsonl line 2" in err and "nested deeper than" in err
+    # What imagefolder's extra columns hold (a list, an object) is fine.
+    (instance_dir / "metadata.jsonl").write_text(json.dumps(
+        {"file_name": "photo0.png", "text": "sks dog", "tags": ["a", "b"], "box": {"xy": [1, 2]}}))
+    assert _by_name(_captioned(instance_dir))["photo0.png"].caption == "sks dog"
+
+
+def test_the_metadata_file_is_bounded_in_bytes_and_lines(instance_dir, monkeypatch):
+    line = json.dumps({"file_name": "photo0.png", "text": "sks dog"}) + "\n"
+    (instance_dir / "metadata.jsonl").write_text(line * (captions.MAX_METADATA_LINES + 1))
+    with pytest.raises(ImageDataError, match=rf"metadata\.jsonl: over {captions.MAX_METADATA_LINES} lines"):
+        _captioned(instance_dir)  # refused as too long before the duplicate lines are looked at
+    (instance_dir / "metadata.jsonl").write_bytes(b"\n" * (captions.MAX_METADATA_BYTES + 1))
+    with pytest.raises(ImageDataError, match=rf"metadata\.jsonl: .* over the {captions.MAX_METADATA_BYTES // 2**20} "
+                                             "MB limit"):
+        _captioned(instance_dir)
+    (instance_dir / "metadata.jsonl").write_text('{"file_name": "photo0.png", "text": "sks dog \\ud800"}')
+    with pytest.raises(ImageDataError, match=r"metadata\.jsonl line 1: the caption holds a lone surrogate"):
+        _captioned(instance_dir)

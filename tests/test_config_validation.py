@@ -208,3 +208,39 @@ def test_the_cli_reports_a_bad_value_in_one_paragraph_and_exit_code_2(tmp_path, 
     with pytest.raises(SystemExit) as exited:
         main(["train", "--output-dir", str(tmp_path), "--max-train-steps", "many"])
     assert exited.value.code == 2 and "invalid int value: 'many'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt, shown", [
+    ('a photo of sks dog" $(touch X) "', "'\"' '$'"),
+    ("a photo of sks dog`touch X`", "'`'"),
+    ("a photo of sks dog; rm -rf ~", "';'"),
+    ("a photo of sks\ndog", "'\\n'"),
+])
+@pytest.mark.parametrize("field, option", [("instance_prompt", "--instance-prompt"),
+                                           ("class_prompt", "--class-prompt")])
+def test_prompts_with_characters_for_a_shell_or_markdown_are_refused_naming_them(prompt, shown, field, option):
+    config = good_config()
+    setattr(config.concepts[0], field, prompt)
+    with pytest.raises(ConfigError) as caught:
+        config.validate()
+    message = str(caught.value)
+    assert message.startswith(f"{option} {prompt!r}") and shown in message and "ordinary punctuation" in message
+
+
+@pytest.mark.parametrize("instance, class_", [
+    ("photo of <zwx> chair", "photo of chair"), ("a woman in zwx style", "a woman"),
+    ("a photo of sks dog, 4k (detailed:1.2)!", "a photo of dog"), ("une photo de sks chien", "une photo de chien"),
+    ("a photo of sks teddy-bear's ear", "a photo of teddy-bear's ear"), ("a photo of sks toy", "a photo of toy"),
+])
+def test_ordinary_prompts_stay_valid(instance, class_):
+    TrainConfig.from_preset("t4", concepts=[Concept("photos", instance, class_)], output_dir="out").validate()
+
+
+def test_the_forms_class_noun_and_identifier_take_sensible_characters_only():
+    for noun in ("dog", "teddy bear", "t-shirt", "80's car", "chien", "robot_arm", "st. bernard, puppy"):
+        assert subject.prompts_for("sks", noun).instance == f"a photo of sks {noun}"
+    for noun in ('dog" $(touch X) "', "dog`touch X`", "dog; rm", "<img src=x>", "dog\\cat", "(dog)"):
+        with pytest.raises(ConfigError, match=r"Class noun .*: use letters, digits, spaces and - ' _ \. , only"):
+            subject.check_class_noun(noun)
+    with pytest.raises(ConfigError, match="Identifier token"):
+        subject.prompts_for('sks"', "dog")

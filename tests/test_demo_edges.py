@@ -323,3 +323,100 @@ def test_an_open_demo_warns_that_anyone_can_use_it(monkeypatch, capsys):
     assert "public share link" in public_without_auth_warning("127.0.0.1", True, None)
     assert public_without_auth_warning("::1", False, None) is None
     assert public_without_auth_warning("0.0.0.0", True, ("a", "b")) is None
+
+
+# ---------------------------------------------------------------------------- 11. hostile bodies, abandoned requests
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 3000,  # nested past Python's recursion limit
+    b'{"prompt": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+    b'{"prompt": "a dog", "seed": ' + b'{"a": ' * 2000 + b"1" + b"}" * 2000 + b"}",
+    b'{"prompt": "a [[[[ dog", "negative_prompt": "\\"[[[{{{"}' + b" " * 10,  # brackets in strings are fine...
+])
+def test_deeply_nested_json_is_refused_before_it_is_decoded(fake_demo, body):
+    running, url = fake_demo()
+    response = httpx.post(f"{url}/api/generate", content=body, headers={"content-type": "application/json"})
+    if b"[[[[ dog" in body:  # ... as they are text, not nesting
+        assert response.status_code == 200, response.text
+        assert running.service._generator.ran == ["a [[[[ dog"]
+        return
+    assert response.status_code == 400 and "nested" in response.json()["detail"], response.text
+    assert httpx.get(f"{url}/api/health").status_code == 200  # and the server is fine
+
+
+@pytest.mark.parametrize("body", [
+    b'{"prompt": "a \\ud800 dog"}',  # a lone surrogate: no character, cannot be encoded
+    b'{"prompt": "a dog", "negative_prompt": "blurry \\udfff"}',
+    b'{"prompt": "a dog", "\\ud800": 1}',
+])
+def test_a_lone_surrogate_is_refused_not_a_server_error(fake_demo, body):
+    running, url = fake_demo()
+    response = httpx.post(f"{url}/api/generate", content=body, headers={"content-type": "application/json"})
+    assert response.status_code in (400, 422) and "surrogate" in response.json()["detail"], response.text
+    assert running.service._generator.ran == []
+    emoji = httpx.post(f"{url}/api/generate", content=b'{"prompt": "a dog \\ud83d\\ude00", "steps": 1}',
+                       headers={"content-type": "application/json"})  # a proper pair is a character: fine
+    assert emoji.status_code == 200 and emoji.json()["prompt"] == "a dog \U0001F600"
+
+
+def test_the_queue_refuses_a_lone_surrogate_from_the_page_too(tmp_path):
+    service = DemoService("tiny", output_dir=tmp_path)
+    use_generator(service, FakeGenerator())
+    with pytest.raises(demo_api.ConfigError, match="surrogate"):
+        service.submit("a \ud800 dog")
+
+
+def test_requests_whose_clients_hung_up_leave_the_queue_and_a_real_user_is_served(fake_demo):
+    gate = threading.Event()  # the first request runs until the gate opens: a slow generation
+    generator = FakeGenerator(gate=gate)
+    running, url = fake_demo(generator)
+    assert running.service.limits.max_queue == 32
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    abandoned = []
+    for index in range(32):  # a burst that fills the queue, from clients that will hang up
+        body = f'{{"prompt": "abandoned {index}", "steps": 1}}'.encode()
+        connection = socket.create_connection((host, port))
+        connection.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        abandoned.append(connection)
+        wait_until(lambda n=index + 1: sum(running.service.queue_counts().values()) == n, what=f"request {index}")
+    assert running.service.queue_counts() == {"running": 1, "waiting": 31}
+    assert httpx.post(f"{url}/api/generate", json={"prompt": "too many"}).status_code == 503  # full, for now
+    for connection in abandoned:
+        connection.close()
+    # The running one cannot be stopped; the 31 waiting are withdrawn as their clients are gone.
+    wait_until(lambda: running.service.queue_counts() == {"running": 1, "waiting": 0}, timeout=10,
+               what="the abandoned requests to leave the queue")
+    answer = {}
+    real = threading.Thread(target=lambda: answer.update(
+        response=httpx.post(f"{url}/api/generate", timeout=60, json={"prompt": "a real user", "steps": 1})))
+    real.start()
+    wait_until(lambda: running.service.queue_counts()["waiting"] == 1, what="the real request in the queue")
+    started = time.monotonic()
+    gate.set()
+    real.join(60)
+    assert answer["response"].status_code == 200, answer["response"].text
+    assert time.monotonic() - started < 10
+    assert generator.ran == ["abandoned 0", "a real user"]  # none of the 31 withdrawn ones ever ran
+
+
+def test_a_request_body_that_never_arrives_does_not_hold_a_connection(fake_demo, monkeypatch):
+    """Issue 27 item 10: a client that declares a body and sends part of it (or nothing) is answered 408 and
+    disconnected after the body timeout; it does not hold the connection, or anything the app awaits, for ever."""
+    from dreambooth_helpers import body_timeout
+
+    monkeypatch.setattr(body_timeout, "BODY_TIMEOUT_S", 1.0)
+    _, url = fake_demo()
+    host, port = url.removeprefix("http://").split(":")
+    for sent in (b'{"prompt": "a ph', b""):
+        started = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=20) as connection:
+            connection.sendall(b"POST /api/generate HTTP/1.1\r\nHost: demo\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 200\r\n\r\n" + sent)
+            answer = b""
+            while chunk := connection.recv(4096):  # until the server closes the connection
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"did not arrive in time" in answer and time.monotonic() - started < 10
+    assert httpx.post(f"{url}/api/generate", json={"prompt": "a photo of sks dog", "steps": 1}).status_code == 200

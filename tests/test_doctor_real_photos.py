@@ -126,3 +126,48 @@ def test_a_mirrored_copy_and_a_reframed_burst_shot_are_duplicates_and_distinct_p
     assert sorted(f.message.split(" are ")[0] for f in duplicates) == ["cat.jpg, cat-flipped.jpg",
                                                                       "coffee-1.jpg, coffee-2.jpg"]
     assert all("Keep one" in f.advice for f in duplicates)
+
+
+# ---------------------------------------------------------------------------- one subject (issue 30)
+
+
+def test_photos_of_other_things_among_the_sample_robots_are_named():
+    """The newcomer's set: five photos of the toy robot, an astronaut, a cat and a coffee cup."""
+    photos = regression.originals()
+    robots = regression.robot_photos()
+    mixed = {**robots, **{f"{name}.jpg": photos[name] for name in ("astronaut", "cat", "coffee")}}
+    records = [ImageRecord(name, image, image.size, "RGB") for name, image in mixed.items()]
+    report = diagnose(DatasetReport(records), resolution=regression.TRAINING_SIZE)
+    [finding] = [f for f in report.findings if f.check == "one-subject"]
+    assert finding.severity == "warning" and finding.file is None
+    assert finding.message.startswith("astronaut.jpg, cat.jpg, coffee.jpg do not look like the other 5 photos")
+    assert not any(name in finding.message for name in robots) and "remove photos" in finding.advice
+    assert report.measurements["cat.jpg"]["likeness_distance"] > 0.4
+    # The robots alone, on five different backdrops, are one subject: nothing to say.
+    alone = diagnose(DatasetReport([ImageRecord(n, i, i.size, "RGB") for n, i in robots.items()]))
+    assert not [f for f in alone.findings if f.check == "one-subject"]
+
+
+def test_a_real_photo_among_crops_of_another_is_named_and_style_sets_are_not_judged():
+    photos = regression.originals()
+    astronaut = photos["astronaut"]
+    crops = {"wide.jpg": astronaut, "zoom.jpg": regression.reframed(astronaut, 0.1, 0.1, 0.8),
+             "closer.jpg": regression.reframed(astronaut, 0.2, 0.2, 0.6),
+             "left.jpg": regression.reframed(astronaut, 0.0, 0.1, 0.75), "pagoda.jpg": photos["china"]}
+    records = [ImageRecord(name, image, image.size, "RGB") for name, image in crops.items()]
+    one = [f for f in diagnose(DatasetReport(records)).findings if f.check == "one-subject"]
+    assert [f.message.split(" does not")[0] for f in one] == ["pagoda.jpg"]
+    assert not [f for f in diagnose(DatasetReport(records), kind="style").findings if f.check == "one-subject"]
+
+
+@pytest.mark.slow  # ~20 s: 104 sets of real photos
+def test_one_subject_on_the_regression_sets_names_every_stray_photo_and_nothing_else():
+    from dreambooth_helpers.photo_likeness import outlying_photos
+
+    scored = regression.score_subject_sets()
+    assert scored["missed"] == [] and scored["false"] == []
+    assert len(scored["should"]) >= 90 and len(scored["judged"]) >= 500 and len(scored["good_sets"]) >= 30
+    assert scored["good_sets_warned"] == []
+    # The duplicate regression sets (near-copies among unrelated photos) have no one-subject majority either.
+    for case in regression.duplicate_cases():
+        assert outlying_photos(list(case.images), list(case.images.values())).outliers == [], case.name

@@ -45,6 +45,8 @@ OTHER_PROGRAMS = {
     r"\bpip\b": {"--quiet", "--progress-bar", "--constraint", "--only-binary"},
     r"\btensorboard\b": {"--logdir"},  # docs/captions_tracking.md: opening --report-to's logs
     r"mlflow ui": {"--backend-store-uri"},
+    r"mlflow server": {"--backend-store-uri"},  # docs/registry.md, tracking.py's advice
+    r"mlflow models serve": {"--env-manager"},  # serving a registered model (docs/registry.md, registry.py's card)
 }
 # Modules whose messages advise the command that failed (not another command: "train with --checkpoint-every").
 ADVICE_MODULES = ("dreambooth_helpers/failures.py",)

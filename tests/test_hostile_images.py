@@ -376,3 +376,45 @@ def test_bad_sources_raise_the_library_error_or_become_skips(tmp_path):
             read_images(source)
     report = read_images({"a.png": None, "b.png": {"name": "b.png"}})
     assert report.images == [] and [s.name for s in report.skipped] == ["a.png", "b.png"]
+
+
+# ---------------------------------------------------------------------------- decoding once, at the size needed
+
+
+def test_a_photo_is_decoded_once_at_the_size_asked_keeping_its_original_size_and_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: the photo is 1200 wide and 2400 tall once upright
+    sideways = photo((2400, 1200), colour=(200, 40, 40))
+    jpeg = read_image("phone.jpg", encode(sideways, "JPEG", exif=exif.tobytes(), quality=90), max_side=512)
+    assert jpeg.image.size == (256, 512) and jpeg.original_size == (2400, 1200)
+    assert "rotated upright from its EXIF orientation" in jpeg.notes
+    for mode, note in (("1", "grayscale, converted to RGB"), ("P", "converted from P"),
+                       ("I;16", "16-bit image reduced to 8 bits")):
+        image = photo((1800, 1200)).convert("L").convert(mode) if mode != "P" else photo((1800, 1200)).convert("P")
+        record = read_image(f"big-{mode}.png", encode(image, "PNG"), max_side=300)
+        assert record.image.size == (300, 200) and record.image.mode == "RGB", mode
+        assert note in record.notes and record.original_mode == mode
+    # Without max_side nothing changes: the full size, as before.
+    assert read_image("full.png", encode(photo((900, 600)), "PNG")).image.size == (900, 600)
+
+
+def test_a_lower_pixel_limit_per_photo_names_the_photo_and_the_limit():
+    kind, reason = outcome(read_images([("huge.png", png_header_only(9400, 9400))], max_pixels=70_000_000),
+                           "huge.png")
+    assert kind == "skipped"
+    assert "9400x9400 (88 megapixels)" in reason and "the limit is 70 megapixels per photo" in reason
+
+
+def test_the_pixels_of_an_upload_are_bounded_all_together_before_decoding(monkeypatch):
+    from PIL import ImageFile
+
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image.size) or real_load(image))
+    members = {f"p{i}.png": png_header_only(4000, 4000 + i) for i in range(3)}  # 16 MP each
+    with pytest.raises(data.TooManyPixels, match=r"over 40 megapixels in all.*p2\.png goes over it"):
+        read_images([("many.zip", make_zip(members))], max_total_pixels=40_000_000)
+    assert set(decoded) == {(4000, 4000), (4000, 4001)}  # the third one was refused from its header, not decoded
+    report = read_images([("a.png", encode(photo(), "PNG")), ("b.png", encode(photo(colour=(0, 9, 0)), "PNG"))],
+                         max_total_pixels=2 * 96 * 80)
+    assert len(report.images) == 2  # up to the limit is fine

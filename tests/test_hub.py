@@ -527,3 +527,105 @@ def test_hub_error_texts_never_carry_the_token(fresh_full_dir, fake_api):
     with pytest.raises(hub.HubError, match="HTTP 500") as caught:
         hub.push_to_hub(fresh_full_dir, "alice/sks-dog", token=SECRET)
     assert SECRET not in str(caught.value)
+
+
+def test_push_without_exist_ok_leaves_an_existing_repository_alone(fresh_full_dir, fake_api):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from dreambooth_helpers.errors import RepoExistsError
+
+    response = httpx.Response(409, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
+    fake_api.fail_with = HfHubHTTPError("409 Conflict: You already created this model repo", response=response)
+    with pytest.raises(RepoExistsError, match="'alice/sks-dog' already exists on the Hub: nothing was uploaded"):
+        hub.push_to_hub(fresh_full_dir, "alice/sks-dog", token=SECRET, exist_ok=False)
+    assert fake_api.calls == [("create_repo", {"repo_id": "alice/sks-dog", "private": False, "repo_type": "model",
+                                               "exist_ok": False})]
+    assert fake_api.uploaded == {} and not (fresh_full_dir / "README.md").exists()
+
+
+# ---------------------------------------------------------------------------- the card's code, quoted
+
+HOSTILE_NOUNS = ['dog" $(touch PWNED) "', "dog `touch PWNED` ``` x", "dog'; touch PWNED; echo '",
+                 "dog\n```\n$(touch PWNED)\n---\n<img src=x>"]
+
+
+def _hostile_run(source: Path, folder: Path, prompt: str) -> Path:
+    def hostile(summary):
+        summary["instance_prompts"] = [prompt]
+        summary["config"]["concepts"][0].update(instance_prompt=prompt, class_prompt="a photo of dog")
+
+    return _with_summary(source, folder, hostile)
+
+
+def _markdown_tokens(card: str) -> list:
+    from markdown_it import MarkdownIt
+
+    body = card.split("\n---\n", 1)[1]
+    tokens = []
+    for token in MarkdownIt("commonmark").enable("table").parse(body):
+        tokens += [token, *(token.children or [])]
+    return tokens
+
+
+@pytest.mark.parametrize("noun", HOSTILE_NOUNS)
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_the_cards_code_quotes_a_hostile_prompt_for_each_language(full_dir, lora_dir, tmp_path, noun, kind):
+    """A class noun such as `dog" $(touch X) "` lands in the card's bash lines, Python snippet, Markdown and front
+    matter; in each it stays the text it is: running the card's commands creates no file."""
+    import ast
+
+    pytest.importorskip("markdown_it")
+    prompt = f"a photo of sks {noun}"
+    model = _hostile_run(full_dir if kind == "full" else lora_dir, tmp_path / "run", prompt)
+    card = str(hub.build_model_card(model, "alice/sks-dog"))
+    assert front_matter(card)["instance_prompt"] == prompt  # YAML
+    tokens = _markdown_tokens(card)
+    fences = [(token.info, token.content) for token in tokens if token.type == "fence"]
+    assert [info for info, _ in fences] == ["python", "bash"] + (["bash"] if kind == "lora" else [])
+    # Markdown: the prompt is shown whole in a code span (one line), and none of it leaks out as Markdown.
+    assert " ".join(prompt.split()) in [token.content for token in tokens if token.type == "code_inline"]
+    assert not [t.content for t in tokens if t.type in ("text", "html_inline", "html_block") and "PWNED" in t.content]
+    # Python: it compiles, and the strings are the prompt and the repository, as given.
+    python = fences[0][1]
+    tree = ast.parse(compile(python, "card-snippet", "exec", ast.PyCF_ONLY_AST))
+    calls = {ast.unparse(node.func): node for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    assert ast.literal_eval(calls["pipe"].args[0]) == prompt
+    loaded = calls["pipe.load_lora_weights" if kind == "lora" else f"{'StableDiffusionPipeline'}.from_pretrained"]
+    assert ast.literal_eval(loaded.args[0]) == "alice/sks-dog"
+    # Bash: valid, and run as written (with a stand-in dreambooth-helpers) it passes the prompt as one argument.
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir()
+    work.mkdir()
+    fake = bin_dir / "dreambooth-helpers"
+    fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@" >> "$ARGS_FILE"\nprintf "\\n\\0" >> "$ARGS_FILE"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "ARGS_FILE": str(tmp_path / "args")}
+    for _, script in fences[1:]:
+        assert subprocess.run(["bash", "-n", "-c", script], capture_output=True).returncode == 0, script
+        done = subprocess.run(["bash", "-e", "-c", script], cwd=work, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert not list(tmp_path.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
+    calls_made = [c.split("\0")[:-1] for c in (tmp_path / "args").read_text().split("\n\0") if c]
+    generate = next(arguments for arguments in calls_made if arguments[0] == "generate")
+    assert generate[generate.index("--prompt") + 1] == prompt
+    assert generate[generate.index("--model") + 1] == ("alice/sks-dog" if kind == "full" else
+                                                       "stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def test_the_cards_markdown_keeps_backticks_and_pipes_of_recorded_values_inside_their_code(full_dir, tmp_path):
+    from dreambooth_helpers import model_card
+
+    pytest.importorskip("markdown_it")
+
+    def odd_values(summary):
+        summary["config"]["lr_scheduler"] = "constant | <b>bold</b> `x`"
+        summary["base_model"] = str(tmp_path / "my `base` <img src=x> model")
+
+    card = str(hub.build_model_card(_with_summary(full_dir, tmp_path / "run", odd_values), "alice/sks-dog",
+                                    license="my `license` <i>"))
+    tokens = _markdown_tokens(card)
+    rows = [t for t in tokens if t.type == "tr_open"]
+    assert len(rows) == 1 + len(model_card._settings_rows(model_card.describe_training(tmp_path / "run")))
+    assert not [t.content for t in tokens if t.type in ("html_inline", "html_block")]  # no HTML gets through
+    codes = [t.content for t in tokens if t.type == "code_inline"]
+    assert "my `base` <img src=x> model" in codes and "my `license` <i>" in codes

@@ -170,7 +170,8 @@ def test_generate_cli_writes_pngs(tmp_path, lora_dir, capsys):
     assert code == 0
     pngs = sorted(p.name for p in out.glob("image-*.png"))
     assert len(pngs) == 2 and pngs[0].endswith("seed5.png") and pngs[1].endswith("seed6.png")
-    assert (out / "grid.png").is_file() and Image.open(out / "grid.png").size == (128, 64)
+    assert all(Image.open(out / name).size == (64, 64) for name in pngs)  # the files at their true size
+    assert (out / "grid.png").is_file() and Image.open(out / "grid.png").size == (512, 256)  # shown enlarged, 4x
     assert "seed 5" in capsys.readouterr().out
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -216,8 +217,19 @@ def test_a_full_disk_is_refused_with_a_clear_message_before_anything_is_written(
         ckpt.save_checkpoint(tmp_path, 2, training_state.state, {}, keep=2)
     message = str(caught.value)
     assert message.startswith(f"Not enough disk space in {tmp_path / 'checkpoints'} to save")
-    assert "GiB needed, 0.0 GiB free" in message and "--checkpoints-total-limit" in message
+    assert re.search(r"[1-9][\d.]* (KiB|MiB|GiB) needed, 1\.0 MiB free\.", message), message
+    assert "--checkpoints-total-limit" in message
     assert ckpt.list_checkpoints(tmp_path) == [] and not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_full_disk_says_so_with_sizes_that_are_not_rounded_to_nothing(tmp_path, monkeypatch):
+    """Issue 27 item 10: a small model's checkpoint on a full disk read "0.0 GiB needed, 0.0 GiB free"."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(100 * 2**30, 100 * 2**30, 0))
+    with pytest.raises(TrainingError) as caught:
+        ckpt.check_free_disk(tmp_path / "checkpoints", 5 * 2**20 + 123)
+    message = str(caught.value)
+    assert message.startswith("The disk is full. Not enough disk space") and "0.0 GiB" not in message
+    assert "5.0 MiB needed, 0 bytes free." in message
 
 
 def test_training_checks_the_disk_before_the_first_step(make_config, monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,3 +196,172 @@ def test_a_run_outlives_the_app_that_started_it_and_resumes_after_a_crash(instan
     assert same_weights(resumed.output_dir, straight_run)
     state = json.loads((resumed.folder / "state.json").read_text())
     assert state["status"] == FINISHED and state["error"] is None
+
+
+def _write_run(runner: JobRunner, job_id: str, **state) -> Path:
+    """A run on disk as a runner (this one or an earlier version) leaves it."""
+    folder = runner.jobs_dir / job_id
+    (folder / "output").mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps({"created": time.time(), **state}))
+    return folder
+
+
+def test_run_ids_are_unguessable_old_ones_still_load_and_a_missing_run_names_no_path(instance_dir, tmp_path,
+                                                                                      monkeypatch):
+    runner = JobRunner(tmp_path / "work")
+    monkeypatch.setattr(runner, "_launch", lambda job: None)  # queued, never trained
+    ids = [runner.submit(tiny_config(instance_dir), name="sks dog").job_id for _ in range(2)]
+    for job_id in ids:  # the date and name for people, then 96 random bits (16 URL-safe characters)
+        assert re.fullmatch(r"\d{8}-\d{6}-sks-dog-[A-Za-z0-9_-]{16}", job_id), job_id
+    assert ids[0] != ids[1]
+    old = "20240101-120000-sks-dog-ab12"  # an id of the earlier, 16-bit kind
+    _write_run(runner, old, status=FINISHED, owner="alice")
+    assert runner.job(old).status == FINISHED and old in [job.job_id for job in runner.jobs()]
+    with pytest.raises(JobError) as caught:
+        runner.job("20240101-120000-sks-dog-ab13")
+    assert str(caught.value) == "No training run '20240101-120000-sks-dog-ab13'."  # no server path
+
+
+def test_a_pid_reused_by_another_users_process_is_not_our_run(tmp_path, monkeypatch):
+    """kill(pid, 0) answers EPERM for another user's process: its command line decides, so a run whose pid was
+    reused stops being "running" (the queue moves on, Cancel works) while our own run is still followed."""
+    from dreambooth_helpers import jobs
+
+    runner = JobRunner(tmp_path / "work")
+    launched = []
+    monkeypatch.setattr(runner, "_launch", lambda job: launched.append(job.job_id))
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    ours_folder = _write_run(runner, "ours", status=FINISHED)
+    stranger = subprocess.Popen(sleeper)  # the other user's program that got the pid
+    ours = subprocess.Popen([*sleeper, str(ours_folder)])  # our training, as seen from a different account
+    signals = []
+
+    def no_permission(pid, signum):
+        signals.append((pid, signum))
+        raise PermissionError(1, "Operation not permitted")
+
+    try:
+        with monkeypatch.context() as faked:
+            faked.setattr(jobs.os, "kill", no_permission)
+            faked.setattr(jobs.os, "killpg", no_permission)
+            _write_run(runner, "cancelled-one", status=RUNNING, pid=stranger.pid)
+            assert not jobs.process_alive(stranger.pid, str(runner.jobs_dir / "cancelled-one"))
+            assert jobs.process_alive(ours.pid, str(ours_folder))
+            assert jobs.process_alive(stranger.pid)  # no marker: something lives under that pid
+
+            runner.cancel("cancelled-one")  # nothing of ours to signal: no PermissionError
+            assert all(signum == 0 for _, signum in signals), signals
+            assert runner.job("cancelled-one").status == CANCELLED
+            _write_run(runner, "stale", status=RUNNING, pid=stranger.pid)
+            _write_run(runner, "next", status=QUEUED)
+            assert runner.job("stale").status == INTERRUPTED  # not "running" forever
+            assert launched and set(launched) == {"next"}  # the queue moves on
+            assert all(signum == 0 for _, signum in signals), signals
+
+            launched.clear()
+            (ours_folder / "state.json").write_text(json.dumps({"status": RUNNING, "created": 0, "pid": ours.pid}))
+            assert runner.job("ours").status == RUNNING and not launched  # still ours: followed, the queue waits
+            with pytest.raises(JobError, match="belongs to another user"):
+                runner.cancel("ours")
+    finally:
+        for process in (stranger, ours):
+            process.kill()
+            process.wait()
+
+
+def _run_in_this_process(folder: Path, monkeypatch, train) -> dict:
+    """jobs.run_job(folder) here, with `train` standing in for training: the outcome it wrote (result.json)."""
+    from dreambooth_helpers import jobs, threads, training
+
+    monkeypatch.setattr(training, "train", train)
+    monkeypatch.setattr(threads, "use_one_thread_for", lambda model: None)  # not this test process's threads
+    monkeypatch.setattr(jobs.signal, "signal", lambda *args: None)  # nor its signal handlers
+    jobs.run_job(folder)
+    return json.loads((folder / "result.json").read_text())
+
+
+def test_a_hand_edited_config_cannot_send_a_runs_outputs_outside_its_folder(instance_dir, tmp_path, monkeypatch):
+    import types
+
+    trained = []
+
+    def train(config, **kwargs):
+        trained.append(config)
+        return types.SimpleNamespace(output_dir=config.output_dir, global_step=0)
+
+    folder = tmp_path / "work" / "jobs" / "20240101-000000-run-edited12345"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps({"status": RUNNING, "created": 1.0, "total_steps": 8}))
+    outside = tmp_path / "elsewhere"
+    edits = {"output_dir": {"output_dir": str(outside)},
+             "class_dir": {"concepts": [Concept(str(instance_dir), "a photo of sks dog", "a photo of a dog",
+                                                str(outside / "classes"))], "output_dir": str(folder / "output")},
+             "resume": {"resume": str(outside / "checkpoint-000002"), "output_dir": str(folder / "output")}}
+    for what, changes in edits.items():
+        config = tiny_config(instance_dir).replace(**changes)
+        (folder / "config.json").write_text(json.dumps(config.to_dict()))
+        result = _run_in_this_process(folder, monkeypatch, train)
+        assert result["outcome"] == FAILED and "points outside the run's own folder" in result["error"], what
+        assert what in result["error"] and not trained and not outside.exists()
+    (folder / "config.json").write_text(json.dumps(tiny_config(instance_dir,
+                                                               output_dir=str(folder / "output")).to_dict()))
+    assert _run_in_this_process(folder, monkeypatch, train)["outcome"] == FINISHED and len(trained) == 1
+
+
+def test_a_full_disk_mid_run_is_said_once_and_the_page_keeps_working(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from dreambooth_helpers import jobs
+
+    runner = JobRunner(tmp_path / "work")
+    folder = runner.jobs_dir / "20240101-000000-run-diskfull123"
+    folder.mkdir()
+    (folder / "state.json").write_text(json.dumps({"status": RUNNING, "created": 1.0, "pid": None}))
+    (folder / "log.txt").write_text("step 3/8\n\nTraceback (most recent call last):\n  File \"x.py\"\n"
+                                    "OSError: [Errno 28] No space left on device: 'progress.json.tmp'\n")
+    runner._children[folder.name] = types_namespace(poll=lambda: 1)  # its process died
+    launched = []
+    monkeypatch.setattr(runner, "_launch", lambda job: launched.append(job.job_id))
+    (runner.jobs_dir / "next").mkdir()
+    (runner.jobs_dir / "next" / "state.json").write_text(json.dumps({"status": QUEUED, "created": 2.0}))
+    real_write = jobs.write_json_atomically
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(jobs, "write_json_atomically", full)
+    for _ in range(5):  # the page polls: every answer is the run's state, none an OSError
+        job = runner.job(folder.name)
+        assert job.status == FAILED and job.error == jobs.DISK_FULL
+    assert "0.0 GiB" not in job.error and "Resume" in job.error
+    assert [r.getMessage() for r in caplog.records].count(f"{jobs.DISK_FULL} ({runner.workdir})") == 1  # once
+    assert runner.disk_full == jobs.DISK_FULL and launched == []  # nothing starts on a full disk
+    with pytest.raises(JobError, match="disk of the work folder is full"):
+        runner.submit(tiny_config(tmp_path))
+    monkeypatch.setattr(jobs, "write_json_atomically", real_write)  # space again
+    assert runner.job(folder.name).status == FAILED and runner.disk_full is None
+    assert json.loads((folder / "state.json").read_text())["status"] == FAILED  # written once there was room
+    assert launched == ["next"]
+
+
+def test_a_run_that_meets_a_full_disk_reports_it_plainly(instance_dir, tmp_path, monkeypatch):
+    import errno
+
+    from dreambooth_helpers import jobs
+
+    folder = tmp_path / "work" / "jobs" / "20240101-000000-run-nospace1234"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps({"status": RUNNING, "created": 1.0, "total_steps": 8}))
+    (folder / "config.json").write_text(json.dumps(tiny_config(instance_dir,
+                                                               output_dir=str(folder / "output")).to_dict()))
+
+    def train(config, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "progress.json"))
+
+    assert _run_in_this_process(folder, monkeypatch, train) == {"outcome": FAILED, "error": jobs.DISK_FULL}
+
+
+def types_namespace(**attributes):
+    import types
+
+    return types.SimpleNamespace(**attributes)

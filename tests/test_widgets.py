@@ -755,6 +755,22 @@ def test_evaluate_skips_styles_with_a_reason(capsys, tmp_path, instance_dir):
     assert "RUN_EVALUATION is off" in capsys.readouterr().out
 
 
+def test_a_smoke_run_checks_the_evaluation_cell_without_showing_a_report_it_was_not_asked_for(
+        capsys, tmp_path, instance_dir, monkeypatch):
+    """The cell's text says the evaluation runs only when RUN_EVALUATION is ticked: a smoke run still exercises it
+    (tiny encoders) but shows no report, only one line; ticked, the report comes back to be shown."""
+    import dreambooth_helpers.evaluation as evaluation
+
+    calls = []
+    monkeypatch.setattr(evaluation, "evaluate_model", lambda *args, **options: calls.append(options) or "report")
+    selection = widgets.collect_images("folder", instance_dir, tmp_path)
+    assert widgets.evaluate(None, selection, widgets.NotebookSettings(), tmp_path / "evaluation", False, SMOKE) is None
+    assert calls[-1]["encoders"] == "tiny"  # it ran, so the smoke test covers the cell
+    printed = capsys.readouterr().out
+    assert "RUN_EVALUATION is off" in printed and len(printed.strip().splitlines()) == 1
+    assert widgets.evaluate(None, selection, widgets.NotebookSettings(), tmp_path, True, SMOKE) == "report"
+
+
 def test_show_evaluation_shows_the_grid_inline(tmp_path, monkeypatch):
     import IPython.display
 

@@ -7,6 +7,7 @@ the name, a folder's model_index.json, a single file's keys, or the Hub's model_
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -85,13 +86,30 @@ def _family_of_file(path: Path) -> ModelFamily:
 
 
 def _family_of_hub_id(repo: str, hub_options: dict) -> ModelFamily:
-    """The Hub's model_index.json says; without it (offline, gated, not yet cached), the base models people type,
-    then the name: SDXL fine-tunes carry "XL" in it (…-xl-base-1.0, sdxl-turbo, Juggernaut-XL)."""
+    """The Hub model's model_index.json, from the cache when it is there; else the name (SDXL models carry "XL" in
+    it: ...-xl-base-1.0, sdxl-turbo, Juggernaut-XL), which offline is all there is; else one small download."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "model_index.json")
+    if isinstance(cached, str):
+        try:
+            return family_of_index(json.loads(Path(cached).read_text()))
+        except (OSError, ValueError):
+            pass
+    name = repo.split("/")[-1].lower()
+    if re.search(r"(^|[-_])(sd)?xl([-_]|$)", name):
+        return SDXL
+    if constants.HF_HUB_OFFLINE or hub_options.get("local_files_only"):
+        return SD1
+    return _family_from_hub(repo)
+
+
+@functools.lru_cache(maxsize=32)
+def _family_from_hub(repo: str) -> ModelFamily:
+    """Asked once per process (the planner and the loader both ask)."""
     try:
         from diffusers import DiffusionPipeline
 
-        return family_of_index(DiffusionPipeline.load_config(repo, **hub_options))
-    except Exception:  # offline, unknown repository, gated: the loader says which, with advice
-        pass
-    name = repo.split("/")[-1].lower()
-    return SDXL if re.search(r"(^|[-_])(sd)?xl([-_]|$)", name) else SD1
+        return family_of_index(DiffusionPipeline.load_config(repo))
+    except Exception:  # unreachable, unknown repository, gated: the loader says which, with advice
+        return SD1

@@ -97,9 +97,9 @@ class StableDiffusionXL(ModelFamily):
 
     def check_training(self, config) -> None:
         if not config.lora:
-            raise ConfigError("SDXL is trained with LoRA here: a full fine-tune of its 2.6B-parameter UNet needs "
-                              "~40 GB of GPU memory and writes 7 GB per checkpoint. Add --lora (or use --preset "
-                              "t4-sdxl, which fits a free Colab T4).")
+            raise ConfigError(f"{config.model!r} is an SDXL model, and SDXL is trained with LoRA here: a full "
+                              "fine-tune of SDXL's UNet (2.6B parameters) needs ~40 GB of GPU memory and writes 7 GB "
+                              "per checkpoint. Add --lora (on a free Colab T4: --preset t4-sdxl).")
 
 
 SDXL = StableDiffusionXL()

@@ -39,7 +39,7 @@ def make_class_images(config: TrainConfig) -> list[Path]:
         return prepare_class_images(config)  # which frees the model's GPU memory when it is done
 
 
-def class_image_grid(config: TrainConfig, limit: int = 8, cell: int = 96):
+def class_image_grid(config: TrainConfig, limit: int = 8, cell: int = 128):
     """A grid of the first class images that prior preservation trains on (None when it is off)."""
     images = _first_class_images(config, limit) if config.with_prior_preservation else []
     return labelled_grid([(config.concepts[0].class_prompt, images)], cell=cell) if images else None
@@ -244,7 +244,11 @@ def evaluation_options(kind: str, requested: bool, runtime: NotebookRuntime, num
 
 def evaluate(generator, selection: ImageSelection, settings: NotebookSettings, output_dir: str | Path,
              requested: bool, runtime: NotebookRuntime, num_prompts: int | None = 25, images_per_prompt: int = 4):
-    """The paper's DINO / CLIP-I / CLIP-T scores for the trained model (None, with a message, when skipped)."""
+    """The paper's DINO / CLIP-I / CLIP-T scores for the trained model (None, with a message, when skipped).
+
+    A smoke test that did not tick RUN_EVALUATION still runs it, with tiny random encoders, to check the cell
+    works; it writes the files but shows no report (its numbers mean nothing), only one line saying so.
+    """
     from ..evaluation import evaluate_model
     from ..training import quiet_library_logs
 
@@ -255,8 +259,13 @@ def evaluate(generator, selection: ImageSelection, settings: NotebookSettings, o
         print(f"Evaluation skipped: {reason}.")
         return None
     with quiet_library_logs():
-        return evaluate_model(generator, settings.class_noun, instance_dir=selection.folder,
-                              identifier=settings.token, output_dir=output_dir, **options)
+        report = evaluate_model(generator, settings.class_noun, instance_dir=selection.folder,
+                                identifier=settings.token, output_dir=output_dir, **options)
+    if runtime.smoke and not requested:
+        print(f"Evaluation skipped: RUN_EVALUATION is off. (Smoke test: the cell was checked with tiny random "
+              f"encoders, files in {output_dir}; no report, its numbers mean nothing.)")
+        return None
+    return report
 
 
 def show_evaluation(report) -> None:

@@ -76,15 +76,16 @@ def _safe_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "photo"
 
 
-def save_uploads(uploads: Any, folder: str | Path) -> tuple[Path, DatasetReport]:
+def save_uploads(uploads: Any, folder: str | Path, report: DatasetReport | None = None) -> tuple[Path, DatasetReport]:
     """Read uploaded files in memory and write the usable photos into `folder` as upright RGB PNGs, at most
     UPLOAD_MAX_SIDE px. `uploads` is what an upload gives: Colab's `files.upload()` ({name: bytes}),
-    ipywidgets 7 or 8 `FileUpload.value`, or (name, bytes) pairs; zips are opened.
+    ipywidgets 7 or 8 `FileUpload.value`, or (name, bytes) pairs; zips are opened. Each photo is decoded once,
+    at that size; `report`: what read_images already made of `uploads` (then nothing is read again).
 
     Files from an earlier upload are removed first, so two uploads never mix. Returns the folder and
     the report of what was read (skipped files with their reasons).
     """
-    report = read_images(uploads)
+    report = report if report is not None else read_images(uploads, max_side=UPLOAD_MAX_SIDE)
     require_usable(report)
     folder = Path(folder)
     if folder.is_dir():
@@ -93,9 +94,11 @@ def save_uploads(uploads: Any, folder: str | Path) -> tuple[Path, DatasetReport]
                 old.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     for index, record in enumerate(report.images):
-        image = record.image.copy()
-        image.thumbnail((UPLOAD_MAX_SIDE, UPLOAD_MAX_SIDE))
-        image.save(folder / f"{index:02d}_{_safe_stem(record.name)}.png")
+        image = record.image
+        if max(image.size) > UPLOAD_MAX_SIDE:  # a report read at full size
+            image = image.copy()
+            image.thumbnail((UPLOAD_MAX_SIDE, UPLOAD_MAX_SIDE))
+        image.save(folder / f"{index:02d}_{_safe_stem(record.name)}.png")  # no EXIF (GPS) is written
     return folder, report
 
 

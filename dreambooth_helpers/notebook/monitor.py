@@ -70,15 +70,21 @@ def sample_step(path: str | Path) -> int:
     return int(digits) if name.startswith("step-") and digits.isdigit() else -1
 
 
-def sample_grid(paths: Sequence[str | Path], cell: int = 128):
-    """The samples as a grid: one row per step, one column per sample prompt."""
+def sample_grid(paths: Sequence[str | Path], cell: int = 192):
+    """The samples as a grid: one row per step ("step N" above it), one column per sample prompt, each image
+    captioned with its prompt; small images enlarged sharply (nearest neighbour) to the cell."""
     from PIL import Image
 
+    from ..run_outputs import sample_prompt
+
     by_step: dict[int, list[Any]] = {}
+    prompts: dict[int, list[str]] = {}
     for path in sorted(paths, key=lambda p: (sample_step(p), Path(p).name)):
         with Image.open(path) as image:
             by_step.setdefault(sample_step(path), []).append(image.convert("RGB"))
-    return labelled_grid([(f"step {step}", images) for step, images in by_step.items()], cell=cell)
+            prompts.setdefault(sample_step(path), []).append(sample_prompt(path, image))
+    return labelled_grid([(f"step {step}", images) for step, images in by_step.items()], cell=cell,
+                         captions=list(prompts.values()))
 
 
 @dataclass
