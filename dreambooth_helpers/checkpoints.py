@@ -367,12 +367,20 @@ def load_checkpoint(path: Path, state: TrainingState) -> int:
         raise TrainingError(f"{path} was saved by a {'LoRA' if info.get('lora') else 'full fine-tuning'} run; "
                             "resume with the same --lora setting, or start a new output folder.")
     if state.lora:
-        from peft.utils import set_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
         for name, module in lora_parts(unet, text_encoder, state.family).items():
             file = path / raw_lora_file(name)
-            if name == UNET_PART or file.is_file():
-                set_peft_model_state_dict(module, _load_tensors(file))
+            if not file.is_file():
+                raise TrainingError(f"{path} has no {file.name}: it was saved without training {name}'s adapters, "
+                                    "or it is damaged. Resume with the settings it was saved with (its state.json), "
+                                    "or delete it and resume from an earlier checkpoint.")
+            saved = _load_tensors(file)
+            if set(saved) != set(get_peft_model_state_dict(module)):  # another model's or another rank's adapters
+                raise TrainingError(f"{file} holds other adapters than this run trains ({name}): it was saved by "
+                                    "another run or is damaged. Delete that checkpoint and resume from an earlier "
+                                    "one, or train without --resume.")
+            set_peft_model_state_dict(module, saved)
     else:
         unet.load_state_dict(_load_folder_weights(path / "unet"))
         if text_encoder is not None:

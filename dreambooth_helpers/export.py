@@ -229,6 +229,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, *, met
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # checked writable before anything loaded (output_paths)
     _require_free_space(path, 8 + len(header_bytes) + offset)
     partial = path.with_name(f".{path.name}.partial")
     try:
@@ -280,6 +281,10 @@ def export_single_file(model: str | None, out: str | Path, *, lora: str | None =
         return export_webui_lora(lora, out, lora_family(lora), source=Path(lora).name)
     base, lora_path, _ = resolve_model(model, lora)
     family = family_of(base)
+    if lora_path is not None and lora_family(lora_path) is not family:
+        raise ConfigError(f"--lora {lora_path!r} was trained for {lora_family(lora_path).label}, and --model {base!r} "
+                          f"is {family.label}: LoRA weights only fit the family they were trained on. Give the base "
+                          "model it was trained from, or leave --model out to export the LoRA alone.")
     if not family.single_file_export:
         if lora_path is None:
             raise ConfigError(f"{model!r} is a full {family.label} model: writing it as one checkpoint is not "

@@ -21,10 +21,13 @@ explains each constant.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .config import TINY_MODEL, TOY_MODEL, TrainConfig, step_in_backward_allowed
 from .errors import ConfigError
@@ -267,7 +270,27 @@ def planning_size(model: str) -> ModelSize:
     the model's family (SD 1.x or SDXL, families.family_of)."""
     if model in (TINY_MODEL, TOY_MODEL, TINY_SDXL_MODEL):
         return model_size(load_components(model))
-    return SDXL_SIZE if family_of(model) is SDXL else SD1_SIZE
+    reference = SDXL_SIZE if family_of(model) is SDXL else SD1_SIZE
+    counted = _counted_parts(Path(model)) if Path(model).is_dir() else None
+    return replace(reference, **counted) if counted else reference
+
+
+def _counted_parts(folder: Path) -> dict[str, int] | None:
+    """A local diffusers folder's parameter counts per part, from its safetensors headers (no weight is read), so
+    a smaller model of a family (SSD-1B, a tiny test model) is not planned as the family's full size."""
+    counts = {"unet": 0, "text_encoder": 0, "vae": 0}
+    for part, folders in (("unet", ["unet"]), ("vae", ["vae"]), ("text_encoder", ["text_encoder", "text_encoder_2"])):
+        for name in folders:
+            for file in sorted((folder / name).glob("*.safetensors")) if (folder / name).is_dir() else []:
+                if ".fp16." in file.name and any(f.name != file.name and ".fp16." not in f.name
+                                                 for f in (folder / name).glob("*.safetensors")):
+                    continue  # the same weights again in fp16: count one variant
+                try:
+                    with safe_open(str(file), framework="pt") as handle:
+                        counts[part] += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+                except Exception:  # a damaged header: plan with the family's own size, the loader will say why
+                    return None
+    return counts if counts["unet"] else None
 
 
 def process_count() -> int:
@@ -457,9 +480,11 @@ def estimate_ram(config: TrainConfig, size: ModelSize, precision: str) -> int:
     return int(BASE_RSS_GIB * GIB + weights)
 
 
-def check_ram(config: TrainConfig, size: ModelSize, precision: str, available: int | None = None) -> str | None:
+def check_ram(config: TrainConfig, size: ModelSize, precision: str, available: int | None = None, *,
+              gpu: bool = True) -> str | None:
     """Refuse (ConfigError) a run whose loading would not fit the free system RAM, before it loads; else a note
-    of the estimate (None when the machine does not say how much is free)."""
+    of the estimate (None when the machine does not say how much is free). Without a `gpu` everything is fp32, so
+    half precision is no advice to give."""
     available = ram_available_bytes() if available is None else available
     if available is None:
         return None
@@ -467,7 +492,9 @@ def check_ram(config: TrainConfig, size: ModelSize, precision: str, available: i
     if needed <= available:
         return f"System RAM: ~{needed / GIB:.1f} GiB needed to load, {available / GIB:.1f} GiB free."
     advice = "Close other programs or notebooks using RAM, or use a machine with more memory."
-    if not (config.lora and precision in ("fp16", "bf16")):
+    if not gpu:
+        advice = "Without a GPU every weight loads in fp32. " + advice
+    elif not (config.lora and precision in ("fp16", "bf16")):
         lighter = estimate_ram(config.replace(lora=True), size, "fp16")
         advice = (f"Change these settings: --lora --mixed-precision fp16 (the base then loads in half precision: "
                   f"~{lighter / GIB:.1f} GiB); or " + advice[0].lower() + advice[1:])

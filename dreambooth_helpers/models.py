@@ -435,6 +435,11 @@ def _load_diffusers_folder(where: str, *, local: bool, variant: str | None = Non
         )
     cache_only = {"local_files_only": True} if not local and _check_hub_model(where) else {}
     family = family_of(where, hub_options=cache_only)
+    missing = [part for part in ("unet", "vae", *family.text_parts, *family.tokenizer_folders)
+               if local and not Path(where, part).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{where!r} is a {family.label} folder without {', '.join(f'{m}/' for m in missing)}: it "
+                             "is incomplete. Download or save the whole model again.")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **cache_only)
         text_encoder = _from_pretrained_variant(CLIPTextModel, where, "text_encoder", variant, dtype, **cache_only)

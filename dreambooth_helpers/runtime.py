@@ -85,7 +85,7 @@ def resolve_runtime(config: TrainConfig, cuda_available: bool | None = None, *,
             if config.attention == "xformers" and not xformers:
                 notices.append("xformers is not installed or not built for this torch: using PyTorch SDPA attention.")
     checkpointing, in_backward = config.gradient_checkpointing, config.step_in_backward
-    ram_note = check_ram(config, planning_size(config.model), precision)  # system RAM: free Colab has 12.7 GB
+    ram_note = check_ram(config, planning_size(config.model), precision, gpu=cuda)  # system RAM: free Colab has 12.7 GB
     if cuda and ram_note:
         notices.append(ram_note)
     if cuda:  # refuse here, before the model loads, when nothing fits

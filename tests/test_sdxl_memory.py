@@ -56,7 +56,11 @@ def test_planning_size_follows_the_family_before_anything_loads(tmp_path):
     assert planning_size("stable-diffusion-v1-5/stable-diffusion-v1-5") is memory.SD1_SIZE
     components = load_components("tiny-sdxl")
     components.family.pipeline(components).save_pretrained(tmp_path / "xl")
-    assert planning_size(str(tmp_path / "xl")) is SDXL_SIZE
+    # A local folder is counted from its files' headers: a small SDXL-shaped model is not planned as SDXL's 3.5B.
+    counted = planning_size(str(tmp_path / "xl"))
+    built = memory.model_size(components)
+    assert (counted.unet, counted.text_encoder, counted.vae) == (built.unet, built.text_encoder, built.vae)
+    assert counted.native_resolution == SDXL_SIZE.native_resolution
     assert planning_size("tiny-sdxl").native_resolution == 64
 
 
@@ -84,3 +88,9 @@ def test_a_vae_folder_replaces_the_models_vae_and_a_bad_one_is_named(tmp_path):
     assert not swapped.vae_needs_fp32
     with pytest.raises(Exception, match="--vae"):
         load_components("tiny-sdxl", vae=str(tmp_path / "missing"))
+
+
+def test_without_a_gpu_the_ram_refusal_does_not_advise_half_precision():
+    with pytest.raises(ConfigError) as refused:
+        check_ram(_config(), SDXL_SIZE, "no", available=int(4 * GIB), gpu=False)
+    assert "fp32" in str(refused.value) and "--mixed-precision" not in str(refused.value)

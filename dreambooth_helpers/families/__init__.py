@@ -8,11 +8,11 @@ the name, a folder's model_index.json, a single file's keys, or the Hub's model_
 from __future__ import annotations
 
 import functools
-import json
 import re
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..safe_json import read_json_file
 from .base import LORA_TARGETS_TEXT, LORA_TARGETS_UNET, UNET_PART, Conditioning, ModelFamily, seeded_rng
 from .sd import SD1
 from .sdxl import SDXL, SDXL_RANDOM, TINY_SDXL_MODEL, TextEncoderPair
@@ -20,6 +20,8 @@ from .sdxl import SDXL, SDXL_RANDOM, TINY_SDXL_MODEL, TextEncoderPair
 FAMILIES = {family.name: family for family in (SD1, SDXL)}
 # Built-in models of each family (the SD 1.x ones, tiny/toy/sd15-random, are models.py's and default to SD1).
 BUILT_IN_FAMILY = {TINY_SDXL_MODEL: SDXL, SDXL_RANDOM: SDXL}
+# SDXL-architecture models whose names do not say "XL" (distilled SSD-1B, Segmind Vega, Playground v2/2.5).
+SDXL_NAMES_WITHOUT_XL = ("ssd-1b", "segmind-vega", "playground-v2")
 # A single-file checkpoint's keys that only SDXL has: its second text encoder (OpenCLIP bigG).
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1."
 
@@ -33,9 +35,14 @@ def family_named(name: str | None) -> ModelFamily:
     return FAMILIES.get(name or SD1.name, SD1)
 
 
-def family_of_index(index: dict) -> ModelFamily:
-    """The family of a diffusers model_index.json's contents."""
+def family_of_index(index: dict, where: str = "model_index.json") -> ModelFamily:
+    """The family of a diffusers model_index.json's contents; a ModelLoadError for what is neither family."""
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{where} is not a diffusers model index (a JSON object naming the model's parts).")
     class_name = str(index.get("_class_name", ""))
+    if "transformer" in index:  # SD3, FLUX, PixArt...: a diffusion transformer, no UNet
+        raise ModelLoadError(f"{where} describes a {class_name or 'transformer-based'} model: only Stable Diffusion "
+                             "1.x and SDXL (UNet models) can be trained here.")
     return SDXL if "XL" in class_name or "text_encoder_2" in index else SD1
 
 
@@ -60,15 +67,32 @@ def family_of(model: str, *, hub_options: dict | None = None) -> ModelFamily:
 
 
 def _family_of_folder(path: Path) -> ModelFamily:
+    """model_index.json's word, checked against the UNet's own config (a folder mixing parts of two models would
+    otherwise fail mid-training); without an index, the UNet's "text_time" embedding says SDXL."""
+    index, unet = _folder_json(path / "model_index.json"), _folder_json(path / "unet" / "config.json")
+    by_unet = None if unet is None else SDXL if unet.get("addition_embed_type") == "text_time" else SD1
+    if index is None:
+        return by_unet or SD1
+    by_index = family_of_index(index, str(path / "model_index.json"))
+    if by_unet is not None and by_unet is not by_index:
+        raise ModelLoadError(f"{path}: model_index.json describes {by_index.label}, but unet/config.json is "
+                             f"{by_unet.label}'s. The folder mixes two models: download or save it again whole.")
+    return by_index
+
+
+def _folder_json(file: Path) -> dict | None:
+    """A model folder's JSON file (None when absent), refused with a ModelLoadError when it is no JSON object."""
+    if not file.is_file():
+        return None
     try:
-        return family_of_index(json.loads((path / "model_index.json").read_text()))
-    except (OSError, ValueError):
-        pass
-    try:
-        unet = json.loads((path / "unet" / "config.json").read_text())
-    except (OSError, ValueError):
-        return SD1
-    return SDXL if unet.get("addition_embed_type") == "text_time" else SD1
+        data = read_json_file(file)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{file} cannot be read ({error}). The model folder is damaged: download or save it "
+                             "again.") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file} is not a JSON object of settings. The model folder is damaged: download or "
+                             "save it again.")
+    return data
 
 
 def _family_of_file(path: Path) -> ModelFamily:
@@ -93,11 +117,11 @@ def _family_of_hub_id(repo: str, hub_options: dict) -> ModelFamily:
     cached = try_to_load_from_cache(repo, "model_index.json")
     if isinstance(cached, str):
         try:
-            return family_of_index(json.loads(Path(cached).read_text()))
-        except (OSError, ValueError):
+            return family_of_index(read_json_file(cached))
+        except (OSError, ValueError, ModelLoadError):
             pass
     name = repo.split("/")[-1].lower()
-    if re.search(r"(^|[-_])(sd)?xl([-_]|$)", name):
+    if re.search(r"xl(?![a-z])", name) or name.startswith(SDXL_NAMES_WITHOUT_XL):
         return SDXL
     if constants.HF_HUB_OFFLINE or hub_options.get("local_files_only"):
         return SD1

@@ -50,6 +50,7 @@ class ModelFamily:
     pipeline_class_name: str  # diffusers' pipeline class for generation
     native_resolution: int  # what the real models of this family were trained at
     text_parts: tuple[str, ...]  # names of the text encoders, as the pipeline and its LoRA files call them
+    tokenizer_folders: tuple[str, ...]  # a diffusers folder's tokenizers, one per text encoder
     kohya_prefixes: dict[str, str]  # part name -> the key prefix AUTOMATIC1111/ComfyUI/kohya LoRA files use
     hub_tags: tuple[str, ...]  # tags of a published model
     license: str  # the license the family's base models ship under; a published fine-tune inherits it

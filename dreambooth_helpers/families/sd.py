@@ -13,6 +13,7 @@ class StableDiffusion1(ModelFamily):
     pipeline_class_name = "StableDiffusionPipeline"
     native_resolution = 512
     text_parts = ("text_encoder",)
+    tokenizer_folders = ("tokenizer",)
     # kohya's SD 1.x layout names the single text encoder "te".
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
     hub_tags = ("stable-diffusion", "stable-diffusion-diffusers", "text-to-image")

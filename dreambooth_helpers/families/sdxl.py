@@ -49,6 +49,7 @@ class StableDiffusionXL(ModelFamily):
     pipeline_class_name = "StableDiffusionXLPipeline"
     native_resolution = 1024
     text_parts = ("text_encoder", "text_encoder_2")
+    tokenizer_folders = ("tokenizer", "tokenizer_2")
     # The layout AUTOMATIC1111, ComfyUI and kohya's sd-scripts read for SDXL LoRA files.
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     hub_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image")
