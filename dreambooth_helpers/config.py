@@ -198,7 +198,7 @@ class TrainConfig:
 
     # Data.
     resolution: int | None = setting(None, "Square training size in pixels (default: the model's own, 512 for "
-                                     "SD 1.x).", DATA)
+                                     "SD 1.x, 1024 for SDXL).", DATA)
     crop: str = setting("center", "center: crop each photo to a square; pad: keep the whole photo and pad it.", DATA,
                         choices=CROP_MODES)
     random_flip: bool = setting(False, "Mirror images at random; not for asymmetric subjects or text.", DATA)
@@ -235,7 +235,8 @@ class TrainConfig:
     seed: int = setting(0, "Makes a run repeatable.", OPTIMISATION)
 
     # Which weights train.
-    train_text_encoder: bool = setting(True, "Train the text encoder too: better likeness, especially for faces.",
+    train_text_encoder: bool = setting(True, "Train the text encoder too (SDXL: both of them): better likeness, "
+                                       "especially for faces.",
                                        WEIGHTS)
     stop_text_encoder_training_at: int | None = setting(None, "Freeze the text encoder after this many steps.",
                                                         WEIGHTS)

@@ -383,7 +383,10 @@ def _what_to_change(config: TrainConfig, precision: str, use_8bit_adam: bool | N
                                size=size).peak_reserved <= budget
 
     resolution = config.resolution or size.native_resolution
-    useful = [(option, changes) for option, changes in _MEMORY_SAVINGS
+    smaller = size.native_resolution * 3 // 4  # SD 1.x 384, SDXL 768: lower still and the model draws poorly
+    savings = [(f"--resolution {smaller}", {"resolution": smaller}) if option.startswith("--resolution")
+               else (option, changes) for option, changes in _MEMORY_SAVINGS]
+    useful = [(option, changes) for option, changes in savings
               if any(getattr(config, k) != v for k, v in changes.items())
               and not (option.startswith("--resolution") and resolution <= changes["resolution"])]
     for option, changes in useful:
