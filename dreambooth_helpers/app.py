@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import app_flow as flow
 from .app_access import check_base_model, models_dirs, public_text, publish_token
 from .config import DEFAULT_PRESET, PRESETS, TOY_MODEL, TrainConfig
 from .errors import ConfigError, DreamBoothError, HubError, ImageDataError, RepoExistsError
@@ -236,7 +237,9 @@ class TrainingApp:
         config = self.make_config(user, **settings)
         count = len(read_images(self.photos_dir(user)).images)
         name = run_name(settings.get("token", "sks"), settings.get("class_noun", "dog"))
-        return self.runner.submit(config, name=name, total_steps=config.steps_for(count), owner=user)
+        job = self.runner.submit(config, name=name, total_steps=config.steps_for(count), owner=user)
+        flow.save_form(job.folder, settings)  # a reload shows the form of the run that trains
+        return job
 
     def cancel(self, user: str | None, job_id: str) -> Job:
         return self.runner.cancel(self.job(user, job_id).job_id)
@@ -254,9 +257,11 @@ class TrainingApp:
         if job.status == "queued":  # nothing starts while the disk is full (jobs.DISK_FULL says what to do)
             text = self.runner.disk_full or "Waiting: another run is training; this one starts when it ends."
         elif job.status == RUNNING and not job.progress:
-            text = "Starting: loading the model and preparing the photos (and class images)."
-        elif job.progress:
-            text = progress_line(job.step, total, job.progress, job.progress.get("seconds_per_step"))
+            text = (f"Starting: loading the model and preparing the photos (and class images), "
+                    f"{job.elapsed():.0f} s elapsed.")
+        elif job.progress:  # the elapsed time counts on between steps (progress.json is written at each step)
+            logs = {**job.progress, "time": job.elapsed()}
+            text = progress_line(job.step, total, logs, job.progress.get("seconds_per_step"))
         else:
             text = ""
         ending = {"finished": "Finished: try it in the next tab.",
@@ -294,6 +299,8 @@ class TrainingApp:
     def generate(self, user: str | None, job_id: str, prompt: str, *, steps: int = 25, seed: int | None = None,
                  num_images: int = 1) -> list[Any]:
         """Images from a finished run, through the demo's queue and checks (demo_api.DemoService)."""
+        if not job_id:
+            raise JobError("Choose a finished run first (the \"Finished run\" list above).")
         if not prompt or not prompt.strip():
             raise ConfigError("Write a prompt with your identifier first, e.g. \"a photo of sks dog on the beach\".")
         if len(prompt) > self.limits.max_prompt_chars:
@@ -366,11 +373,6 @@ def _message(error: Exception, markdown: bool = True) -> str:
     return f"**Error:** {plain_markdown(text)}" if markdown else f"Error: {text}"
 
 
-def _run_choices(app: TrainingApp, user: str | None, finished_only: bool = False) -> list[tuple[str, str]]:
-    return [(f"{job.job_id} ({job.status})", job.job_id) for job in reversed(app.jobs(user))
-            if job.status == FINISHED or not finished_only]
-
-
 def build_ui(app: TrainingApp):
     """The Gradio Blocks page: Photos, Train, Try it, Publish."""
     import gradio as gr
@@ -401,12 +403,13 @@ def build_ui(app: TrainingApp):
                 model = gr.Textbox(app.model, label="Model (Hub id, folder or file; the choice sets it)",
                                    elem_id="model")
             with gr.Row():
-                token = gr.Textbox("sks", label="Identifier (a rare word)", elem_id="token")
-                class_noun = gr.Textbox("dog", label="Class noun (dog, man, backpack...)", elem_id="class-noun")
+                token = gr.Textbox("sks", label="Identifier (a rare word)", info=flow.TOKEN_INFO, elem_id="token")
+                class_noun = gr.Textbox("dog", label="Class noun", info=flow.CLASS_NOUN_INFO, elem_id="class-noun")
             with gr.Row():
                 preset = gr.Dropdown(list(PRESETS), value=DEFAULT_PRESET, label="Preset", elem_id="preset")
-                steps = gr.Number(0, precision=0, minimum=0, maximum=app.limits.max_steps,
-                                  label="Steps (0: the recipe's)", elem_id="steps")
+                steps = gr.Number(0, precision=0, minimum=0, maximum=app.limits.max_steps, label=flow.STEPS_LABEL,
+                                  info=flow.STEPS_INFO, elem_id="steps")
+            about_preset = gr.Markdown(flow.preset_description(DEFAULT_PRESET), elem_id="preset-description")
             model_outlook = gr.Textbox(label="What this base model means: the recipe, GPU memory on a T4, system "
                                        "RAM on free Colab", lines=6, interactive=False, elem_id="model-outlook")
             with gr.Row():
@@ -441,6 +444,7 @@ def build_ui(app: TrainingApp):
             export_button = gr.Button("Export one .safetensors file", elem_id="export")
             exported = gr.File(label="Download", elem_id="exported")
             publish_status = gr.Markdown(elem_id="publish-status")
+        shown_runs = gr.State("")  # the run lists' labels as the page shows them (app_flow.refreshed_lists)
 
         settings_inputs = [kind, token, class_noun, model, preset, steps]
 
@@ -448,13 +452,13 @@ def build_ui(app: TrainingApp):
             return dict(kind=kind_value, token=token_value, class_noun=noun_value, model=model_value,
                         preset=preset_value, steps=int(steps_value or 0))
 
+        def lists_update(lists):  # the three run lists, and the signature of what they now show (`shown_runs`)
+            return (gr.Dropdown(choices=lists.runs, value=lists.run),
+                    gr.Dropdown(choices=lists.finished, value=lists.try_run),
+                    gr.Dropdown(choices=lists.finished, value=lists.publish_run), lists.signature)
+
         def runs_update(user, selected=None):
-            choices = _run_choices(app, user)
-            finished = _run_choices(app, user, finished_only=True)
-            chosen = selected or (choices[0][1] if choices else None)
-            newest_finished = finished[0][1] if finished else None
-            return (gr.Dropdown(choices=choices, value=chosen), gr.Dropdown(choices=finished, value=newest_finished),
-                    gr.Dropdown(choices=finished, value=newest_finished))
+            return lists_update(flow.run_lists(app, user, selected))
 
         def on_upload(file_paths, kind_value, request: gr.Request):
             user = _user(request)
@@ -498,7 +502,17 @@ def build_ui(app: TrainingApp):
                 job = app.start(user, **settings_of(*values))
             except Exception as error:
                 return (_message(error), *runs_update(user))
-            return (f"Queued {job.job_id}.", *runs_update(user, job.job_id))
+            return f"Run {job.job_id} submitted: its state shows below.", *runs_update(user, job.job_id)
+
+        def on_tick(job_id, try_value, publish_value, shown, request: gr.Request):
+            """The poll: the chosen run's progress, and the run lists once a run's state has changed."""
+            user = _user(request)
+            try:
+                lists = flow.refreshed_lists(app, user, shown, job_id, try_value, publish_value)
+            except Exception:
+                lists = None
+            updates = lists_update(lists) if lists else (gr.skip(),) * 4
+            return (*on_view(job_id, request), *updates)
 
         def on_view(job_id, request: gr.Request):
             if not job_id:
@@ -556,11 +570,11 @@ def build_ui(app: TrainingApp):
         def on_load(request: gr.Request):
             user = _user(request)
             view = app.photos_view(user)
-            return (view.crops, view.report, *runs_update(user))
+            return (view.crops, view.report, *runs_update(user), *flow.form_values(app, user, gr.skip()))
 
         # The run lists accept any value: the choices change as runs start, and every action checks the id
         # itself (JobRunner: only folders of its jobs; the app: only the signed-in user's runs).
-        run_lists = [run, try_run, publish_run]
+        list_outputs = [run, try_run, publish_run, shown_runs]
         upload_button.click(on_upload, [files, kind], [crops, photo_report], api_name="upload")
         base_model.change(on_base_model, [base_model, kind, steps], [model, preset, model_outlook],
                           api_visibility="private")
@@ -568,8 +582,9 @@ def build_ui(app: TrainingApp):
             control.change(on_outlook, [base_model, kind, preset, steps], [model_outlook], api_visibility="private",
                            show_progress="hidden")
         ui.load(on_outlook, [base_model, kind, preset, steps], [model_outlook], api_visibility="private")
+        preset.change(flow.preset_description, preset, about_preset, api_visibility="private", show_progress="hidden")
         check_button.click(on_check, settings_inputs, [outlook], api_name="check")
-        start_button.click(on_start, settings_inputs, [outlook, *run_lists], api_name="start")
+        start_button.click(on_start, settings_inputs, [outlook, *list_outputs], api_name="start")
         run.change(on_view, [run], [run_status, samples, losses], api_name="view", show_progress="hidden")
         cancel_button.click(on_cancel, [run], [run_status], api_name="cancel")
         resume_button.click(on_resume, [run], [run_status], api_name="resume")
@@ -579,9 +594,11 @@ def build_ui(app: TrainingApp):
         publish_button.click(on_publish, [publish_run, repo_id, private, hub_token, overwrite_box],
                              [publish_status, hub_token], api_name="publish")
         export_button.click(on_export, [publish_run], [exported, publish_status], api_name="export")
-        ui.load(on_load, outputs=[crops, photo_report, *run_lists], api_visibility="private")
+        ui.load(on_load, outputs=[crops, photo_report, *list_outputs, *settings_inputs, base_model],
+                api_visibility="private")
         # Live progress: the run's files on disk, read every two seconds while the page is open.
         timer = gr.Timer(2.0)
-        timer.tick(on_view, [run], [run_status, samples, losses], show_progress="hidden", api_visibility="private")
+        timer.tick(on_tick, [run, try_run, publish_run, shown_runs], [run_status, samples, losses, *list_outputs],
+                   show_progress="hidden", api_visibility="private")
     ui.queue(default_concurrency_limit=1, max_size=32)
     return ui

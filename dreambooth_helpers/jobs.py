@@ -88,6 +88,18 @@ class Job:
     error: str | None = None
     owner: str | None = None  # the signed-in user who started it, when the app has several
     progress: dict[str, Any] = field(default_factory=dict)
+    started: float | None = None  # when its process was launched (the last time, for a resumed run)
+    finished: float | None = None  # when it stopped (finished, failed, cancelled)
+
+    def elapsed(self, now: float | None = None) -> float:
+        """Seconds it has run: from its launch to now while it runs, to its end once stopped; for a resumed run
+        at least the time its loss history counts (the parts before the resume included)."""
+        history = self.progress.get("history") or []
+        counted = float(history[-1].get("time") or 0.0) if history else 0.0
+        if self.started is None:
+            return counted
+        end = self.finished if self.status != RUNNING and self.finished else (now or time.time())
+        return max(counted, max(end - self.started, 0.0))
 
     @property
     def output_dir(self) -> Path:
@@ -207,7 +219,7 @@ class JobRunner:
         state = {**_read_json(folder / STATE_FILE), **self._unsaved.get(job_id, {})}  # what a full disk kept back
         return Job(job_id, folder, state.get("status", QUEUED), float(state.get("created", 0.0)),
                    state.get("total_steps"), state.get("pid"), state.get("error"), state.get("owner"),
-                   _read_json(folder / PROGRESS_FILE))
+                   _read_json(folder / PROGRESS_FILE), state.get("started"), state.get("finished"))
 
     def _update(self, job_id: str, **changes: Any) -> None:
         """Write `changes` into the run's state.json. On a full disk they are kept in memory (what `_read` shows),

@@ -2,7 +2,7 @@
 facts its summary records about the machine (peak GPU memory, library versions).
 
 Samples: samples/step-000150-0.png ... at the model's true size, each with its prompt, step and seed in the PNG's
-text, and beside them samples/labelled-step-000150.png, the same images enlarged for looking at (nearest
+text, and in samples/labelled/step-000150.png the same images enlarged for looking at (nearest
 neighbour, cells of at least 256 px) with "step 150" above and each prompt under its image.
 """
 
@@ -21,7 +21,9 @@ from .files import LORA_WEIGHTS_FILE, MODEL_INDEX_FILE, SAMPLES_DIR
 from .grids import DISPLAY_MIN, display_scale, enlarged, labelled_grid
 from .models import SDComponents, load_safety_checker, make_pipeline, write_slow_tokenizer_files
 
-SAMPLE_SHEET = "labelled-step-{step:06d}.png"  # in samples/: one step's samples enlarged, with the step and prompts
+# In samples/: one step's samples enlarged, with the step and prompts; a folder of its own, so that what globs
+# samples/*.png (the Hub card's grid, the app, tests) sees only the true-size files.
+SAMPLE_SHEET = "labelled/step-{step:06d}.png"
 SHEET_COLUMNS = 4
 
 
@@ -56,7 +58,9 @@ def _save_samples(run, model, step: int) -> list[Path]:
             images.append(image)
     components.vae.to(vae_device)
     components.text_encoder.to(text_device)
-    sample_sheet(step, prompts, images).save(folder / SAMPLE_SHEET.format(step=step))
+    sheet = folder / SAMPLE_SHEET.format(step=step)
+    sheet.parent.mkdir(exist_ok=True)
+    sample_sheet(step, prompts, images).save(sheet)
     return paths
 
 

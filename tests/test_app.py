@@ -250,7 +250,7 @@ def test_the_page_api_signed_in_trains_shows_progress_and_refuses_to_publish_wit
         assert "Memory:" in outlook and "sks robot" in outlook
         queued, run_list, _, _ = client.predict("object", "sks", "robot", "tiny", "t4", 4, api_name="/start")
         job_id = run_list["value"]
-        assert queued == f"Queued {job_id}."
+        assert queued == f"Run {job_id} submitted: its state shows below."
         deadline = time.monotonic() + 300
         while True:
             text, samples, _ = client.predict(job_id, api_name="/view")
@@ -309,7 +309,7 @@ def test_in_a_real_browser_upload_train_cancel_resume_reload_generate_and_publis
                 page.locator("#class-noun textarea, #class-noun input").first.fill("robot")
                 page.locator("#steps input").first.fill("60")
                 page.locator("#start").click()
-                expect(page.locator("#outlook")).to_contain_text("Queued", timeout=30_000)
+                expect(page.locator("#outlook")).to_contain_text("submitted", timeout=30_000)
                 # A sample image appears while it trains; then cancel keeps its checkpoints.
                 expect(page.locator("#samples img").first).to_be_visible(timeout=180_000)
                 page.locator("#cancel").click()
@@ -317,6 +317,10 @@ def test_in_a_real_browser_upload_train_cancel_resume_reload_generate_and_publis
                 page.locator("#resume").click()
                 expect(page.locator("#run-status")).to_contain_text("finished", timeout=240_000)
                 expect(page.locator("#run-status")).to_contain_text("step 60/60")
+                expect(page.locator("#run-status")).not_to_contain_text(" 0 s elapsed")
+                page.get_by_role("tab", name="3. Try it").click()  # offered without a reload (its own prompt)
+                expect(page.locator("#prompt textarea, #prompt input").first).to_have_value(
+                    re.compile("sks robot"), timeout=30_000)
 
                 page.reload()  # a reload finds the run, and offers it to try (with its own prompt) and publish
                 page.get_by_role("tab", name="2. Train").click()
