@@ -223,17 +223,14 @@ def outlook_of(config: TrainConfig, photos: int, choice: str | BaseModelChoice, 
     gpu_name, free = gpu[0], int(gpu[1] * GIB)
     candidates = candidate_settings(config)
     estimates = [estimate_memory(config, settings, precision=precision, size=size) for settings in candidates]
-    running_plan = memory._current_plan  # plan_memory records its plan as the run's (for out-of-memory advice)
-    try:
-        plan = memory.plan_memory(config, precision=precision, free_bytes=free, size=size)
+    try:  # a preview: the running training's plan (its out-of-memory advice) stays as it is
+        plan = memory.plan_memory(config, precision=precision, free_bytes=free, size=size, record=False)
     except ConfigError as refusal:
         settings, estimate, fits, note = candidates[-1], estimates[-1], False, str(refusal)
     else:
         settings, estimate, fits = plan.settings, plan.estimate, True
         note = "" if settings == candidates[0] else \
             f"{candidates[0].describe()} would need ~{estimates[0].peak_reserved / GIB:.1f} GiB"
-    finally:
-        memory._current_plan = running_plan
     return Outlook(
         choice=choice, photos=photos, config=config,
         resolution=config.resolution or size.native_resolution, steps=config.steps_for(photos),

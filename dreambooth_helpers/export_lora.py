@@ -135,11 +135,11 @@ def lora_family(lora: str | Path) -> ModelFamily:
     from .inference import read_training_summary
 
     file = lora_weights_file(lora)
-    tensors, _ = read_lora_file(file)
+    shapes = _weight_shapes(file)
     # The file's own weights first: a second text encoder, or cross-attention reading 2048-wide prompt states
     # (SD 1.x's are 768), is SDXL whatever a summary beside it says.
-    widths = [t.shape[1] for key, t in tensors.items() if "attn2.to_k" in key and t.ndim == 2 and "down" in key]
-    if any(key.startswith("text_encoder_2.") for key in tensors) or (widths and max(widths) >= SDXL_CONTEXT_WIDTH):
+    widths = [shape[1] for key, shape in shapes.items() if "attn2.to_k" in key and len(shape) == 2 and "down" in key]
+    if any(key.startswith("text_encoder_2.") for key in shapes) or (widths and max(widths) >= SDXL_CONTEXT_WIDTH):
         return SDXL
     summary = read_training_summary(file.parent) or {}
     if isinstance(summary.get("family"), str):
@@ -147,6 +147,18 @@ def lora_family(lora: str | Path) -> ModelFamily:
     if isinstance(summary.get("base_model"), str):
         return family_of(summary["base_model"])
     return SD1
+
+
+def _weight_shapes(file: Path) -> dict[str, list[int]]:
+    """Each tensor's shape, from the file's header alone (no weight is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    except Exception as error:  # safetensors' own error type for a damaged file
+        raise ModelLoadError(f"{file} is not a readable LoRA file ({type(error).__name__}): download or train it "
+                             "again.") from None
 
 
 def export_webui_lora(lora: str | Path, out: Path, family: ModelFamily, *, source: str = "") -> Path:

@@ -325,7 +325,7 @@ def current_plan(config: TrainConfig) -> MemoryPlan | None:
 
 def plan_memory(config: TrainConfig, *, precision: str | None = None, use_8bit_adam: bool | None = None,
                 free_bytes: int | None = None, size: ModelSize = SD1_SIZE,
-                bitsandbytes_error: str | None = None) -> MemoryPlan:
+                bitsandbytes_error: str | None = None, record: bool = True) -> MemoryPlan:
     """The fastest candidate settings whose estimated reserved peak fits in `free_bytes` (default: the GPU's).
 
     Raises ConfigError naming the setting to change when none fits. `bitsandbytes_error` (bitsandbytes_failure's
@@ -346,7 +346,8 @@ def plan_memory(config: TrainConfig, *, precision: str | None = None, use_8bit_a
             reason = (f"Memory plan: {settings.describe()} (~{estimate.peak_allocated / GIB:.1f} GiB peak, "
                       f"{free / GIB:.1f} GiB free; {why}).")
             plan = MemoryPlan(settings, estimate, free, reason, precision, adam8)
-            _current_plan = (_plan_key(config), plan)
+            if record:  # the run's plan, for its out-of-memory advice; a preview (choices.outlook) passes False
+                _current_plan = (_plan_key(config), plan)
             return plan
     smallest = estimates[-1]
     refusal = (f"This run needs ~{smallest.peak_reserved / GIB:.1f} GiB of GPU memory even with "

@@ -57,3 +57,17 @@ def make_config(tmp_path: Path, instance_dir: Path):
         return TrainConfig.from_preset(preset, **settings)
 
     return make
+
+
+@pytest.fixture
+def fake_api(monkeypatch):
+    """The Hub client replaced by tests/test_hub.py's FakeHfApi (calls, tokens and uploads recorded), no token."""
+    from dreambooth_helpers import hub
+    from tests.test_hub import FakeHfApi
+
+    FakeHfApi.calls, FakeHfApi.tokens, FakeHfApi.uploaded = [], [], {}
+    FakeHfApi.fail_with = FakeHfApi.fail_upload_with = None
+    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(hub, "get_token", lambda: None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return FakeHfApi

@@ -81,16 +81,6 @@ class FakeHfApi:
 
 
 @pytest.fixture
-def fake_api(monkeypatch, tmp_path):
-    FakeHfApi.calls, FakeHfApi.tokens, FakeHfApi.uploaded = [], [], {}
-    FakeHfApi.fail_with = FakeHfApi.fail_upload_with = None
-    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
-    monkeypatch.setattr(hub, "get_token", lambda: None)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return FakeHfApi
-
-
-@pytest.fixture
 def fresh_full_dir(full_dir, tmp_path):
     """A copy of the full model that push may write its card into."""
     return Path(shutil.copytree(full_dir, tmp_path / "model"))

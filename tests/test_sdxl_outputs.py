@@ -28,7 +28,6 @@ from dreambooth_helpers.families import SDXL
 from dreambooth_helpers.files import LORA_WEIGHTS_FILE, SUMMARY_FILE
 from tests.test_hub import (
     SECRET,
-    FakeHfApi,
     _AnsweringHub,
     _assert_one_error_paragraph,
     _no_copies,
@@ -62,16 +61,6 @@ def sdxl_run(tmp_path_factory) -> Path:
     summary = json.loads((run / SUMMARY_FILE).read_text())
     assert summary["family"] == "sdxl" and summary["resolution"] == RESOLUTION
     return run
-
-
-@pytest.fixture
-def fake_api(monkeypatch):
-    FakeHfApi.calls, FakeHfApi.tokens, FakeHfApi.uploaded = [], [], {}
-    FakeHfApi.fail_with = FakeHfApi.fail_upload_with = None
-    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
-    monkeypatch.setattr(hub, "get_token", lambda: None)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return FakeHfApi
 
 
 def _on_base(run: Path, folder: Path, base: str) -> Path:
