@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .app import DEFAULT_WORKDIR, GRADIO_CACHE_VARIABLE, AppLimits, TrainingApp, build_ui
+from .app import DEFAULT_WORKDIR, GRADIO_CACHE_VARIABLE, AppLimits, TrainingApp
 from .app_access import parse_users
+from .app_page import build_ui
 from .errors import ConfigError
 
 

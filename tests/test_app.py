@@ -14,9 +14,10 @@ import httpx
 import pytest
 
 from dreambooth_helpers import hub
-from dreambooth_helpers.app import AppLimits, TrainingApp, _message
+from dreambooth_helpers.app import AppLimits, TrainingApp
 from dreambooth_helpers.app_access import check_base_model, parse_users
 from dreambooth_helpers.app_launch import launch_app, share_warning
+from dreambooth_helpers.app_page import message as _message
 from dreambooth_helpers.errors import ConfigError, HubError, ImageDataError
 from dreambooth_helpers.jobs import CANCELLED, FINISHED, JobError
 
@@ -148,7 +149,7 @@ def test_settings_the_page_refuses(tmp_path):
 def test_the_base_model_choice_sets_the_model_and_preset_and_shows_what_it_means(tmp_path):
     """The Train form's base-model dropdown: choices.py's outlook for the user's photos, updated on change."""
     from dreambooth_helpers import choices
-    from dreambooth_helpers.app import build_ui
+    from dreambooth_helpers.app_page import build_ui
     from dreambooth_helpers.config import SDXL_BASE_MODEL, SDXL_FP16_VAE
 
     app = TrainingApp(tmp_path / "work", model="tiny", environment=ONE_THREAD)

@@ -89,7 +89,7 @@ def page_action(ui, trigger: str, name: str):
 def test_the_pages_status_poll_updates_the_run_lists_once_the_run_finishes(tmp_path):
     from types import SimpleNamespace
 
-    from dreambooth_helpers.app import build_ui
+    from dreambooth_helpers.app_page import build_ui
 
     app = make_app(tmp_path)
     run_on_disk(app, RUN, None, "running")
@@ -113,7 +113,7 @@ def test_the_pages_status_poll_updates_the_run_lists_once_the_run_finishes(tmp_p
 
 
 def test_the_train_form_explains_its_fields_and_shows_the_chosen_presets_description(tmp_path):
-    from dreambooth_helpers.app import build_ui
+    from dreambooth_helpers.app_page import build_ui
     from dreambooth_helpers.config import DEFAULT_PRESET, PRESETS
 
     ui = build_ui(make_app(tmp_path))
@@ -133,7 +133,7 @@ def test_the_train_form_explains_its_fields_and_shows_the_chosen_presets_descrip
 def test_after_a_reload_the_form_shows_the_settings_of_the_run_that_trains(tmp_path):
     from types import SimpleNamespace
 
-    from dreambooth_helpers.app import build_ui
+    from dreambooth_helpers.app_page import build_ui
     from dreambooth_helpers.jobs import FINISHED
     from tests.test_app import sample_photos
 
