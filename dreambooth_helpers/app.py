@@ -22,9 +22,10 @@ from typing import Any
 
 from . import app_flow as flow
 from .app_access import check_base_model, models_dirs, public_text, publish_token
-from .config import DEFAULT_PRESET, PRESETS, TOY_MODEL, TrainConfig
+from .config import PRESETS, TOY_MODEL, TrainConfig
+from .data import DatasetReport
 from .errors import ConfigError, HubError, ImageDataError, RepoExistsError
-from .jobs import FINISHED, RUNNING, Job, JobError, JobRunner
+from .jobs import CANCELLED, FINISHED, INTERRUPTED, QUEUED, RUNNING, Job, JobError, JobRunner, TooManyRuns, UnknownJob
 from .safe_text import plain_markdown
 from .subject import DEFAULT_KIND, SUBJECT_KINDS
 
@@ -48,6 +49,8 @@ class AppLimits:
     max_steps: int = 3000
     max_prompt_chars: int = 300
     max_generation_steps: int = 50
+    max_class_images: int = 400  # generated before training, on this machine's GPU
+    max_active_runs: int = 3  # one user's runs queued or training at once (the GPU trains one at a time)
 
 
 @dataclass
@@ -131,10 +134,10 @@ class TrainingApp:
         if not job_id:
             raise JobError("Choose a run first.")
         self._check_user(user)
-        unknown = JobError(f"No training run {str(job_id)!r}.")  # the runner's words too: one answer for both
+        unknown = UnknownJob(f"No training run {str(job_id)!r}.")  # the runner's words too: one answer for both
         try:
             found = self.runner.job(str(job_id))
-        except JobError:
+        except UnknownJob:
             raise unknown from None
         if len(self.users) > 1 and found.owner != user:
             raise unknown
@@ -144,7 +147,11 @@ class TrainingApp:
 
     def upload(self, user: str | None, files: list[str | Path], kind: str = DEFAULT_KIND) -> PhotosView:
         """Check an upload against the limits, read it as `check-images` does, and keep the usable photos
-        (replacing the user's earlier ones)."""
+        (replacing the user's earlier ones); the Photos tab's view of them."""
+        return self.photos_view(user, kind, upload=self.keep_photos(user, files))
+
+    def keep_photos(self, user: str | None, files: list[str | Path]) -> DatasetReport:
+        """`upload` without the view: what was read of the upload (kept photos, skipped files with reasons)."""
         from .data import read_images
         from .notebook.forms import UPLOAD_MAX_SIDE, save_uploads
         from .uploads import check_upload_files
@@ -161,47 +168,54 @@ class TrainingApp:
             raise ImageDataError(f"The upload holds {len(report.images)} photos, more than this page takes "
                                  f"({limits.max_photos}); choose your best ones.")
         save_uploads(files, self.photos_dir(user), report=report)
-        return self.photos_view(user, kind, report.format())
+        return report
 
-    def photos_view(self, user: str | None, kind: str = DEFAULT_KIND, read_report: str = "") -> PhotosView:
-        """The user's photos as training crops them, and the dataset doctor's findings."""
+    def photos_view(self, user: str | None, kind: str = DEFAULT_KIND, *,
+                    upload: DatasetReport | None = None) -> PhotosView:
+        """The user's photos as training crops them, and the report (app_flow.photo_report): warnings first (what
+        the `upload` just read skipped, the dataset doctor's findings), then each photo once."""
         from .data import prepare_image, read_images
         from .doctor import diagnose
 
         folder = self.photos_dir(user)
         if not folder.is_dir():
-            return PhotosView(0, [], "No photos yet: upload 5-20 photos of your subject (or a zip).")
+            return PhotosView(0, [], flow.no_photos_text(kind))
         report = read_images(folder)
         crops = [prepare_image(record.image, PREVIEW_SIZE, "center") for record in report.images]
-        doctor = diagnose(folder, kind=kind).format()
-        text = "\n\n".join(part for part in (read_report, doctor) if part)
+        text = flow.photo_report(report, diagnose(report, kind=kind), upload)
         return PhotosView(len(report.images), crops, public_text(text, self.workdir))
 
     # -- Train
 
-    def make_config(self, user: str | None, *, kind: str = DEFAULT_KIND, token: str = "sks", class_noun: str = "dog",
-                    model: str | None = None, preset: str = DEFAULT_PRESET, steps: int | None = None) -> TrainConfig:
+    def make_config(self, user: str | None, *, kind: str = DEFAULT_KIND, token: str = "sks", class_noun: str = "",
+                    model: str | None = None, preset: str | None = None, steps: int | None = None,
+                    class_images: int | None = None) -> TrainConfig:
         """The run's TrainConfig, made as the notebook makes it (forms.settings_to_config: the same recipe)."""
-        from .choices import DEFAULT_CHOICE, choice_for_model
+        from .choices import DEFAULT_CHOICE, choice_for_model, preset_for_model
         from .data import read_images
         from .notebook.forms import NotebookSettings, settings_to_config
         from .notebook.runtime import NotebookRuntime
 
         if kind not in SUBJECT_KINDS:
             raise ConfigError(f"Subject kind {kind!r}: choose one of {', '.join(SUBJECT_KINDS)}.")
-        if preset not in PRESETS:
+        if preset is not None and preset not in PRESETS:  # None: the one that goes with the model
             raise ConfigError(f"Preset {preset!r}: choose one of {', '.join(PRESETS)}.")
         steps = int(steps or 0)
         if not 0 <= steps <= self.limits.max_steps:
             raise ConfigError(f"Steps must be from 1 to {self.limits.max_steps} (0: the recipe's number).")
+        if class_images is not None and not 0 <= int(class_images) <= self.limits.max_class_images:
+            raise ConfigError(f"Class images must be from 0 (no prior preservation) to {self.limits.max_class_images}.")
         model = check_base_model(model or self.model, self.models_dirs, self.model)  # no other folder of the server
         photos = self.photos_dir(user)
         count = len(read_images(photos).images) if photos.is_dir() else 0
         if not count:
             raise ImageDataError("Upload photos of your subject in the Photos tab first.")
+        if not (class_noun or "").strip():  # never a default: "dog" would train robot photos as a dog
+            raise ConfigError(flow.CLASS_NOUN_MISSING)
+        preset = preset or preset_for_model(model)
         choice = choice_for_model(model, preset) or DEFAULT_CHOICE  # its VAE goes with its model (SDXL's fp16-safe)
         settings = NotebookSettings(token=token, class_noun=class_noun, kind=kind, base_model=choice, preset=preset,
-                                    steps=steps or None)
+                                    steps=steps or None, num_class_images=class_images)
         # The runner moves the output into the job's folder; this placeholder never exists, so nothing resumes.
         placeholder = self.workdir / "jobs" / ".not-yet"
         config = settings_to_config(settings, photos, count, placeholder, model,
@@ -211,12 +225,13 @@ class TrainingApp:
     def outlook(self, user: str | None, **settings: Any) -> str:
         """What the run will be, and whether it fits in GPU memory, before anything starts."""
         from .data import read_images
-        from .notebook.forms import config_summary, memory_outlook
+        from .notebook.forms import memory_outlook, summary_rows
 
         config = self.make_config(user, **settings)
         count = len(read_images(self.photos_dir(user)).images)
-        summary = config_summary(config, count).replace(str(config.output_dir), "(a new folder for this run)")
-        return public_text(f"{summary}\n\nMemory: {memory_outlook(config)}", self.workdir)  # photos: "photos"
+        rows = [(name, "(a new folder for this run)" if name == "output folder" else value)
+                for name, value in summary_rows(config, count)]  # the expected time among them
+        return flow.settings_markdown(rows, memory_outlook(config), lambda text: public_text(text, self.workdir))
 
     def model_outlook(self, user: str | None, base_model: str, *, kind: str = DEFAULT_KIND, preset: str | None = None,
                       steps: int | None = None) -> str:
@@ -236,8 +251,12 @@ class TrainingApp:
         from .notebook.forms import run_name
 
         config = self.make_config(user, **settings)
+        active = [job.job_id for job in self.jobs(user) if job.status in (QUEUED, RUNNING)]
+        if len(active) >= self.limits.max_active_runs:
+            raise TooManyRuns(f"You have {len(active)} runs waiting or training, as many as this app takes at once: "
+                              "wait for one to finish, or cancel one.")
         count = len(read_images(self.photos_dir(user)).images)
-        name = run_name(settings.get("token", "sks"), settings.get("class_noun", "dog"))
+        name = run_name(settings.get("token", "sks"), settings.get("class_noun", ""))
         job = self.runner.submit(config, name=name, total_steps=config.steps_for(count), owner=user)
         flow.save_form(job.folder, settings)  # a reload shows the form of the run that trains
         return job
@@ -257,19 +276,22 @@ class TrainingApp:
         total = job.total_steps or job.progress.get("total_steps") or 0
         if job.status == "queued":  # nothing starts while the disk is full (jobs.DISK_FULL says what to do)
             text = self.runner.disk_full or "Waiting: another run is training; this one starts when it ends."
-        elif job.status == RUNNING and not job.progress:
+        elif job.status == RUNNING and job.class_images:  # progress.json says so before the first step
+            text = flow.class_images_line(*job.class_images, job.elapsed())
+        elif job.status == RUNNING and not job.progress.get("history"):
             text = (f"Starting: loading the model and preparing the photos (and class images), "
                     f"{job.elapsed():.0f} s elapsed.")
-        elif job.progress:  # the elapsed time counts on between steps (progress.json is written at each step)
+        elif job.progress.get("history"):  # the elapsed time counts on between steps (progress.json: each step)
             logs = {**job.progress, "time": job.elapsed()}
             text = progress_line(job.step, total, logs, job.progress.get("seconds_per_step"))
         else:
             text = ""
         ending = {"finished": "Finished: try it in the next tab.",
                   "failed": f"Training failed: {plain_markdown(public_text(str(job.error), self.workdir))}",
-                  "cancelled": "Cancelled: the checkpoints saved so far are kept; Resume continues from the newest.",
-                  "interrupted": "Interrupted (the app or the machine stopped while it trained): Resume continues "
-                                 "from the newest checkpoint."}.get(job.status)
+                  "cancelled": "Cancelled.", "interrupted": "Interrupted (the app or the machine stopped while it "
+                                                            "trained)."}.get(job.status)
+        if job.status in (CANCELLED, INTERRUPTED):  # what was really kept, from the disk
+            ending = f"{ending} {job.kept()}".rstrip()
         text = "\n\n".join(part for part in (f"**{job.job_id}**: {job.status}", text, ending) if part)
         samples = []
         for path in job.samples[-SAMPLES_SHOWN:]:
@@ -300,6 +322,19 @@ class TrainingApp:
     def generate(self, user: str | None, job_id: str, prompt: str, *, steps: int = 25, seed: int | None = None,
                  num_images: int = 1) -> list[Any]:
         """Images from a finished run, through the demo's queue and checks (demo_api.DemoService)."""
+        service, request = self.submit_generation(user, job_id, prompt, steps=steps, seed=seed, num_images=num_images)
+        try:
+            return [result.image for result in request.future.result()]
+        finally:
+            service.withdraw(request)
+
+    def submit_generation(self, user: str | None, job_id: str, prompt: str, *, negative_prompt: str = "",
+                          steps: int = 25, seed: int | None = None, guidance: float | None = None,
+                          num_images: int = 1) -> tuple[Any, Any]:
+        """Check a request and queue it with the run's model (one queue for the page and the REST API): the
+        DemoService and the DemoJob whose future gets the images (withdraw it if its sender leaves)."""
+        from .inference import DEFAULT_GUIDANCE
+
         if not job_id:
             raise JobError("Choose a finished run first (the \"Finished run\" list above).")
         if not prompt or not prompt.strip():
@@ -308,9 +343,11 @@ class TrainingApp:
             raise ConfigError(f"The prompt is longer than {self.limits.max_prompt_chars} characters.")
         if not 1 <= int(steps) <= self.limits.max_generation_steps:
             raise ConfigError(f"Steps must be from 1 to {self.limits.max_generation_steps}.")
+        if len(negative_prompt or "") > self.limits.max_prompt_chars:
+            raise ConfigError(f"The negative prompt is longer than {self.limits.max_prompt_chars} characters.")
         service = self._service(user, job_id)
-        return [result.image for result in service.generate(prompt, steps=int(steps), seed=seed,
-                                                             num_images=int(num_images))]
+        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+        return service, service.submit(prompt, negative_prompt or "", int(steps), guidance, seed, int(num_images))
 
     def example_prompt(self, user: str | None, job_id: str) -> str:
         from .inference import example_prompts, resolve_model

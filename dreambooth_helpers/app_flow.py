@@ -58,6 +58,10 @@ def refreshed_lists(app: Any, user: str | None, shown: str | None, run: str | No
     return None if lists.signature == (shown or "") else lists
 
 
+# The class noun has no default: a kind's usual noun ("dog" for an object) would train robot photos as a dog.
+CLASS_NOUN_EXAMPLE = "what the photos show, e.g. dog, robot"
+CLASS_NOUN_MISSING = f"Write the class noun: {CLASS_NOUN_EXAMPLE}."
+
 # The Train form's explanations (the notebook's, in one line each).
 TOKEN_INFO = ("A rare word that will name your subject: prompts then say \"a photo of sks dog\". Keep it rare, "
               "so it carries no meaning of its own.")
@@ -68,12 +72,64 @@ STEPS_INFO = ("0 lets the recipe choose: a number of steps per photo for what th
               "bounds; \"Check settings and memory\" says how many.")
 
 
-def preset_description(name: str | None) -> str:
-    """The preset's one-line description, as the CLI and the notebook show it."""
+def preset_description(name: str | None, model: str | None = None) -> str:
+    """The preset's one-line description, as the CLI and the notebook show it; for a `model` of the base-model
+    choices, then what the preset becomes on this machine (choices.on_this_machine: on a CPU, fp32 and plain
+    AdamW at the model's own size)."""
+    from .choices import choice_for_model, on_this_machine
     from .config import PRESETS
+    from .safe_text import plain_markdown
 
     preset = PRESETS.get(name or "")
-    return f"**{name}**: {preset['description']}" if preset else ""
+    if not preset:
+        return ""
+    choice = choice_for_model(model) if model else None
+    here = on_this_machine(choice, name) if choice else ""
+    return f"**{name}**: {preset['description']}" + (f"\n\n{plain_markdown(here)}" if here else "")
+
+
+def settings_markdown(rows: list[tuple[str, str]], memory: str, public: Any) -> str:
+    """The answer of "Check settings and memory": the run's settings (notebook.forms.summary_rows), the expected
+    time among them, and the memory plan, as a Markdown list; `public(text)` takes server paths out of each value."""
+    from .safe_text import plain_markdown
+
+    lines = [f"- **{name}**: {plain_markdown(public(value))}" for name, value in [*rows, ("memory", memory)]]
+    return "**What this run will be**\n\n" + "\n".join(lines)
+
+
+def photo_report(photos: Any, doctor: Any, upload: Any = None) -> str:
+    """The Photos tab's report: the warnings first (files the upload skipped, then the dataset doctor's findings,
+    worst first), then each photo training will use, once, as saved (the names the findings use), with what reading
+    its upload changed. `photos`: the saved photos' DatasetReport; `doctor`: their DoctorReport; `upload`: the
+    DatasetReport of the upload just read (None when the page shows photos uploaded earlier)."""
+    skipped = [f"skipped {item.name}: {item.reason}" for item in (upload.skipped if upload else [])]
+    warnings = skipped + [*(upload.warnings if upload else []), *photos.warnings] + [f.format() for f in
+                                                                                      doctor.findings]
+    where = f"{doctor.kind} set, checked for {doctor.resolution} px training"
+    lines = [f"Warnings ({len(warnings)}, {where}):", *(f"  - {warning}" for warning in warnings)] if warnings \
+        else [f"No warnings ({where}): the dataset doctor found no problems."]
+    notes = {index: record.notes for index, record in enumerate(upload.images)} if upload else {}
+    lines += ["", f"{len(photos.images)} usable image(s) to train on:"]  # check-images' words
+    for record in photos.images:
+        index = int(record.name[:2]) if record.name[:2].isdigit() and record.name[2:3] == "_" else None
+        changed = notes.get(index) or record.notes  # saved as NN_name.png from the upload's photo NN
+        width, height = record.original_size
+        lines.append(f"  {record.name}  {width}x{height}" + (f"  ({'; '.join(changed)})" if changed else ""))
+    return "\n".join(lines)
+
+
+def class_images_line(made: int, total: int, elapsed: float) -> str:
+    """The status while training makes the class images (jobs.py counts them into progress.json)."""
+    if made >= total:
+        return f"Class images made: {total} of {total}; training starts. {elapsed:.0f} s elapsed."
+    return f"Making class images: {made} of {total}, {elapsed:.0f} s elapsed."
+
+
+def no_photos_text(kind: str) -> str:
+    """What the Photos tab says before any upload: the kind's photo count (subject.py's recipe)."""
+    from .subject import photo_range
+
+    return f"No photos yet: upload {photo_range(kind)} photos of your subject (or a zip)."
 
 
 # The Train form's settings of each run the page starts, so that a reload shows the run that trains.

@@ -19,6 +19,7 @@ from typing import Any
 from .app import DEFAULT_WORKDIR, GRADIO_CACHE_VARIABLE, AppLimits, TrainingApp
 from .app_access import parse_users
 from .app_page import build_ui
+from .app_rest import API_PREFIX, add_app_api
 from .errors import ConfigError
 
 
@@ -62,11 +63,13 @@ def launch_app(workdir: str | Path = DEFAULT_WORKDIR, *, share: bool = False, au
                limits: AppLimits | None = None, config_overrides: dict[str, Any] | None = None,
                environment: dict[str, str] | None = None, generator_options: dict[str, Any] | None = None,
                quiet: bool = False, models_dir: list[str | Path] | None = None,
-               publish_with_host_token: bool = False) -> RunningApp:
-    """Serve the app over `workdir` and return at once (or, with `block`, when stopped with Ctrl+C).
+               publish_with_host_token: bool = False, auto_resume: bool = True) -> RunningApp:
+    """Serve the app over `workdir` (the page, and app_rest.py's REST API under /api/) and return at once (or,
+    with `block`, when stopped with Ctrl+C).
 
     `models_dir`: folders whose models visitors may train on (--models-dir); `publish_with_host_token`: publish
-    with the host's HF_TOKEN or saved login when a visitor types no token (--publish-with-host-token)."""
+    with the host's HF_TOKEN or saved login when a visitor types no token (--publish-with-host-token);
+    `auto_resume`: resume, once each, the runs an earlier app or machine stop interrupted (--no-auto-resume)."""
     import gradio as gr  # noqa: F401  (fail here, clearly, when the demo extra is not installed)
     from starlette.middleware import Middleware
 
@@ -100,7 +103,9 @@ def launch_app(workdir: str | Path = DEFAULT_WORKDIR, *, share: bool = False, au
         app.close()
         raise ConfigError(f"Could not start the app on {host}:{port} ({error}). Pick another --port, or "
                           "--port 0 for any free one.") from None
+    add_app_api(ui.server_app, app, pairs)
     running = RunningApp(local_url, share_url, app, ui, previous_cache_dir)
+    resumed = app.runner.resume_interrupted() if auto_resume else []
     warning = share_warning(share, host, pairs)
     if warning:  # printed even when quiet: it is about who can use this GPU
         print(warning, file=sys.stderr, flush=True)
@@ -108,6 +113,9 @@ def launch_app(workdir: str | Path = DEFAULT_WORKDIR, *, share: bool = False, au
         print(f"App running at {local_url} (work folder {app.workdir})")
         if share_url:
             print(f"Public link: {share_url}")
+        print(f"REST API: {local_url.rstrip('/')}{API_PREFIX}/ (schema at /openapi.json, docs/app.md)")
+        for job in resumed:
+            print(f"Resuming run {job.job_id}: it was interrupted when the app or the machine stopped.")
     if block:
         from .demo import _sigterm_as_ctrl_c
 

@@ -9,7 +9,7 @@ from typing import Any
 from . import app_flow as flow
 from .app import TrainingApp
 from .app_access import public_text
-from .config import DEFAULT_PRESET, PRESETS
+from .config import PRESETS
 from .errors import DreamBoothError
 from .safe_text import log_exception, masked, plain_markdown
 from .subject import DEFAULT_KIND, SUBJECT_KINDS
@@ -35,7 +35,7 @@ def build_ui(app: TrainingApp):
     """The Gradio Blocks page: Photos, Train, Try it, Publish."""
     import gradio as gr
 
-    from .choices import base_model_choice, choice_for_model, choice_options
+    from .choices import base_model_choice, choice_for_model, choice_options, preset_for_model
     from .notebook.monitor import plot_losses
     from .uploads import discard, own_uploads
 
@@ -46,7 +46,9 @@ def build_ui(app: TrainingApp):
 
     with gr.Blocks(title="DreamBooth", analytics_enabled=False) as ui:
         gr.Markdown("# DreamBooth: teach Stable Diffusion your subject\nUpload photos, train, try the model, "
-                    "publish it. Training runs in the background: reload the page any time.")
+                    "publish it. Training runs in the background: reload the page any time. Scripts: the "
+                    "[REST API](/openapi.json) (HTTP basic auth as your sign-in; docs/app.md).",
+                    elem_id="intro")
         kind = gr.Dropdown(list(SUBJECT_KINDS), value=DEFAULT_KIND, label="What the photos show", elem_id="kind")
         with gr.Tab("1. Photos"):
             files = gr.File(file_count="multiple", type="filepath", label="Photos or a zip", elem_id="upload")
@@ -56,18 +58,22 @@ def build_ui(app: TrainingApp):
                                       elem_id="photo-report")
         with gr.Tab("2. Train"):
             with gr.Row():
-                base_model = gr.Dropdown(choice_options(), value=choice_for_model(app.model, DEFAULT_PRESET),
+                base_model = gr.Dropdown(choice_options(), value=choice_for_model(app.model),
                                          label="Base model", elem_id="base-model")
                 model = gr.Textbox(app.model, label="Model (Hub id, folder or file; the choice sets it)",
                                    elem_id="model")
             with gr.Row():
                 token = gr.Textbox("sks", label="Identifier (a rare word)", info=flow.TOKEN_INFO, elem_id="token")
-                class_noun = gr.Textbox("dog", label="Class noun", info=flow.CLASS_NOUN_INFO, elem_id="class-noun")
+                class_noun = gr.Textbox("", label="Class noun", info=flow.CLASS_NOUN_INFO,
+                                        placeholder=flow.CLASS_NOUN_EXAMPLE, elem_id="class-noun")
             with gr.Row():
-                preset = gr.Dropdown(list(PRESETS), value=DEFAULT_PRESET, label="Preset", elem_id="preset")
+                # The model's own preset (choices.py): on a CPU the toy model's, with what it becomes there.
+                preset = gr.Dropdown(list(PRESETS), value=preset_for_model(app.model), label="Preset",
+                                     elem_id="preset")
                 steps = gr.Number(0, precision=0, minimum=0, maximum=app.limits.max_steps, label=flow.STEPS_LABEL,
                                   info=flow.STEPS_INFO, elem_id="steps")
-            about_preset = gr.Markdown(flow.preset_description(DEFAULT_PRESET), elem_id="preset-description")
+            about_preset = gr.Markdown(flow.preset_description(preset_for_model(app.model), app.model),
+                                       elem_id="preset-description")
             model_outlook = gr.Textbox(label="What this base model means: the recipe, GPU memory on a T4, system "
                                        "RAM on free Colab", lines=6, interactive=False, elem_id="model-outlook")
             with gr.Row():
@@ -235,12 +241,14 @@ def build_ui(app: TrainingApp):
         list_outputs = [run, try_run, publish_run, shown_runs]
         upload_button.click(on_upload, [files, kind], [crops, photo_report], api_name="upload")
         base_model.change(on_base_model, [base_model, kind, steps], [model, preset, model_outlook],
-                          api_visibility="private")
+                          api_visibility="private").then(flow.preset_description, [preset, model], about_preset,
+                                                         api_visibility="private", show_progress="hidden")
         for control in (kind, preset, steps):
             control.change(on_outlook, [base_model, kind, preset, steps], [model_outlook], api_visibility="private",
                            show_progress="hidden")
         ui.load(on_outlook, [base_model, kind, preset, steps], [model_outlook], api_visibility="private")
-        preset.change(flow.preset_description, preset, about_preset, api_visibility="private", show_progress="hidden")
+        preset.change(flow.preset_description, [preset, model], about_preset, api_visibility="private",
+                      show_progress="hidden")
         check_button.click(on_check, settings_inputs, [outlook], api_name="check")
         start_button.click(on_start, settings_inputs, [outlook, *list_outputs], api_name="start")
         run.change(on_view, [run], [run_status, samples, losses], api_name="view", show_progress="hidden")

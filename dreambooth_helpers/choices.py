@@ -15,11 +15,11 @@ from functools import cache
 from typing import Any
 
 from . import memory
-from .config import PRESETS, SDXL_BASE_MODEL, TINY_MODEL, TOY_MODEL, TrainConfig, short_number
+from .config import DEFAULT_PRESET, PRESETS, SDXL_BASE_MODEL, TINY_MODEL, TOY_MODEL, TrainConfig, short_number
 from .errors import ConfigError
 from .families import SD1, SDXL, SDXL_RANDOM, TINY_SDXL_MODEL, ModelFamily
 from .memory import GIB, SD1_SIZE, SDXL_SIZE, ModelSize, candidate_settings, estimate_memory, estimate_ram
-from .models import SD15_RANDOM
+from .models import OFFLINE_RESOLUTIONS, SD15_RANDOM
 from .notebook.runtime import SD15_MODEL
 
 T4 = "a T4"
@@ -54,7 +54,9 @@ CHOICES = (
     BaseModelChoice("sd15-full", "SD 1.5 (full fine-tune)", SD15_MODEL, "t4", SD1),
     BaseModelChoice("sd15-lora", "SD 1.5 LoRA", SD15_MODEL, "t4-lora", SD1),
     BaseModelChoice("sdxl-lora", "SDXL LoRA", SDXL_BASE_MODEL, "t4-sdxl", SDXL),
-    BaseModelChoice("toy", "Toy model (offline, trains on a CPU)", TOY_MODEL, "t4", SD1, offline=True),
+    # The toy model with the preset `train` gives it when --preset is left out, as in the README's first command;
+    # on a CPU resolve_runtime turns that preset's GPU settings (fp16, 8-bit AdamW) into fp32 and plain AdamW.
+    BaseModelChoice("toy", "Toy model (offline, trains on a CPU)", TOY_MODEL, DEFAULT_PRESET, SD1, offline=True),
     BaseModelChoice("tiny-sdxl", "Tiny SDXL (offline, trains on a CPU)", TINY_SDXL_MODEL, "t4-sdxl", SDXL,
                     offline=True),
 )
@@ -95,6 +97,44 @@ def choice_for_model(model: str, preset: str | None = None) -> str | None:
     return matching[0].key if matching else None
 
 
+def preset_for_model(model: str) -> str:
+    """The preset that goes with `model`: that of the first choice that trains it (the toy model's is the command
+    line's default, SD 1.5's the full fine-tune's), else the command line's default preset."""
+    choice = choice_for_model(model)
+    return base_model_choice(choice).preset if choice else DEFAULT_PRESET
+
+
+def on_this_machine(choice: str | BaseModelChoice, preset: str | None = None,
+                    cuda_available: bool | None = None) -> str:
+    """What `preset` (default: the choice's) becomes for the choice's model on this machine: "" on a GPU, where the
+    preset applies as it reads; without one, the settings runtime.resolve_runtime changes and the resolution it
+    trains at, or its refusal to train a real model on a CPU."""
+    import torch
+
+    from .runtime import resolve_runtime
+    from .training import quiet_library_logs
+
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if cuda:
+        return ""
+    choice = base_model_choice(choice)
+    config = preview_config(choice, preset=preset)
+    try:
+        with quiet_library_logs():  # the offline models load to be measured: no loading bars for that
+            runtime = resolve_runtime(config, cuda_available=False)
+    except ConfigError as refusal:
+        return str(refusal)
+    changes = []
+    if runtime.mixed_precision != config.mixed_precision:
+        changes.append(f"in fp32 instead of {config.mixed_precision}")
+    if runtime.use_8bit_adam != config.use_8bit_adam:
+        changes.append("with plain AdamW instead of 8-bit AdamW")
+    resolution = config.resolution or model_size(choice).native_resolution
+    changes.append(f"at {resolution} px" + ("" if config.resolution else " (the model's own size)"))
+    name = choice.label.split(" (")[0]
+    return f"Without a GPU (as here), this preset trains the {name} {', '.join(changes)}."
+
+
 def offline_model(choice: str | BaseModelChoice) -> str:
     """The built-in model of the same family, for smoke runs on a CPU."""
     return TINY_SDXL_MODEL if base_model_choice(choice).family is SDXL else TOY_MODEL
@@ -108,6 +148,98 @@ def preview_config(choice: str | BaseModelChoice, *, preset: str | None = None, 
         settings["with_prior_preservation"] = False
     config = TrainConfig.from_preset(preset or choice.preset, **{**settings, "model": choice.model})
     return config.replace(vae=choice.vae or (None if choice.model in BUILT_IN_MODELS else config.vae))
+
+
+# Measured speeds, (fastest, slowest), of the one model they were measured for: the toy model on a CPU, one thread
+# (threads.py), on the project's shared 2-core machine. Steps: the README's first command (32 px, one photo and one
+# class image a step, UNet and text encoder trained; samples included), 0.18 s/step idle (1600 steps at 5.7 it/s,
+# 2026-12-06) to 0.25 s/step beside other work. Class images: 25 DPM-Solver++ steps at 32 px in batches of 4,
+# 0.31-0.40 s each (three runs, 2026-12-07). Nothing is measured on a GPU yet (benchmarks/train_memory_speed.py
+# will), nor for another model on a CPU: their time is unknown, and said so.
+CPU_SECONDS_PER_STEP = {TOY_MODEL: (0.18, 0.25)}
+CPU_SECONDS_PER_CLASS_IMAGE = {TOY_MODEL: (0.31, 0.40)}
+MEASURED_ON = "the toy model on a 2-core CPU, one thread"
+
+
+@dataclass(frozen=True)
+class ExpectedTime:
+    """How long a run will take: its steps and the class images still to make, and the time they take at the
+    measured speeds (seconds, fastest and slowest), or None with the reason when nothing measured applies."""
+
+    steps: int
+    class_images: int
+    seconds_per_step: tuple[float, float] | None
+    seconds_per_class_image: tuple[float, float] | None
+    unknown_because: str = ""
+
+    @property
+    def seconds(self) -> tuple[float, float] | None:
+        if self.seconds_per_step is None or self.seconds_per_class_image is None:
+            return None
+        return tuple(self.steps * step + self.class_images * image  # type: ignore[return-value]
+                     for step, image in zip(self.seconds_per_step, self.seconds_per_class_image, strict=True))
+
+    def text(self) -> str:
+        """One line: "about 5-7 min: 1600 steps at 0.18-0.25 s/step and 100 class images at 0.31-0.40 s each
+        (measured: ...)", or "unknown for 1600 steps and 100 class images: ..." """
+        work = f"{self.steps} steps" + (f" and {self.class_images} class images" if self.class_images else "")
+        seconds = self.seconds
+        if seconds is None:
+            return f"unknown for {work}: {self.unknown_because}"
+        rates = f"{self.steps} steps at {_span(self.seconds_per_step, '{:.2f}')} s/step"
+        if self.class_images:
+            rates += f" and {self.class_images} class images at {_span(self.seconds_per_class_image, '{:.2f}')} s each"
+        return f"about {_duration(seconds)}: {rates} (measured on {MEASURED_ON})"
+
+
+def _span(values: tuple[float, float], form: str) -> str:
+    low, high = (form.format(value) for value in values)
+    return low if low == high else f"{low}-{high}"
+
+
+def _duration(seconds: tuple[float, float]) -> str:
+    if seconds[1] < 90:
+        return f"{_span(seconds, '{:.0f}')} s"
+    return f"{_span(tuple(value / 60 for value in seconds), '{:.0f}')} min"  # type: ignore[arg-type]
+
+
+def expected_time(config: TrainConfig, num_images: int | None = None, *, cuda_available: bool | None = None,
+                  environ: dict[str, str] | None = None) -> ExpectedTime:
+    """The run's expected time on this machine: its steps (for `num_images` photos; None: the photos in its
+    folders, read as training reads them) and the class images not yet on disk, at the speeds measured for its
+    model on this kind of machine (CPU_SECONDS_PER_STEP); unknown where nothing was measured."""
+    import os
+
+    from .prior import class_dir_for, existing_class_images
+    from .threads import USER_THREADS_VARIABLE
+
+    if num_images is None:
+        from .data import read_images
+
+        num_images = sum(len(read_images(concept.instance_dir).images) for concept in config.concepts)
+    wanted = config.effective_num_class_images
+    missing = sum(max(0, wanted - len(existing_class_images(class_dir_for(config, concept))))
+                  for concept in config.concepts if concept.class_prompt) if wanted else 0
+    steps = config.steps_for(num_images)
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    threads = (os.environ if environ is None else environ).get(USER_THREADS_VARIABLE, "1")
+    native = OFFLINE_RESOLUTIONS.get(config.model)
+    why = ""
+    if cuda_available:
+        why = ("no training speed has been measured on a GPU in this project yet (benchmarks/train_memory_speed.py "
+               "measures it)")
+    elif config.model not in CPU_SECONDS_PER_STEP:
+        why = f"speeds are measured only for {MEASURED_ON}"
+    elif threads.strip() != "1":
+        why = f"speeds are measured on one thread, and {USER_THREADS_VARIABLE}={threads} is set"
+    elif config.train_batch_size * config.gradient_accumulation_steps != 1 or (config.resolution or native) != native:
+        why = f"speeds are measured at the model's own {native} px, one photo a step"
+    if why:
+        return ExpectedTime(steps, missing, None, None, why)
+    return ExpectedTime(steps, missing, CPU_SECONDS_PER_STEP[config.model], CPU_SECONDS_PER_CLASS_IMAGE[config.model])
 
 
 @cache

@@ -146,10 +146,15 @@ def _read_concepts(path: str) -> list[Concept]:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from .choices import expected_time
     from .training import train
 
-    result = train(_config_from_args(args))
-    if os.environ.get("RANK", "0") != "0":  # under accelerate launch, one process reports for all
+    config = _config_from_args(args)
+    main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch, one process reports for all
+    if main_process:
+        print(f"Expected time: {expected_time(config).text()}", flush=True)
+    result = train(config)
+    if not main_process:
         return 0
     print(f"\nTrained model: {result.output_dir}")
     if result.sample_images:
@@ -408,6 +413,9 @@ def _add_app(subparsers) -> None:
                    "(repeatable). Without it they get Hub ids and the built-in models only, no server folder.")
     p.add_argument("--publish-with-host-token", action="store_true", help="Publish with this machine's HF_TOKEN "
                    "or saved Hub login when a visitor types no token (off: each visitor pastes their own).")
+    p.add_argument("--no-auto-resume", dest="auto_resume", action="store_false", help="Leave runs that an app or "
+                   "machine stop interrupted for a click on Resume (default: each is resumed once, by itself, from "
+                   "its newest checkpoint when the app starts).")
     _add_memory_savers(p)  # for the Try it tab's generation
     p.set_defaults(run=_run_app)
 
@@ -418,7 +426,8 @@ def _run_app(args: argparse.Namespace) -> int:
     launch_app(args.workdir, share=args.share, auth=args.auth, host=args.host, port=args.port, model=args.model,
                block=True, generator_options={"attention_slicing": args.attention_slicing,
                                               "vae_tiling": args.vae_tiling},
-               models_dir=args.models_dir, publish_with_host_token=args.publish_with_host_token)
+               models_dir=args.models_dir, publish_with_host_token=args.publish_with_host_token,
+               auto_resume=args.auto_resume)
     return 0
 
 

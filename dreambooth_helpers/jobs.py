@@ -4,7 +4,8 @@ A JobRunner owns a work folder. Each run is a folder under WORKDIR/jobs/ that ho
 
     config.json     the TrainConfig (its output_dir is the job's own output/ folder)
     state.json      status (queued, running, finished, failed, cancelled, interrupted), pid, times, error
-    progress.json   written by the training process after each step: step, loss, samples, the loss history
+    progress.json   written by the training process (job_progress.py): the class images made so far while
+                    it makes them, then after each step: step, loss, samples, the loss history
     result.json     written by the training process when it stops: finished, failed (with the error) or cancelled
     log.txt         the training process's output
     output/         the run's model, samples, checkpoints and training_summary.json
@@ -75,6 +76,14 @@ class JobError(DreamBoothError):
     """A job request that cannot be done now (no such job, or not in a state that allows it)."""
 
 
+class UnknownJob(JobError):
+    """No such run (or, in the app, another user's: the same answer)."""
+
+
+class TooManyRuns(JobError):
+    """A user already has as many runs waiting or training as the app allows."""
+
+
 @dataclass
 class Job:
     """What the page shows of a run: its state.json, plus progress.json when training has started."""
@@ -117,8 +126,27 @@ class Job:
     def samples(self) -> list[str]:
         return list(self.progress.get("samples") or [])
 
+    @property
+    def class_images(self) -> tuple[int, int] | None:
+        """(made, wanted) while training makes the class images, before its first step; None otherwise."""
+        from .job_progress import CLASS_IMAGES_PHASE
+
+        if self.progress.get("phase") != CLASS_IMAGES_PHASE:
+            return None
+        counts = self.progress.get("class_images") or {}
+        return int(counts.get("made") or 0), int(counts.get("total") or 0)
+
     def config(self) -> TrainConfig:
         return TrainConfig.from_dict(json.loads((self.folder / CONFIG_FILE).read_text()))
+
+    def kept(self) -> str:
+        """What the stopped run keeps (job_progress.kept_when_stopped); "" when its config.json cannot be read."""
+        from .job_progress import kept_when_stopped
+
+        try:
+            return kept_when_stopped(self.config())
+        except (OSError, ValueError, TypeError):
+            return ""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -211,7 +239,7 @@ class JobRunner:
     def _folder(self, job_id: str) -> Path:
         folder = (self.jobs_dir / job_id).resolve()
         if folder.parent != self.jobs_dir or not (folder / STATE_FILE).is_file():
-            raise JobError(f"No training run {job_id!r}.")  # no server path in it
+            raise UnknownJob(f"No training run {job_id!r}.")  # no server path in it
         return folder
 
     def _read(self, job_id: str) -> Job:
@@ -302,6 +330,24 @@ class JobRunner:
             self._update(job_id, status=QUEUED, error=None, pid=None, cancel_requested=None, resumed=time.time())
         self.poll()
         return self._read(job_id)
+
+    def resume_interrupted(self) -> list[Job]:
+        """Resume, by themselves, the runs found interrupted (the app or the machine stopped while they trained),
+        each once: a run interrupted again after its automatic resume waits for a click (it may be what brings
+        the machine down). Returns the runs queued again."""
+        self.poll()  # settles the runs whose process died with the app: "interrupted"
+        resumed = []
+        for job in self._read_all():
+            with self._locked():
+                state = _read_json(job.folder / STATE_FILE)
+                if state.get("status") != INTERRUPTED or state.get("auto_resumed"):
+                    continue  # (another runner of the folder may have resumed it meanwhile)
+                self._update(job.job_id, auto_resumed=time.time())
+            try:
+                resumed.append(self.resume(job.job_id))
+            except JobError as error:  # its folder is damaged or the disk full: it waits for a click
+                logger.warning("Run %s was not resumed: %s", job.job_id, error)
+        return resumed
 
     def wait(self, job_id: str, timeout: float = 600.0) -> Job:
         """Block until the run stopped (finished, failed, cancelled or interrupted); JobError after `timeout`."""
@@ -421,39 +467,6 @@ class JobRunner:
 # ---------------------------------------------------------------------------- the training process
 
 
-class _ProgressWriter:
-    """`on_step` for train(): progress.json after each step, with the loss history of the whole run so far."""
-
-    def __init__(self, folder: Path, total_steps: int | None):
-        self.path = folder / PROGRESS_FILE
-        self.total_steps = total_steps
-        previous = _read_json(self.path)  # a resumed run: the steps before its checkpoint are known already
-        self.history: list[dict[str, Any]] = previous.get("history") or []
-        self.samples: list[str] = previous.get("samples") or []
-        self.started = time.time()
-
-    def __call__(self, step: int, logs: dict[str, Any]) -> None:
-        from .notebook.monitor import median_step_seconds
-
-        if self.history and self.history[-1]["step"] >= step:  # resumed from an earlier checkpoint: redo from there
-            self.history = [h for h in self.history if h["step"] < step]
-            self.samples = [s for s in self.samples if _sample_step(s) < step]
-        self.history.append({"step": step, "loss": logs.get("loss"), "instance_loss": logs.get("instance_loss"),
-                             "prior_loss": logs.get("prior_loss"), "time": logs.get("time")})
-        self.samples += [str(path) for path in logs.get("samples") or []]
-        per_step = median_step_seconds(self.history[-50:])
-        left = (self.total_steps - step) * per_step if per_step and self.total_steps else None
-        write_json_atomically(self.path, {"step": step, "total_steps": self.total_steps, "loss": logs.get("loss"),
-                                          "lr": logs.get("lr"), "seconds_per_step": per_step, "seconds_left": left,
-                                          "updated": time.time(), "samples": self.samples, "history": self.history})
-
-
-def _sample_step(path: str) -> int:
-    from .notebook.monitor import sample_step
-
-    return sample_step(path)
-
-
 def count_steps(config: TrainConfig) -> int:
     """The run's step count, as train() will work it out from the photos (read the same way)."""
     from .data import read_images
@@ -468,6 +481,7 @@ def run_job(folder: str | Path) -> int:
     """
     import traceback
 
+    from .job_progress import ClassImagesWatch, ProgressWriter
     from .safe_text import masked
     from .threads import use_one_thread_for
     from .training import train
@@ -481,11 +495,12 @@ def run_job(folder: str | Path) -> int:
         check_job_paths(config, folder)
         use_one_thread_for(config.model)  # a fresh process: the app's own thread setting does not reach it
         total = _read_json(folder / STATE_FILE).get("total_steps") or count_steps(config)
-        result = train(config, progress=False, on_step=_ProgressWriter(folder, total),
-                       on_notice=lambda text: print(text, flush=True))
+        writer = ProgressWriter(folder, total)
+        with ClassImagesWatch(config, writer):
+            result = train(config, progress=False, on_step=writer, on_notice=lambda text: print(text, flush=True))
         outcome = {"outcome": FINISHED, "output_dir": str(result.output_dir), "steps": result.global_step}
     except KeyboardInterrupt:
-        print("Stopped on request. Checkpoints already saved are kept; resume continues from the newest.", flush=True)
+        print(f"Stopped on request. {Job(folder.name, folder, CANCELLED, 0.0).kept()}".rstrip(), flush=True)
         outcome = {"outcome": CANCELLED}
     except DreamBoothError as error:
         _say(f"error: {masked(str(error))}")

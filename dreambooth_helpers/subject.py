@@ -70,6 +70,11 @@ def recipe(kind: str) -> Recipe:
     return RECIPES[kind]
 
 
+def photo_range(kind: str = DEFAULT_KIND) -> str:
+    """The photo count the kind's recipe recommends, as people read it: "3-20" for an object."""
+    return "{}-{}".format(*recipe(kind).recommended_photos)
+
+
 def default_steps(num_images: int, kind: str = DEFAULT_KIND) -> int:
     """Training steps for `num_images` photos: the kind's steps per photo, kept within MIN_STEPS..MAX_STEPS."""
     return min(MAX_STEPS, max(MIN_STEPS, recipe(kind).steps_per_image * max(1, num_images)))

@@ -39,6 +39,7 @@ from PIL import Image
 from . import data
 from .data import ALLOWED_FORMATS, IMAGE_EXTENSIONS, ZIP_EXTENSION, DatasetReport
 from .errors import ImageDataError
+from .subject import photo_range
 
 UPLOADS_FOLDER = "uploads"  # inside Gradio's cache folder (WORKDIR/.gradio)
 ANONYMOUS = "_"  # the one shared space of a page without --auth
@@ -74,7 +75,7 @@ def check_upload_files(files: list[Path], limits: Any) -> None:
         raise ImageDataError("Choose some photos (JPEG, PNG, WebP, HEIC) or a zip of them first.")
     if len(files) > limits.max_photos:
         raise ImageDataError(f"{len(files)} files is more than this page takes ({limits.max_photos}); "
-                             "choose your best photos (5-20 work well).")
+                             f"choose your best photos ({photo_range()} work well).")
     sizes = {f: f.stat().st_size for f in files}
     too_big = [f.name for f, size in sizes.items() if size > limits.max_file_bytes]
     if too_big:
@@ -268,8 +269,6 @@ class UploadDoor:
 
     def __init__(self, app, training: Any):
         self.app, self.training = app, training
-        self._lock = threading.Lock()  # one upload stored at a time: the sweep and the cap see whole uploads
-        self._busy = threading.BoundedSemaphore(2)  # uploads cleaned at once: each may hold its bytes in memory
 
     @property
     def root(self) -> Path:
@@ -322,70 +321,109 @@ class UploadDoor:
 
     async def _upload(self, scope, receive):
         from starlette.concurrency import run_in_threadpool
-        from starlette.datastructures import UploadFile
-        from starlette.exceptions import HTTPException
-        from starlette.formparsers import MultiPartException
         from starlette.requests import Request
         from starlette.responses import JSONResponse, PlainTextResponse
 
         signed_in, user = self._visitor(scope)
         if not signed_in:
             return JSONResponse({"detail": {"error": "Not authenticated"}}, status_code=401)
-        limits = self.training.limits
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
-        if length is None:
-            return PlainTextResponse("Send a Content-Length header.", status_code=411)
-        if not length.isdigit() or int(length) > limits.max_upload_bytes + MULTIPART_SLACK:
-            return PlainTextResponse(f"The upload is larger than {_mib(limits.max_upload_bytes)} in all: choose "
-                                     "fewer or smaller photos.", status_code=413)
-        if not headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
-            return PlainTextResponse("Send the files as multipart/form-data.", status_code=400)
-        request = Request(scope, receive)
         try:
-            form = await request.form(max_files=limits.max_photos, max_fields=8)
-        except (MultiPartException, HTTPException) as error:
-            message = str(getattr(error, "detail", None) or getattr(error, "message", error))
-            if "Too many files" in message:
-                return PlainTextResponse(f"More files than this page takes ({limits.max_photos}); choose your best "
-                                         "photos (5-20 work well).", status_code=413)
-            return PlainTextResponse(f"The upload could not be read ({message}).", status_code=400)
-        try:
-            files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-            if not files:
-                return PlainTextResponse("The upload holds no file.", status_code=400)
-            paths = await run_in_threadpool(self._store_one_at_a_time, user, [(f.filename, f.file) for f in files])
+            form, files = await receive_files(Request(scope, receive), self.training.limits)
+            try:
+                paths = await run_in_threadpool(store_upload, self.training, user, files)
+            finally:
+                await form.close()
         except UploadRefused as refused:
             return PlainTextResponse(str(refused), status_code=refused.status)
-        finally:
-            await form.close()
         return JSONResponse([str(path) for path in paths])
 
-    def _store_one_at_a_time(self, user: str | None, files: list[tuple[str | None, Any]]) -> list[Path]:
-        with self._busy:
-            return self.store(user, files)
 
-    def store(self, user: str | None, files: list[tuple[str | None, Any]]) -> list[Path]:
-        """Check, clean and keep one upload's files (name, binary file); their paths, in order."""
-        from .notebook.forms import UPLOAD_MAX_SIDE
+def _make_room(root: Path, folder: Path, incoming: int, cap: int) -> None:
+    """Remove every user's uploads older than UPLOAD_TTL_S, then this user's oldest until `incoming` fits."""
+    now = time.time()
+    for user_folder in root.iterdir() if root.is_dir() else []:
+        for entry in user_folder.iterdir() if user_folder.is_dir() else []:
+            if now - entry.stat().st_mtime > UPLOAD_TTL_S:
+                shutil.rmtree(entry, ignore_errors=True)
+    if not folder.is_dir():
+        return
+    pending = sorted(folder.iterdir(), key=lambda entry: entry.stat().st_mtime)
+    sizes = {entry: sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) for entry in pending}
+    held = sum(sizes.values())
+    for entry in pending:
+        if held + incoming <= cap:
+            break
+        shutil.rmtree(entry, ignore_errors=True)
+        held -= sizes[entry]
 
-        limits = self.training.limits
-        names = [_safe_name(filename) for filename, _ in files]
-        if len(files) > limits.max_photos:
-            raise UploadRefused(413, f"{len(files)} files is more than this page takes ({limits.max_photos}).")
-        wrong = [n for n in names if Path(n).suffix.lower() not in IMAGE_EXTENSIONS | {ZIP_EXTENSION}]
-        if wrong:
-            raise UploadRefused(415, f"{', '.join(wrong)}: this page takes only {PHOTO_TYPES}.")
-        total_pixels = 0
 
-        def count(name: str, size: tuple[int, int]) -> None:
-            nonlocal total_pixels
-            total_pixels += size[0] * size[1]
-            if total_pixels > limits.max_upload_pixels:
-                raise UploadRefused(413, f"The photos hold over {limits.max_upload_pixels / 1e6:.0f} megapixels in "
-                                         f"all, this page's limit for one upload ({name} goes over it): use fewer "
-                                         "or smaller photos (about 2000 px on the long side is plenty).")
+# ---------------------------------------------------------------------------- receiving and keeping an upload
 
+_STORING = threading.Lock()  # one upload stored at a time: the sweep and the cap see whole uploads
+_CLEANING = threading.BoundedSemaphore(2)  # uploads cleaned at once: each may hold its bytes in memory
+
+
+async def receive_files(request: Any, limits: Any, field: str | None = None) -> tuple[Any, list[tuple[str, Any]]]:
+    """The multipart form of an upload and its files as (name, binary file) pairs, bounded before anything is read:
+    Content-Length at most `limits.max_upload_bytes` (plus multipart headers), at most `limits.max_photos` files.
+    `field`: the one form field that may carry files (others are refused, named). UploadRefused otherwise; the caller
+    closes the form."""
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    headers = request.headers
+    length = headers.get("content-length")
+    if length is None:
+        raise UploadRefused(411, "Send a Content-Length header.")
+    if not length.isdigit() or int(length) > limits.max_upload_bytes + MULTIPART_SLACK:
+        raise UploadRefused(413, f"The upload is larger than {_mib(limits.max_upload_bytes)} in all: choose fewer "
+                                 "or smaller photos.")
+    if not headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise UploadRefused(400, "Send the files as multipart/form-data.")
+    try:
+        form = await request.form(max_files=limits.max_photos, max_fields=8)
+    except (MultiPartException, HTTPException) as error:
+        message = str(getattr(error, "detail", None) or getattr(error, "message", error))
+        if "Too many files" in message:
+            raise UploadRefused(413, f"More files than this page takes ({limits.max_photos}); choose your best "
+                                     f"photos ({photo_range()} work well).") from None
+        raise UploadRefused(400, f"The upload could not be read ({message}).") from None
+    items = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
+    strangers = sorted({key for key, _ in items if field is not None and key != field})
+    if strangers:
+        await form.close()
+        raise UploadRefused(422, f"Files in the form field {strangers[0]!r}: send them in the field {field!r}.")
+    if not items:
+        await form.close()
+        raise UploadRefused(400, "The upload holds no file" + (f" (send them in the form field {field!r})."
+                                                              if field else "."))
+    return form, [(value.filename, value.file) for _, value in items]
+
+
+def store_upload(training: Any, user: str | None, files: list[tuple[str | None, Any]]) -> list[Path]:
+    """Check, clean and keep one upload's files (name, binary file) in `user`'s uploads folder of `training` (the
+    TrainingApp: its limits and cache folder); their paths, in order. UploadRefused for what the limits refuse."""
+    from .notebook.forms import UPLOAD_MAX_SIDE
+
+    limits = training.limits
+    names = [_safe_name(filename) for filename, _ in files]
+    if len(files) > limits.max_photos:
+        raise UploadRefused(413, f"{len(files)} files is more than this page takes ({limits.max_photos}).")
+    wrong = [n for n in names if Path(n).suffix.lower() not in IMAGE_EXTENSIONS | {ZIP_EXTENSION}]
+    if wrong:
+        raise UploadRefused(415, f"{', '.join(wrong)}: this page takes only {PHOTO_TYPES}.")
+    total_pixels = 0
+
+    def count(name: str, size: tuple[int, int]) -> None:
+        nonlocal total_pixels
+        total_pixels += size[0] * size[1]
+        if total_pixels > limits.max_upload_pixels:
+            raise UploadRefused(413, f"The photos hold over {limits.max_upload_pixels / 1e6:.0f} megapixels in all, "
+                                     f"this page's limit for one upload ({name} goes over it): use fewer or smaller "
+                                     "photos (about 2000 px on the long side is plenty).")
+
+    with _CLEANING:
         cleaned, total_bytes = [], 0
         for name, (_, handle) in zip(names, files, strict=True):
             raw = handle.read(limits.max_file_bytes + 1)
@@ -403,31 +441,14 @@ class UploadDoor:
                     cleaned.append(clean_photo(name, raw, limits.max_photo_pixels, count, UPLOAD_MAX_SIDE))
             except ImageDataError as error:
                 raise UploadRefused(400, f"{error} This page takes only {PHOTO_TYPES}.") from None
-        with self._lock:
-            folder = user_uploads(self.root.parent, user)
-            self._make_room(folder, sum(len(content) for _, content in cleaned), limits.max_upload_bytes)
-            paths = []
-            for name, content in cleaned:
-                entry = folder / secrets.token_hex(16)
-                entry.mkdir(parents=True)
-                (entry / name).write_bytes(content)
-                paths.append(entry / name)
-        return paths
-
-    def _make_room(self, folder: Path, incoming: int, cap: int) -> None:
-        """Remove every user's uploads older than UPLOAD_TTL_S, then this user's oldest until `incoming` fits."""
-        now = time.time()
-        for user_folder in self.root.iterdir() if self.root.is_dir() else []:
-            for entry in user_folder.iterdir() if user_folder.is_dir() else []:
-                if now - entry.stat().st_mtime > UPLOAD_TTL_S:
-                    shutil.rmtree(entry, ignore_errors=True)
-        if not folder.is_dir():
-            return
-        pending = sorted(folder.iterdir(), key=lambda entry: entry.stat().st_mtime)
-        sizes = {entry: sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) for entry in pending}
-        held = sum(sizes.values())
-        for entry in pending:
-            if held + incoming <= cap:
-                break
-            shutil.rmtree(entry, ignore_errors=True)
-            held -= sizes[entry]
+    root = Path(training.cache_dir) / UPLOADS_FOLDER
+    with _STORING:
+        folder = user_uploads(root.parent, user)
+        _make_room(root, folder, sum(len(content) for _, content in cleaned), limits.max_upload_bytes)
+        paths = []
+        for name, content in cleaned:
+            entry = folder / secrets.token_hex(16)
+            entry.mkdir(parents=True)
+            (entry / name).write_bytes(content)
+            paths.append(entry / name)
+    return paths

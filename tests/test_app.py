@@ -45,7 +45,7 @@ def test_the_journey_upload_train_watch_try_publish_export(tmp_path, monkeypatch
     assert photos.count == 5 and len(photos.crops) == 5
     assert all(crop.size == (256, 256) for crop in photos.crops)
     assert "5 usable image(s)" in photos.report  # what check-images says, then the doctor's findings
-    assert "Memory:" in app.outlook(None, token="sks", class_noun="robot", steps=4)
+    assert "- **memory**: " in app.outlook(None, token="sks", class_noun="robot", steps=4)
 
     job = app.start(None, token="sks", class_noun="robot", steps=4)
     config = job.config()
@@ -171,9 +171,11 @@ def test_the_base_model_choice_sets_the_model_and_preset_and_shows_what_it_means
         assert handlers["on_outlook"]("toy", "style", "no-such-preset", 0, None).startswith("Error:")
         assert handlers["on_outlook"](None, "object", "t4", 0, None) == ""
         # What the choice set is what trains: SDXL with its fp16-safe VAE and frozen text encoders.
-        config = app.make_config(None, model=SDXL_BASE_MODEL, preset="t4-sdxl")
+        config = app.make_config(None, class_noun="robot", model=SDXL_BASE_MODEL, preset="t4-sdxl")
         assert (config.vae, config.lora, config.train_text_encoder) == (SDXL_FP16_VAE, True, False)
-        assert app.make_config(None, model="tiny-sdxl", preset="t4-sdxl").vae is None
+        assert app.make_config(None, class_noun="robot", model="tiny-sdxl", preset="t4-sdxl").vae is None
+        # Without a preset, the model's own (choices.preset_for_model): SDXL's LoRA one, never the full fine-tune's.
+        assert app.make_config(None, class_noun="robot", model="tiny-sdxl").preset == "t4-sdxl"
     finally:
         app.close()
     on_gpu = TrainingApp(tmp_path / "gpu", model=choices.SD15_MODEL, environment=ONE_THREAD)
@@ -248,7 +250,7 @@ def test_the_page_api_signed_in_trains_shows_progress_and_refuses_to_publish_wit
         crops, report = client.predict([handle_file(str(p)) for p in sample_photos()], "object", api_name="/upload")
         assert len(crops) == 5 and "5 usable image(s)" in report
         outlook = client.predict("object", "sks", "robot", "tiny", "t4", 4, api_name="/check")
-        assert "Memory:" in outlook and "sks robot" in outlook
+        assert "- **memory**: " in outlook and "sks robot" in outlook
         queued, run_list, _, _ = client.predict("object", "sks", "robot", "tiny", "t4", 4, api_name="/start")
         job_id = run_list["value"]
         assert queued == f"Run {job_id} submitted: its state shows below."
@@ -438,16 +440,16 @@ def test_the_base_model_is_a_hub_id_a_built_in_model_or_a_model_in_an_allowed_fo
                "mine/../../work", "~/x", f"jobs/{OLD_ID}", "users/bob", "sd15-random", "a/b/c"]
     for model in refused:
         with pytest.raises(ConfigError) as caught:
-            app.make_config("bob", model=model)
+            app.make_config("bob", class_noun="robot", model=model)
         message = str(caught.value)
         assert "Hub id (OWNER/NAME" in message and "(toy, tiny, tiny-sdxl)" in message, model
         assert "model folders (inside, mine)" in message  # their names, never the server's paths
         assert str(tmp_path) not in _message(caught.value)  # what the page shows: not even the path typed in
     for model in ("toy", "tiny", "tiny-sdxl", "someone/some-model"):
-        assert app.make_config("bob", model=model).model == model
+        assert app.make_config("bob", class_noun="robot", model=model).model == model
     for model in ("mine", str(models_dir / "mine"), "inside", f" {models_dir}/inside "):
-        assert app.make_config("bob", model=model).model == str((models_dir / "mine").resolve())
-    assert "model:            …/mine" in app.outlook("bob", model="mine")
+        assert app.make_config("bob", class_noun="robot", model=model).model == str((models_dir / "mine").resolve())
+    assert "- **model**: …/mine" in app.outlook("bob", class_noun="robot", model="mine")
     # Without --models-dir no folder at all, and the message says how the operator allows some.
     plain = make_app(tmp_path, users=["alice", "bob"])
     with pytest.raises(ConfigError, match="not offered .*--models-dir"):
@@ -473,7 +475,7 @@ def test_one_answer_for_a_run_not_yours_or_missing_and_no_server_path_in_what_th
 
     app.upload("bob", sample_photos()[:3])
     outlook = app.outlook("bob", token="sks", class_noun="robot", steps=2)
-    assert "photos:           photos (3)" in outlook  # relative to the user's own space
+    assert "- **photos**: photos \\(3\\)" in outlook  # relative to the user's own space
     photos = app.photos_view("bob")
     failed = f"No images found in {app.photos_dir('bob')}; see /usr/lib/python3/dist-packages/x.py"
     run_on_disk(app, "20240102-120000-sks-robot-failedrunid12345", "bob", "failed", error=failed)
@@ -528,7 +530,7 @@ def test_over_http_models_runs_and_publishing_follow_the_access_rules(tmp_path, 
             assert str(tmp_path) not in answer
         app.upload("bob", sample_photos()[:3])
         answer = bob.predict("object", "sks", "robot", "mine", "t4", 4, api_name="/check")
-        assert "model:            …/mine" in answer and "photos:           photos (3)" in answer, answer
+        assert "- **model**: …/mine" in answer and "- **photos**: photos \\(3\\)" in answer, answer
         assert str(tmp_path) not in answer
         not_yours, missing = (bob.predict(job_id, api_name="/view")[0].replace(job_id, "X")
                               for job_id in (OLD_ID, OLD_ID[:-1] + "3"))

@@ -122,3 +122,83 @@ def test_an_outlook_leaves_the_running_plan_alone():
     choices.outlook("sd15-full", 5)
     choices.outlook("sd15-full", 5, gpu=("a small card", 2))
     assert memory.current_plan(config) is running
+
+
+def test_the_toy_models_preset_is_the_command_lines_and_says_what_it_becomes_on_a_cpu():
+    """Issue 30: on a CPU the app starts on the toy model; its preset is the one `train` gives it (TrainConfig's
+    defaults: --model toy, --preset t4), from one place, and the page says what that preset becomes there."""
+    from dreambooth_helpers.config import DEFAULT_PRESET, TOY_MODEL
+
+    defaults = TrainConfig()
+    assert defaults.model == TOY_MODEL and choices.preset_for_model(TOY_MODEL) == defaults.preset == DEFAULT_PRESET
+    assert choices.base_model_choice(choices.choice_for_model(TOY_MODEL)).preset == defaults.preset
+    assert choices.preset_for_model("tiny-sdxl") == "t4-sdxl"  # SDXL trains LoRA: never the full fine-tune's
+    assert choices.preset_for_model(SD15_MODEL) == "t4" and choices.preset_for_model("someone/model") == "t4"
+
+    here = choices.on_this_machine("toy", cuda_available=False)
+    assert here == ("Without a GPU (as here), this preset trains the Toy model in fp32 instead of fp16, with plain "
+                    "AdamW instead of 8-bit AdamW, at 32 px (the model's own size).")
+    assert "in fp32 instead of bf16" in choices.on_this_machine("toy", "large-gpu", cuda_available=False)
+    assert "at 64 px" in choices.on_this_machine("tiny-sdxl", cuda_available=False)
+    assert "would take days" in choices.on_this_machine("sd15-full", cuda_available=False)  # runtime's refusal
+    assert choices.on_this_machine("toy", cuda_available=True) == ""  # on a GPU the preset reads as it applies
+
+
+def readme_run(tmp_path, **changes) -> TrainConfig:
+    """The README's first command: the toy model, 1600 steps, 100 class images."""
+    from dreambooth_helpers.config import Concept
+
+    settings = dict(concepts=[Concept("sample_data/toy_robot", "a sks toy", "a toy")],
+                    output_dir=str(tmp_path / "out"), max_train_steps=1600, num_class_images=100)
+    return TrainConfig(**{**settings, **changes})
+
+
+def test_the_expected_time_is_steps_and_class_images_at_the_measured_speeds(tmp_path):
+    cpu = {"cuda_available": False, "environ": {}}
+    expected = choices.expected_time(readme_run(tmp_path), 5, **cpu)
+    assert (expected.steps, expected.class_images) == (1600, 100)
+    low, high = expected.seconds
+    assert low == pytest.approx(1600 * 0.18 + 100 * 0.31) and high == pytest.approx(1600 * 0.25 + 100 * 0.40)
+    assert expected.text() == ("about 5-7 min: 1600 steps at 0.18-0.25 s/step and 100 class images at 0.31-0.40 s "
+                               "each (measured on the toy model on a 2-core CPU, one thread)")
+    # Class images already on disk are not made again; without prior preservation there are none.
+    class_dir = tmp_path / "out" / "class_images" / "a-toy"
+    class_dir.mkdir(parents=True)
+    for i in range(40):
+        (class_dir / f"class-{i:05d}.png").write_bytes(_png())
+    assert choices.expected_time(readme_run(tmp_path), 5, **cpu).class_images == 60
+    short = choices.expected_time(readme_run(tmp_path, max_train_steps=100, with_prior_preservation=False), 5, **cpu)
+    assert short.text() == ("about 18-25 s: 100 steps at 0.18-0.25 s/step (measured on the toy model on a 2-core "
+                            "CPU, one thread)")
+    assert choices.expected_time(readme_run(tmp_path, max_train_steps=None), 5, **cpu).steps == 750  # the recipe's
+
+
+@pytest.mark.parametrize(("changes", "where", "why"), [
+    ({}, {"cuda_available": True, "environ": {}}, "no training speed has been measured on a GPU"),
+    ({"model": "tiny"}, {"cuda_available": False, "environ": {}}, "measured only for the toy model"),
+    ({"resolution": 64}, {"cuda_available": False, "environ": {}}, "at the model's own 32 px"),
+    ({"train_batch_size": 2}, {"cuda_available": False, "environ": {}}, "one photo a step"),
+    ({}, {"cuda_available": False, "environ": {"OMP_NUM_THREADS": "2"}}, "OMP_NUM_THREADS=2 is set"),
+])
+def test_the_expected_time_is_unknown_where_nothing_measured_applies(tmp_path, changes, where, why):
+    expected = choices.expected_time(readme_run(tmp_path, **changes), 5, **where)
+    assert expected.seconds is None
+    assert expected.text().startswith("unknown for 1600 steps and 100 class images: ") and why in expected.text()
+
+
+def test_the_notebooks_summary_prints_the_same_expected_time(tmp_path):
+    from dreambooth_helpers.notebook.forms import config_summary
+
+    config = readme_run(tmp_path)
+    line = next(line for line in config_summary(config, 5).splitlines() if line.startswith("expected time:"))
+    assert line == f"expected time:    {choices.expected_time(config, 5).text()}"
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from dreambooth_helpers import checkpoints as ckpt
 from dreambooth_helpers.config import Concept, TrainConfig
+from dreambooth_helpers.job_progress import ClassImagesWatch, ProgressWriter, class_images_on_disk, kept_when_stopped
 from dreambooth_helpers.jobs import (
     CANCELLED,
     FAILED,
@@ -26,6 +27,7 @@ from dreambooth_helpers.jobs import (
     INTERRUPTED,
     QUEUED,
     RUNNING,
+    Job,
     JobError,
     JobRunner,
     last_error_paragraph,
@@ -138,7 +140,9 @@ def test_cancel_keeps_the_checkpoints_and_resume_ends_at_the_uninterrupted_weigh
     assert cancelled.status == CANCELLED and cancelled.error is None
     assert ckpt.list_checkpoints(cancelled.output_dir), "the checkpoints already saved are kept"
     assert not (cancelled.output_dir / "model_index.json").exists(), "cancelled before the end"
-    assert "Stopped on request" in cancelled.log_path.read_text()
+    newest = ckpt.checkpoint_step(ckpt.list_checkpoints(cancelled.output_dir)[-1])
+    said = f"Stopped on request. The checkpoint of step {newest} is kept: Resume continues from it."
+    assert said in cancelled.log_path.read_text() and cancelled.kept() == said.removeprefix("Stopped on request. ")
 
     resumed = runner.wait(runner.resume(job.job_id).job_id, timeout=300)
     assert resumed.status == FINISHED, resumed.log_path.read_text()[-3000:]
@@ -191,7 +195,9 @@ def test_a_run_outlives_the_app_that_started_it_and_resumes_after_a_crash(instan
     after_restart = JobRunner(work, environment=ONE_THREAD, poll_every=0.1)
     assert after_restart.job(job_id).status == INTERRUPTED
 
-    resumed = after_restart.wait(after_restart.resume(job_id).job_id, timeout=300)
+    assert [job.job_id for job in after_restart.resume_interrupted()] == [job_id]  # as the app does at its start
+    assert after_restart.resume_interrupted() == []  # once
+    resumed = after_restart.wait(job_id, timeout=300)
     assert resumed.status == FINISHED, resumed.log_path.read_text()[-3000:]
     assert same_weights(resumed.output_dir, straight_run)
     state = json.loads((resumed.folder / "state.json").read_text())
@@ -365,3 +371,69 @@ def types_namespace(**attributes):
     import types
 
     return types.SimpleNamespace(**attributes)
+
+
+def test_the_class_images_being_made_are_counted_into_progress_json_until_the_first_step(tmp_path):
+    """Issue 30: prior.py draws the class images before the first step, for minutes on a CPU; the training process
+    counts them on disk into progress.json, which the page reads ("Making class images: 40 of 50")."""
+    from dreambooth_helpers.jobs import PROGRESS_FILE
+
+    folder = tmp_path / "job"
+    folder.mkdir()
+    config = tiny_config(tmp_path / "photos", output_dir=str(folder / "output"), with_prior_preservation=True,
+                         concepts=[Concept(str(tmp_path / "photos"), "a photo of sks dog", "a photo of dog")],
+                         num_class_images=5)
+    class_dir = folder / "output" / "class_images" / "a-photo-of-dog"
+    writer = ProgressWriter(folder, 8)
+
+    def progress() -> Job:
+        return Job("job", folder, RUNNING, 0.0, progress=json.loads((folder / PROGRESS_FILE).read_text()))
+
+    def wait_for(made: int) -> Job:
+        deadline = time.monotonic() + 30
+        while not ((folder / PROGRESS_FILE).is_file() and progress().class_images == (made, 5)):
+            assert time.monotonic() < deadline, f"progress.json never said {made} of 5"
+            time.sleep(0.02)
+        return progress()
+
+    with ClassImagesWatch(config, writer, every=0.02):
+        time.sleep(0.1)
+        assert not (folder / PROGRESS_FILE).exists()  # nothing made yet: the page still says "Starting"
+        class_dir.mkdir(parents=True)
+        (class_dir / ".class-00000.png.partial").write_bytes(b"half")  # being written: not counted
+        for index in range(2):
+            (class_dir / f"class-{index:05d}.png").write_bytes(b"png")
+        job = wait_for(2)
+        assert job.progress["phase"] == "class_images" and job.progress["total_steps"] == 8 and job.step == 0
+        for index in range(2, 5):
+            (class_dir / f"class-{index:05d}.png").write_bytes(b"png")
+        wait_for(5)
+    assert class_images_on_disk(config) == (5, 5)
+
+    writer(1, {"loss": 0.5, "time": 1.0, "samples": []})  # the first step: the phase is over
+    writer.class_images(5, 5)  # a late count never overwrites a step
+    job = progress()
+    assert job.class_images is None and job.step == 1 and "phase" not in job.progress
+    assert [h["step"] for h in job.progress["history"]] == [1]
+
+
+def test_a_stopped_run_says_what_it_really_kept(tmp_path):
+    """Cancel and Ctrl+C in a job: the newest checkpoint when there is one (checkpoints.list_checkpoints, the CLI's
+    source too), else that none was saved and Resume starts from step 0; the class images made are reused."""
+    output = tmp_path / "output"
+    config = tiny_config(tmp_path / "photos", output_dir=str(output), checkpoint_every=None)
+    assert kept_when_stopped(config) == ("No checkpoint was saved yet (this run saves none): Resume starts again "
+                                         "from step 0.")
+    prior = config.replace(with_prior_preservation=True, num_class_images=50,
+                           concepts=[Concept(str(tmp_path / "photos"), "a photo of sks dog", "a photo of dog")])
+    (output / "class_images" / "a-photo-of-dog").mkdir(parents=True)
+    for index in range(40):
+        (output / "class_images" / "a-photo-of-dog" / f"class-{index:05d}.png").write_bytes(b"png")
+    assert kept_when_stopped(prior.replace(checkpoint_every=400)) == (
+        "No checkpoint was saved yet (this run saves one every 400 steps): Resume starts again from step 0; the 40 "
+        "class image(s) made so far are kept and reused.")
+    for step in (200, 400):
+        ckpt.checkpoint_dir(output, step).mkdir(parents=True)
+        (ckpt.checkpoint_dir(output, step) / "state.json").write_text(json.dumps({"step": step}))
+    ckpt.checkpoint_dir(output, 600).mkdir()  # half-written: not one to resume from
+    assert kept_when_stopped(config).startswith("The checkpoint of step 400 is kept: Resume continues from it.")

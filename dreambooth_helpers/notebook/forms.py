@@ -170,8 +170,8 @@ class ImagePicker:
         """Read the chosen photos; raises ImageDataError saying what to do when none is usable."""
         if self.received is not None:
             if not self.received:
-                raise ImageDataError("No file was uploaded: run the photos cell again and choose 3-20 photos (or a "
-                                     ".zip of them).")
+                raise ImageDataError("No file was uploaded: run the photos cell again and choose "
+                                     f"{subject.photo_range()} photos (or a .zip of them).")
             return collect_images("upload", self.received, work_dir)
         if self.widget is not None:
             upload, path, use_sample = self.widget.children
@@ -181,8 +181,8 @@ class ImagePicker:
                 return collect_images("folder", path.value.strip(), work_dir)
             if use_sample.value:
                 return collect_images("sample", sample_subject_dir(self._search), work_dir)
-            raise ImageDataError("No photos chosen: upload 3-20 photos of your subject, type the folder that holds "
-                                 "them, or tick 'use the sample subject'.")
+            raise ImageDataError(f"No photos chosen: upload {subject.photo_range()} photos of your subject, type the "
+                                 "folder that holds them, or tick 'use the sample subject'.")
         if self.source == "sample":
             return collect_images("sample", sample_subject_dir(self._search), work_dir)
         return collect_images("folder", self.folder, work_dir)
@@ -492,25 +492,32 @@ def memory_outlook(config: TrainConfig, cuda_available: bool | None = None) -> s
     return in_notebook_words(where + plan.reason)
 
 
-def config_summary(config: TrainConfig, num_images: int) -> str:
-    """The settings that matter for this run, one line each, for the notebook to print before training."""
+def summary_rows(config: TrainConfig, num_images: int) -> list[tuple[str, str]]:
+    """The settings that matter for this run as (name, value) rows, the expected time on this machine included
+    (choices.expected_time): what the notebook prints before training and the app's "Check settings" lists."""
     concept = config.concepts[0]
     prior = config.with_prior_preservation
-    lines = [
-        f"model:            {config.model}" + (f" (VAE {config.vae})" if config.vae else ""),
-        f"photos:           {concept.instance_dir} ({num_images})",
-        f"instance prompt:  {concept.instance_prompt}",
-        f"class prompt:     {concept.class_prompt if prior else '(prior preservation off)'}"
-        + (f" x {config.effective_num_class_images} images" if prior else ""),
-        f"steps:            {config.steps_for(num_images)}, learning rate {config.effective_learning_rate:g}"
-        + (f" (text encoder {config.effective_text_encoder_learning_rate:g})" if config.train_text_encoder else ""),
-        f"trains:           {'LoRA adapters on ' if config.lora else ''}UNet"
-        + (" + text encoder" if config.train_text_encoder else ""),
-        f"samples every:    {config.sample_every} steps",
-        f"output folder:    {config.output_dir}",
+    rows = [
+        ("model", config.model + (f" (VAE {config.vae})" if config.vae else "")),
+        ("photos", f"{concept.instance_dir} ({num_images})"),
+        ("instance prompt", concept.instance_prompt),
+        ("class prompt", f"{concept.class_prompt} x {config.effective_num_class_images} images" if prior
+         else "(prior preservation off)"),
+        ("steps", f"{config.steps_for(num_images)}, learning rate {config.effective_learning_rate:g}"
+         + (f" (text encoder {config.effective_text_encoder_learning_rate:g})" if config.train_text_encoder else "")),
+        ("trains", f"{'LoRA adapters on ' if config.lora else ''}UNet"
+         + (" + text encoder" if config.train_text_encoder else "")),
+        ("expected time", choices.expected_time(config, num_images).text()),
+        ("samples every", f"{config.sample_every} steps"),
+        ("output folder", str(config.output_dir)),
     ]
     if config.checkpoint_every:
-        lines.append(f"checkpoints:      every {config.checkpoint_every} steps (newest kept, for resuming)")
+        rows.append(("checkpoints", f"every {config.checkpoint_every} steps (newest kept, for resuming)"))
     if config.resume:
-        lines.append("resume:           from the newest checkpoint in the output folder")
-    return "\n".join(lines)
+        rows.append(("resume", "from the newest checkpoint in the output folder"))
+    return rows
+
+
+def config_summary(config: TrainConfig, num_images: int) -> str:
+    """The settings that matter for this run, one line each, for the notebook to print before training."""
+    return "\n".join(f"{name + ':':<18}{value}" for name, value in summary_rows(config, num_images))
