@@ -73,6 +73,9 @@ def test_each_defect_is_found_with_advice(tmp_path):
     assert "blur" in checks_for(report, "blurry.png")
     assert "exposure" in checks_for(report, "dark.png")
     assert "exposure" in checks_for(report, "bright.png")
+    exposure_says = {f.file: f.message for f in report.findings if f.check == "exposure"}
+    assert exposure_says["dark.png"].startswith("The whole photo is too dark (mean brightness ")  # subject and all
+    assert exposure_says["bright.png"].startswith("The whole photo is too bright (mean brightness ")
     assert "subject-size" in checks_for(report, "tiny_subject.png")
     assert "subject-crop" in checks_for(report, "wide.png")
     assert "towards the left" in next(f.message for f in report.findings if f.check == "subject-crop")
