@@ -15,6 +15,8 @@ from .safe_text import log_exception, masked, plain_markdown
 from .subject import DEFAULT_KIND, SUBJECT_KINDS
 
 logger = logging.getLogger(__name__)
+# Galleries show each image whole (scaled down to fit, never cropped) in a box of this height.
+WHOLE_IMAGES = {"object_fit": "contain", "height": 540}
 
 
 def user_of(request: Any) -> str | None:
@@ -53,7 +55,7 @@ def build_ui(app: TrainingApp):
         with gr.Tab("1. Photos"):
             files = gr.File(file_count="multiple", type="filepath", label="Photos or a zip", elem_id="upload")
             upload_button = gr.Button("Use these photos", variant="primary", elem_id="use-photos")
-            crops = gr.Gallery(label="As training sees them", columns=6, elem_id="crops")
+            crops = gr.Gallery(label="As training sees them", columns=6, elem_id="crops", **WHOLE_IMAGES)
             photo_report = gr.Textbox(label="What was read, and the dataset doctor's advice", lines=10,
                                       elem_id="photo-report")
         with gr.Tab("2. Train"):
@@ -85,7 +87,8 @@ def build_ui(app: TrainingApp):
                 cancel_button = gr.Button("Cancel", elem_id="cancel")
                 resume_button = gr.Button("Resume", elem_id="resume")
             run_status = gr.Markdown(elem_id="run-status")
-            samples = gr.Gallery(label="Samples as training draws them", columns=4, elem_id="samples")
+            samples = gr.Gallery(label="Samples as training draws them", columns=4, elem_id="samples",
+                                 **WHOLE_IMAGES)
             losses = gr.Plot(label="Loss", elem_id="losses")
         with gr.Tab("3. Try it"):
             try_run = gr.Dropdown([], label="Finished run", elem_id="try-run", allow_custom_value=True)
@@ -94,7 +97,7 @@ def build_ui(app: TrainingApp):
                 gen_steps = gr.Slider(1, app.limits.max_generation_steps, value=25, step=1, label="Steps")
                 seed = gr.Textbox("random", label='Seed ("random" or a number)', elem_id="seed")
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-            images = gr.Gallery(label="Images", columns=2, elem_id="images")
+            images = gr.Gallery(label="Images", columns=2, elem_id="images", **WHOLE_IMAGES)
             try_status = gr.Markdown(elem_id="try-status")
         with gr.Tab("4. Publish"):
             publish_run = gr.Dropdown([], label="Finished run", elem_id="publish-run", allow_custom_value=True)

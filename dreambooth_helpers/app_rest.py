@@ -7,8 +7,8 @@ front ends, over app.py's TrainingApp, with the page's sign-in, limits and recip
     DELETE /api/photos/{name}              -> PHOTOS, after removing that one
     POST   /api/jobs                       {"identifier", "class_noun", "kind", "base_model"?, "preset"?,
                                             "max_train_steps"?, "num_class_images"?} -> 201 {"id", "state"}
-    GET    /api/jobs, GET /api/jobs/{id}   -> {"id", "state", "step", "max_steps", "loss", "seconds_left",
-                                               "samples": [urls], "error"?, ...} (JOB below)
+    GET    /api/jobs, GET /api/jobs/{id}   -> {"id", "state", "phase", "step", "max_steps", "loss", "seconds_left",
+                                               "samples": [urls], "class_images"?, "error"?, ...} (JOB below)
     POST   /api/jobs/{id}/cancel, .../resume -> JOB
     POST   /api/jobs/{id}/generate         {"prompt", "negative_prompt"?, "seed"?, "steps"?, "guidance"?} -> PNG
     GET    /api/jobs/{id}/samples/{name}   -> a training sample (PNG)
@@ -28,7 +28,7 @@ from .app import TrainingApp
 from .app_access import public_text
 from .demo_rest import BodyRefused, _credentials_match, decode_body, done_unless_client_leaves, read_body
 from .errors import ConfigError, DreamBoothError, ImageDataError
-from .jobs import STOPPED, Job, JobError, TooManyRuns, UnknownJob
+from .jobs import RUNNING, STOPPED, Job, JobError, TooManyRuns, UnknownJob
 from .safe_text import log_exception, masked
 from .subject import DEFAULT_KIND, SUBJECT_KINDS
 
@@ -99,14 +99,19 @@ def field_errors(error: Any, body: Any, fields: dict[str, str]) -> str:
 
 def _json_of(job: Job, workdir: Path) -> dict[str, Any]:
     """What the API says of a run (JOB)."""
-    progress = job.progress
+    progress, left = job.progress, job.progress.get("seconds_left")
+    phase = None
+    if job.status == RUNNING:  # what a run is doing: loading, making its class images, or training
+        phase = "class_images" if job.class_images else "training" if progress.get("history") else "starting"
     answer: dict[str, Any] = {
-        "id": job.job_id, "state": job.status, "step": job.step,
+        "id": job.job_id, "state": job.status, "phase": phase, "step": job.step,
         "max_steps": job.total_steps or progress.get("total_steps"), "loss": progress.get("loss"),
-        "seconds_left": None if job.status in STOPPED else progress.get("seconds_left"),
+        "seconds_left": None if job.status in STOPPED or left is None else round(float(left), 1),
         "seconds_elapsed": round(job.elapsed(), 1), "created": job.created,
         "samples": [f"{API_PREFIX}/jobs/{job.job_id}/samples/{Path(path).name}" for path in job.samples],
     }
+    if phase == "class_images":
+        answer["class_images"] = dict(zip(("made", "total"), job.class_images, strict=True))
     if job.error:
         answer["error"] = public_text(masked(str(job.error)), workdir)
     return answer

@@ -156,8 +156,11 @@ def preview_config(choice: str | BaseModelChoice, *, preset: str | None = None, 
 # 2026-12-06) to 0.25 s/step beside other work. Class images: 25 DPM-Solver++ steps at 32 px in batches of 4,
 # 0.31-0.40 s each (three runs, 2026-12-07). Nothing is measured on a GPU yet (benchmarks/train_memory_speed.py
 # will), nor for another model on a CPU: their time is unknown, and said so.
+# Sample images cost what a class image costs per denoising step. Starting: the training process's imports and the
+# model's load before anything else, 7-8 s seen beside other work in a newcomer's trial of the app (2026-12-07).
 CPU_SECONDS_PER_STEP = {TOY_MODEL: (0.18, 0.25)}
 CPU_SECONDS_PER_CLASS_IMAGE = {TOY_MODEL: (0.31, 0.40)}
+CPU_SECONDS_TO_START = {TOY_MODEL: (5.0, 9.0)}
 MEASURED_ON = "the toy model on a 2-core CPU, one thread"
 
 
@@ -171,13 +174,17 @@ class ExpectedTime:
     seconds_per_step: tuple[float, float] | None
     seconds_per_class_image: tuple[float, float] | None
     unknown_because: str = ""
+    samples: int = 0  # sample images drawn while training
+    sample_cost: float = 0.0  # a sample image's time as a share of a class image's (their denoising steps)
+    seconds_to_start: tuple[float, float] = (0.0, 0.0)
 
     @property
     def seconds(self) -> tuple[float, float] | None:
         if self.seconds_per_step is None or self.seconds_per_class_image is None:
             return None
-        return tuple(self.steps * step + self.class_images * image  # type: ignore[return-value]
-                     for step, image in zip(self.seconds_per_step, self.seconds_per_class_image, strict=True))
+        return tuple(start + self.steps * step + (self.class_images + self.samples * self.sample_cost) * image
+                     for start, step, image in zip(self.seconds_to_start, self.seconds_per_step,  # type: ignore
+                                                   self.seconds_per_class_image, strict=True))
 
     def text(self) -> str:
         """One line: "about 5-7 min: 1600 steps at 0.18-0.25 s/step and 100 class images at 0.31-0.40 s each
@@ -189,6 +196,8 @@ class ExpectedTime:
         rates = f"{self.steps} steps at {_span(self.seconds_per_step, '{:.2f}')} s/step"
         if self.class_images:
             rates += f" and {self.class_images} class images at {_span(self.seconds_per_class_image, '{:.2f}')} s each"
+        if self.samples:
+            rates += f", with {self.samples} sample images"
         return f"about {_duration(seconds)}: {rates} (measured on {MEASURED_ON})"
 
 
@@ -239,7 +248,11 @@ def expected_time(config: TrainConfig, num_images: int | None = None, *, cuda_av
         why = f"speeds are measured at the model's own {native} px, one photo a step"
     if why:
         return ExpectedTime(steps, missing, None, None, why)
-    return ExpectedTime(steps, missing, CPU_SECONDS_PER_STEP[config.model], CPU_SECONDS_PER_CLASS_IMAGE[config.model])
+    every = config.sample_every
+    samples = ((steps // every + bool(steps % every)) * len(config.sample_prompts or config.concepts)) if every else 0
+    return ExpectedTime(steps, missing, CPU_SECONDS_PER_STEP[config.model], CPU_SECONDS_PER_CLASS_IMAGE[config.model],
+                        samples=samples, sample_cost=config.sample_steps / config.class_images_steps,
+                        seconds_to_start=CPU_SECONDS_TO_START[config.model])
 
 
 @cache

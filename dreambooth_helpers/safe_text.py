@@ -21,6 +21,7 @@ SECRET_PATTERNS = (
      r"\1" + HIDDEN),
 )
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()!#|~{}])")
+URL = re.compile(r"https?://[\w.~:/?#@$&+,;=%-]+")  # no ( ) [ ] ! * ` | { } \\ : nothing Markdown reads
 
 
 def masked(text: str, *secrets: str | None) -> str:
@@ -43,4 +44,15 @@ def log_exception(logger: logging.Logger, message: str, error: BaseException, *s
 def plain_markdown(text: str) -> str:
     """`text` escaped for a Markdown component: its HTML and Markdown show as characters, and nothing in it
     (an <img>, ![](url), a link) makes the visitor's browser load anything."""
-    return MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False))
+    # A URL becomes an autolink, <URL>: the page links it, ending where it ends (a bare one would take in the
+    # escape of a ")" after it). Its characters (URL) are none that Markdown or HTML read.
+    text, parts, done = str(text), [], 0
+    for found in URL.finditer(text):
+        url = found.group(0).rstrip(".,;:?")
+        parts += [_escaped(text[done:found.start()]), f"<{url}>"]
+        done = found.start() + len(url)
+    return "".join([*parts, _escaped(text[done:])])
+
+
+def _escaped(text: str) -> str:
+    return MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))

@@ -334,11 +334,18 @@ def test_in_a_real_browser_upload_train_cancel_resume_reload_generate_and_publis
                 page.locator("#generate").click()
                 expect(page.locator("#try-status")).to_contain_text("Done: 1 image(s)", timeout=120_000)
                 expect(page.locator("#images img").first).to_be_visible()
+                # The whole image shows: scaled to fit the gallery, not cropped to its width.
+                shown = page.locator("#images img").first.evaluate(
+                    "img => [getComputedStyle(img).objectFit, img.getBoundingClientRect().height,"
+                    " img.closest('#images').getBoundingClientRect().height]")
+                assert shown[0] == "contain" and shown[1] <= shown[2], shown
 
                 page.get_by_role("tab", name="4. Publish").click()
                 page.locator("#repo-id textarea, #repo-id input").first.fill("someone/robot")
                 page.locator("#publish").click()
                 expect(page.locator("#publish-status")).to_contain_text("No Hugging Face token", timeout=30_000)
+                links = page.locator("#publish-status a").evaluate_all("links => links.map(a => a.href)")
+                assert "https://huggingface.co/settings/tokens" in links, links  # the link, without the ")"
             finally:
                 browser.close()
         job = running.app.jobs(None)[0]
@@ -802,7 +809,7 @@ def test_a_failed_runs_message_shows_as_text_not_as_html_or_markdown(tmp_path):
     run_on_disk(app, "20240103-120000-sks-robot-htmlrunid1234567", None, "failed", error=error)
     text = app.job_view(None, "20240103-120000-sks-robot-htmlrunid1234567").text
     assert "<img" not in text and "<a " not in text and "](http" not in text and "**bold**" not in text
-    assert "&lt;img src=" in text and "\\!\\[x\\]\\(http://127.0.0.1:9/seen2.png\\)" in text
+    assert "&lt;img src=" in text and "\\!\\[x\\]\\(<http://127.0.0.1:9/seen2.png>\\)" in text
     shown = _message(ConfigError('class noun "<img src=x onerror=alert(1)>"'))
     assert shown.startswith("**Error:** ") and "<img" not in shown
 

@@ -326,3 +326,12 @@ def test_in_a_browser_on_a_cpu_the_train_form_the_photo_report_the_check_and_the
                 browser.close()
     finally:
         running.close()
+
+
+def test_a_url_in_a_page_message_is_its_own_link_and_nothing_in_it_loads():
+    """The Publish tab's "no token" message linked to .../tokens%5C: the escape of the ")" after the URL was taken
+    into the link. A URL is now an autolink that ends where the URL ends; Markdown and HTML around it stay text."""
+    text = plain_markdown("paste a token (https://huggingface.co/settings/tokens). ![x](https://evil.example/i.png)"
+                          " <img src=x> https://a.example/b?c=1&d=2.")
+    assert text == ("paste a token \\(<https://huggingface.co/settings/tokens>\\). \\!\\[x\\]\\(<https://evil.example"
+                    "/i.png>\\) &lt;img src=x&gt; <https://a.example/b?c=1&d=2>.")

@@ -78,8 +78,8 @@ def journey(live_app):
 def test_the_documented_journey_uploads_trains_follows_and_generates(journey, live_app):
     said, job, work = journey
     assert said.startswith("5 photos kept;")
-    assert re.search(r"^running step \d+/4 loss", said, re.M)  # followed while it trained
-    assert "finished step 4/4" in said
+    assert re.search(r"^running training step \d+/4 loss", said, re.M)  # followed while it trained
+    assert "finished None step 4/4" in said
     png = (work / "zwx-robot.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert job["step"] == job["max_steps"] == 4 and isinstance(job["loss"], float) and job["seconds_left"] is None
@@ -301,3 +301,20 @@ def test_one_user_cannot_queue_more_runs_than_the_limit(tmp_path, monkeypatch):
         app.start(None, **settings)
     app.cancel(None, first.job_id)
     assert app.start(None, **settings).status == "queued"
+
+
+def test_a_runs_json_says_its_phase_and_its_class_images(tmp_path):
+    from dreambooth_helpers.app_rest import _json_of
+    from dreambooth_helpers.job_progress import CLASS_IMAGES_PHASE
+    from dreambooth_helpers.jobs import Job
+
+    making = Job("r1", tmp_path, "running", 0.0, 8, progress={"phase": CLASS_IMAGES_PHASE,
+                                                              "class_images": {"made": 40, "total": 50}})
+    assert (_json_of(making, tmp_path)["phase"], _json_of(making, tmp_path)["class_images"]) == (
+        "class_images", {"made": 40, "total": 50})
+    training = Job("r1", tmp_path, "running", 0.0, 8, progress={"step": 3, "seconds_left": 2.3300000000000005,
+                                                                "history": [{"step": 3, "loss": 0.5}]})
+    assert {k: _json_of(training, tmp_path)[k] for k in ("phase", "step", "seconds_left")} == {
+        "phase": "training", "step": 3, "seconds_left": 2.3}
+    assert _json_of(Job("r1", tmp_path, "running", 0.0, 8), tmp_path)["phase"] == "starting"
+    assert _json_of(Job("r1", tmp_path, "finished", 0.0, 8), tmp_path)["phase"] is None

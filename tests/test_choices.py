@@ -158,7 +158,7 @@ def test_the_expected_time_is_steps_and_class_images_at_the_measured_speeds(tmp_
     expected = choices.expected_time(readme_run(tmp_path), 5, **cpu)
     assert (expected.steps, expected.class_images) == (1600, 100)
     low, high = expected.seconds
-    assert low == pytest.approx(1600 * 0.18 + 100 * 0.31) and high == pytest.approx(1600 * 0.25 + 100 * 0.40)
+    assert low == pytest.approx(5 + 1600 * 0.18 + 100 * 0.31) and high == pytest.approx(9 + 1600 * 0.25 + 100 * 0.40)
     assert expected.text() == ("about 5-7 min: 1600 steps at 0.18-0.25 s/step and 100 class images at 0.31-0.40 s "
                                "each (measured on the toy model on a 2-core CPU, one thread)")
     # Class images already on disk are not made again; without prior preservation there are none.
@@ -168,8 +168,14 @@ def test_the_expected_time_is_steps_and_class_images_at_the_measured_speeds(tmp_
         (class_dir / f"class-{i:05d}.png").write_bytes(_png())
     assert choices.expected_time(readme_run(tmp_path), 5, **cpu).class_images == 60
     short = choices.expected_time(readme_run(tmp_path, max_train_steps=100, with_prior_preservation=False), 5, **cpu)
-    assert short.text() == ("about 18-25 s: 100 steps at 0.18-0.25 s/step (measured on the toy model on a 2-core "
+    assert short.text() == ("about 23-34 s: 100 steps at 0.18-0.25 s/step (measured on the toy model on a 2-core "
                             "CPU, one thread)")
+    # The app's 8-step run of a newcomer's trial (50 class images, samples at every step: 8 of 20 denoising steps
+    # each) took 29.7 s from start to finish, where 17-22 s had been said, samples and starting left out.
+    tried = choices.expected_time(readme_run(tmp_path / "new", max_train_steps=8, num_class_images=50,
+                                             sample_every=1), 5, **cpu)
+    low, high = tried.seconds
+    assert tried.samples == 8 and low < 29.7 < high and "with 8 sample images" in tried.text()
     assert choices.expected_time(readme_run(tmp_path, max_train_steps=None), 5, **cpu).steps == 750  # the recipe's
 
 
