@@ -24,7 +24,7 @@ from . import app_flow as flow
 from .app_access import check_base_model, models_dirs, public_text, publish_token
 from .config import PRESETS, TOY_MODEL, TrainConfig
 from .data import DatasetReport
-from .errors import ConfigError, HubError, ImageDataError, RepoExistsError
+from .errors import ConfigError, DreamBoothError, HubError, ImageDataError, RepoExistsError
 from .jobs import CANCELLED, FINISHED, INTERRUPTED, QUEUED, RUNNING, Job, JobError, JobRunner, TooManyRuns, UnknownJob
 from .safe_text import plain_markdown
 from .subject import DEFAULT_KIND, SUBJECT_KINDS
@@ -51,6 +51,10 @@ class AppLimits:
     max_generation_steps: int = 50
     max_class_images: int = 400  # generated before training, on this machine's GPU
     max_active_runs: int = 3  # one user's runs queued or training at once (the GPU trains one at a time)
+
+
+class ModelBusy(DreamBoothError):
+    """Another run's model is still making images: the one in memory is not swapped under its requests."""
 
 
 @dataclass
@@ -100,6 +104,7 @@ class TrainingApp:
         self.exports_dir = self.cache_dir / "exports"
         self._services: dict[str, Any] = {}  # job id -> DemoService of its model (the newest one only)
         self._services_lock = threading.Lock()
+        self._queueing = threading.Lock()  # starts and resumes, each counted against max_active_runs then queued
 
     # -- who sees what
 
@@ -251,21 +256,28 @@ class TrainingApp:
         from .notebook.forms import run_name
 
         config = self.make_config(user, **settings)
+        count = len(read_images(self.photos_dir(user)).images)
+        name = run_name(settings.get("token", "sks"), settings.get("class_noun", ""))
+        with self._queueing:  # counted and queued as one, or eight requests at once would all pass the count
+            self._check_active_runs(user)
+            job = self.runner.submit(config, name=name, total_steps=config.steps_for(count), owner=user)
+        flow.save_form(job.folder, settings)  # a reload shows the form of the run that trains
+        return job
+
+    def _check_active_runs(self, user: str | None) -> None:
         active = [job.job_id for job in self.jobs(user) if job.status in (QUEUED, RUNNING)]
         if len(active) >= self.limits.max_active_runs:
             raise TooManyRuns(f"You have {len(active)} runs waiting or training, as many as this app takes at once: "
                               "wait for one to finish, or cancel one.")
-        count = len(read_images(self.photos_dir(user)).images)
-        name = run_name(settings.get("token", "sks"), settings.get("class_noun", ""))
-        job = self.runner.submit(config, name=name, total_steps=config.steps_for(count), owner=user)
-        flow.save_form(job.folder, settings)  # a reload shows the form of the run that trains
-        return job
 
     def cancel(self, user: str | None, job_id: str) -> Job:
         return self.runner.cancel(self.job(user, job_id).job_id)
 
     def resume(self, user: str | None, job_id: str) -> Job:
-        return self.runner.resume(self.job(user, job_id).job_id)
+        job = self.job(user, job_id)
+        with self._queueing:
+            self._check_active_runs(user)
+            return self.runner.resume(job.job_id)
 
     def job_view(self, user: str | None, job_id: str) -> JobView:
         """What the Train tab shows of a run: its state and progress, the newest samples, the loss history."""
@@ -310,7 +322,11 @@ class TrainingApp:
             raise JobError(f"Run {job.job_id} is {job.status}: only a finished run can make images.")
         with self._services_lock:
             if job.job_id not in self._services:
-                for old in self._services.values():  # one model in memory at a time
+                busy = sum(sum(old.queue_counts().values()) for old in self._services.values())
+                if busy:  # one model in memory at a time: another run's requests finish first, none is dropped
+                    raise ModelBusy(f"Another run's model is making images ({busy} request(s)); this run's model "
+                                    "loads once they are done. Try again in a minute.")
+                for old in self._services.values():
                     old.cleanup()
                 self._services.clear()
                 service = DemoService(str(job.output_dir), output_dir=job.folder / "tried",

@@ -18,7 +18,7 @@ from typing import Any
 
 from .app import DEFAULT_WORKDIR, GRADIO_CACHE_VARIABLE, AppLimits, TrainingApp
 from .app_access import parse_users
-from .app_page import build_ui
+from .app_page import PAGE_CSS, build_ui
 from .app_rest import API_PREFIX, add_app_api
 from .errors import ConfigError
 
@@ -73,9 +73,9 @@ def launch_app(workdir: str | Path = DEFAULT_WORKDIR, *, share: bool = False, au
     import gradio as gr  # noqa: F401  (fail here, clearly, when the demo extra is not installed)
     from starlette.middleware import Middleware
 
-    from .body_timeout import BodyTimeout
+    from .body_timeout import BodyLimit, BodyTimeout
     from .demo import check_address, free_port
-    from .uploads import UploadDoor
+    from .uploads import MULTIPART_SLACK, UploadDoor, takes_files
 
     pairs = parse_users(auth)
     check_address(host, port)
@@ -96,9 +96,13 @@ def launch_app(workdir: str | Path = DEFAULT_WORKDIR, *, share: bool = False, au
         _, local_url, share_url = ui.launch(
             share=share, server_name=host, server_port=port, auth=pairs, prevent_thread_lock=True,
             allowed_paths=[str(app.exports_dir)], show_error=True, quiet=True, ssr_mode=False,
-            inbrowser=False, max_file_size=app.limits.max_file_bytes,
-            # Uploads through uploads.py's door (limits, metadata stripped, one user's files served to him only).
-            app_kwargs={"middleware": [Middleware(BodyTimeout), Middleware(UploadDoor, training=app)]})
+            inbrowser=False, max_file_size=app.limits.max_file_bytes, css=PAGE_CSS,
+            # Every body bounded before it is read; uploads through uploads.py's door (limits, metadata stripped,
+            # one user's files served to him only).
+            app_kwargs={"middleware": [
+                Middleware(BodyLimit, upload_bytes=app.limits.max_upload_bytes + MULTIPART_SLACK,
+                           is_upload=takes_files),
+                Middleware(BodyTimeout), Middleware(UploadDoor, training=app)]})
     except OSError as error:
         app.close()
         raise ConfigError(f"Could not start the app on {host}:{port} ({error}). Pick another --port, or "

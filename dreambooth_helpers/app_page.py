@@ -15,8 +15,11 @@ from .safe_text import log_exception, masked, plain_markdown
 from .subject import DEFAULT_KIND, SUBJECT_KINDS
 
 logger = logging.getLogger(__name__)
-# Galleries show each image whole (scaled down to fit, never cropped) in a box of this height.
+# Galleries show each image whole (scaled down to fit, never cropped) in a box of this height; a grid gives a lone
+# image (Try it's usual one) the page's whole width, so its images are kept within that height too (PAGE_CSS, which
+# app_launch passes to Gradio's launch()).
 WHOLE_IMAGES = {"object_fit": "contain", "height": 540}
+PAGE_CSS = "#images img { max-height: 500px; }"
 
 
 def user_of(request: Any) -> str | None:

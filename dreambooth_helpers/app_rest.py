@@ -21,8 +21,11 @@ docs/app.md drives the whole journey with httpx.
 """
 
 import logging
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .app import TrainingApp
 from .app_access import public_text
@@ -117,12 +120,39 @@ def _json_of(job: Job, workdir: Path) -> dict[str, Any]:
     return answer
 
 
+# Reading photos and running the doctor take seconds of CPU for 30 large photos: one request does it at a time, and
+# its answer is kept (per user, kind and the photos' names, sizes and times) until the photos change.
+PHOTO_WORK = threading.Lock()
+_PHOTO_ANSWERS: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+KEPT_ANSWERS = 32
+
+
+def _photos_signature(folder: Path) -> tuple:
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                        for entry in folder.iterdir() if entry.is_file()))
+
+
 def _photos_json(training: TrainingApp, user: str | None, kind: str, upload: Any = None) -> dict[str, Any]:
     """PHOTOS: the user's kept photos, what an upload skipped (and why), and the dataset doctor's findings."""
+    folder = training.photos_dir(user)
+    key = (str(folder), kind, _photos_signature(folder))
+    with PHOTO_WORK:
+        if upload is not None:  # what this upload skipped is its own answer's
+            return _read_photos(training, folder, kind, upload)
+        if key not in _PHOTO_ANSWERS:
+            _PHOTO_ANSWERS[key] = _read_photos(training, folder, kind, None)
+            while len(_PHOTO_ANSWERS) > KEPT_ANSWERS:
+                _PHOTO_ANSWERS.popitem(last=False)
+        _PHOTO_ANSWERS.move_to_end(key)
+        return _PHOTO_ANSWERS[key]
+
+
+def _read_photos(training: TrainingApp, folder: Path, kind: str, upload: Any) -> dict[str, Any]:
     from .data import read_images
     from .doctor import diagnose
 
-    folder = training.photos_dir(user)
     kept = read_images(folder) if folder.is_dir() else None
     doctor = diagnose(kept, kind=kind) if kept is not None and kept.images else None
     text = "\n\n".join(part.format() for part in (upload, doctor) if part is not None)
@@ -176,12 +206,23 @@ def add_app_api(server: Any, training: TrainingApp, pairs: list[tuple[str, str]]
                                 headers={"WWW-Authenticate": 'Basic realm="dreambooth", charset="UTF-8"'})
         return matches[0]
 
+    def same_site(request: Request) -> None:
+        """A browser's request from another site is refused: a page elsewhere must not act with credentials the
+        visitor's browser keeps for this app (HTTP basic is sent along by the browser once typed in)."""
+        origin = request.headers.get("origin")
+        if request.headers.get("sec-fetch-site") == "cross-site" or (
+                origin and urlsplit(origin).netloc != request.headers.get("host")):
+            raise HTTPException(403, "Requests from another site's pages are refused; call the API from a script "
+                                "or this app's own page.")
+
     def refused(error: Exception) -> HTTPException:
         """The HTTP answer to an action that failed: our errors as they are (no server paths, no tokens)."""
         if not isinstance(error, DreamBoothError):
             log_exception(logger, "The app's REST API failed", error)
             return HTTPException(500, "The server failed; its log says why.")
-        return HTTPException(_status_of(error), public_text(masked(str(error)), training.workdir))
+        status = _status_of(error)
+        return HTTPException(status, public_text(masked(str(error)), training.workdir),
+                             headers={"Retry-After": "30"} if status == 503 else None)
 
     async def call(function, *args, **kwargs):
         """`function` in a worker thread (reading photos, checking settings and moving runs touch the disk)."""
@@ -193,6 +234,8 @@ def add_app_api(server: Any, training: TrainingApp, pairs: list[tuple[str, str]]
             raise refused(error) from None
 
     async def json_body(request: Request, model: Any, fields: dict[str, str]) -> Any:
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise HTTPException(415, "Send the body as JSON, with the header Content-Type: application/json.")
         try:
             body = decode_body(await read_body(request, MAX_JSON_BYTES))
         except BodyRefused as error:
@@ -206,7 +249,7 @@ def add_app_api(server: Any, training: TrainingApp, pairs: list[tuple[str, str]]
         return {"requestBody": {"required": True, "content": {"application/json": {
             "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
 
-    router = APIRouter(prefix=API_PREFIX, tags=["DreamBooth app"])
+    router = APIRouter(prefix=API_PREFIX, tags=["DreamBooth app"], dependencies=[Depends(same_site)])
     user_of = Depends(signed_in)
 
     # -- photos
@@ -233,7 +276,7 @@ def add_app_api(server: Any, training: TrainingApp, pairs: list[tuple[str, str]]
         finally:
             await form.close()
         try:
-            report = await call(training.keep_photos, user, paths)
+            report = await call(_locked(PHOTO_WORK, training.keep_photos), user, paths)
         finally:
             discard(paths, training.uploads_dir(user))
         return await call(_photos_json, training, user, kind, report)
@@ -349,6 +392,13 @@ def _job_settings(body: Any, training: TrainingApp) -> dict[str, Any]:
         raise HTTPException(422, f"max_train_steps must be from 1 to {training.limits.max_steps}.")
     return dict(kind=body.kind, token=body.identifier, class_noun=body.class_noun, model=model, preset=preset,
                 steps=steps or 0, class_images=body.num_class_images)
+
+
+def _locked(lock: Any, function: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return function(*args, **kwargs)
+    return call
 
 
 def _png_bytes(result: Any) -> bytes:

@@ -1,4 +1,5 @@
-"""A deadline on reading a request's body, for the demo and the app (ASGI middleware).
+"""A deadline on reading a request's body, for the demo and the app, and a bound on its size, for the app (ASGI
+middleware).
 
 Gradio runs uvicorn with its defaults and lets no server option through `launch()`: uvicorn's `timeout_keep_alive`
 (5 s) closes idle connections between requests only, and neither uvicorn nor h11 bounds the time a client takes
@@ -7,6 +8,10 @@ whatever the app awaits on it, for ever. `BodyTimeout` gives each body BODY_TIME
 declared length at MIN_BODY_RATE; past that the request is answered 408 with `Connection: close`, which makes
 uvicorn close the connection. Once the body is in, nothing is timed: a request may then wait its turn as long as
 it needs. (Slow *headers* happen before any ASGI code runs; h11 bounds their size, 16 KB, not their time.)
+
+`BodyLimit` goes in front of both: Gradio's routes read a whole body into memory before they check a sign-in, so a
+body must declare its length, and one over the route's bound (MAX_BODY_BYTES, or the uploads' own) is answered 413
+before a byte of it is read. That bounds the deadline above too.
 """
 
 from __future__ import annotations
@@ -16,6 +21,33 @@ import json
 
 BODY_TIMEOUT_S = 30.0
 MIN_BODY_RATE = 64 * 1024  # bytes per second a large body must at least average
+MAX_BODY_BYTES = 1024 * 1024  # any request but an upload: the page sends events and form values, the API JSON
+
+
+class BodyLimit:
+    """Refuse (411) a body of undeclared length and (413) one declared longer than the route takes: `upload_bytes`
+    for the routes `is_upload(path)` says take files, MAX_BODY_BYTES for every other."""
+
+    def __init__(self, app, upload_bytes: int, is_upload):
+        self.app, self.upload_bytes, self.is_upload = app, upload_bytes, is_upload
+
+    async def __call__(self, scope, receive, send):
+        refusal = None
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            length = dict(scope["headers"]).get(b"content-length")
+            bound = self.upload_bytes if self.is_upload(scope["path"]) else MAX_BODY_BYTES
+            if length is None:
+                refusal = 411, "Send a Content-Length header; bodies of unknown size are not accepted."
+            elif not length.isdigit() or int(length) > bound:
+                refusal = 413, f"The request is over {bound // 1024} KB, more than this route takes."
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"detail": refusal[1]}).encode()
+        await send({"type": "http.response.start", "status": refusal[0],
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class BodyTimeout:

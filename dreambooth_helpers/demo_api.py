@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TINY_MODEL, TOY_MODEL
+from .config import TINY_MODEL, TOY_MODEL, check_int_range
 from .errors import ConfigError, DreamBoothError, ModelLoadError
 from .families import SD1, family_of
 from .inference import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
+    MAX_SEED,
     GeneratedImage,
     Generator,
     example_prompts,
@@ -289,6 +290,8 @@ class DemoService:
                width: int | None = None, height: int | None = None) -> DemoJob:
         """Check a request and put it at the end of the queue; its images arrive in `job.future`."""
         self.check_request(prompt, negative_prompt, steps, guidance, num_images, width, height)
+        if seed is not None:  # refused now, not once its turn comes
+            check_int_range("seed", seed, 0, MAX_SEED - num_images + 1)
         job = DemoJob(dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance,
                            seed=seed, num_images=num_images, width=width, height=height))
         with self._jobs_changed:

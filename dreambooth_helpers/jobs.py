@@ -45,6 +45,7 @@ from .config import TrainConfig
 from .errors import DreamBoothError
 
 JOBS_DIR = "jobs"
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # what submit() makes, and earlier versions made
 CONFIG_FILE, STATE_FILE, PROGRESS_FILE, RESULT_FILE, LOG_FILE, OUTPUT_DIR = (
     "config.json", "state.json", "progress.json", "result.json", "log.txt", "output")
 QUEUED, RUNNING, FINISHED, FAILED, CANCELLED, INTERRUPTED = (
@@ -237,6 +238,8 @@ class JobRunner:
         return sorted(found, key=lambda job: (job.created, job.job_id))
 
     def _folder(self, job_id: str) -> Path:
+        if not RUN_ID.fullmatch(str(job_id)):  # (a NUL, a separator or a name too long for the disk: no run)
+            raise UnknownJob(f"No training run {str(job_id)[:80]!r}.")
         folder = (self.jobs_dir / job_id).resolve()
         if folder.parent != self.jobs_dir or not (folder / STATE_FILE).is_file():
             raise UnknownJob(f"No training run {job_id!r}.")  # no server path in it
@@ -429,8 +432,10 @@ class JobRunner:
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self.environment}
         package_root = str(Path(__file__).resolve().parents[1])
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
-        command = [sys.executable, "-c", "import sys; from dreambooth_helpers.jobs import run_job; "
-                   "sys.exit(run_job(sys.argv[1]))", str(job.folder)]
+        # SIGINT (Cancel) works from the first line, even when the app itself was started with it ignored (`app &`
+        # in a script): an ignored signal stays ignored across exec.
+        command = [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)"
+                   "; from dreambooth_helpers.jobs import run_job; sys.exit(run_job(sys.argv[1]))", str(job.folder)]
         with open(job.log_path, "ab") as log:
             # A session of its own: Ctrl+C in the app's terminal does not stop training, and cancel signals
             # the whole group.
@@ -491,6 +496,8 @@ def run_job(folder: str | Path) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     outcome: dict[str, Any]
     try:
+        if _read_json(folder / STATE_FILE).get("cancel_requested"):  # cancelled while this process started
+            raise KeyboardInterrupt
         config = TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
         check_job_paths(config, folder)
         use_one_thread_for(config.model)  # a fresh process: the app's own thread setting does not reach it

@@ -64,6 +64,11 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.3g} MiB"
 
 
+def takes_files(path: str) -> bool:
+    """Whether a route takes uploaded files (Gradio's upload route, the REST API's photos)."""
+    return path.rstrip("/").endswith("/upload") or path.rstrip("/") == "/api/photos"
+
+
 def user_uploads(cache_dir: Path, user: str | None) -> Path:
     """The folder of `user`'s uploads (user names are checked by app_access.parse_users: no separators)."""
     return Path(cache_dir) / UPLOADS_FOLDER / (user or ANONYMOUS)
@@ -279,7 +284,7 @@ class UploadDoor:
 
         if scope["type"] == "http":
             method, path = scope["method"], scope["path"]
-            if method == "POST" and path.rstrip("/").endswith("/upload"):
+            if method == "POST" and path.rstrip("/").endswith("/upload"):  # (takes_files: also /api/photos)
                 response = await self._upload(scope, receive)
                 await response(scope, receive, send)
                 return

@@ -282,12 +282,30 @@ def test_generation_shares_the_pages_queue_and_a_client_that_hangs_up_leaves_it(
                             json={"prompt": "a real user", "seed": 7})
         assert answer.status_code == 200 and answer.headers["x-seed"] == "7", answer.text
         assert generator.ran == ["from the page", "a real user"]  # the abandoned one never ran
+
+        # Another run's request while this model still has work: it waits its turn instead of dropping that work.
+        other = running.app.runner.jobs_dir / "20261206-000000-zwx-robot-BBBBBBBBBBBBBBBB"
+        (other / "output").mkdir(parents=True)
+        (other / "state.json").write_text(json.dumps({"status": "finished", "created": time.time()}))
+        gate.clear()
+        page = threading.Thread(target=running.app.generate, args=(None, folder.name, "still running"))
+        page.start()
+        while service.queue_counts()["running"] == 0:
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.05)
+        busy = httpx.post(f"{running.url.rstrip('/')}/api/jobs/{other.name}/generate", timeout=30,
+                          json={"prompt": "the other run"})
+        assert busy.status_code == 503 and "Another run's model" in busy.text and busy.headers["retry-after"]
+        gate.set()
+        page.join(30)
+        assert generator.ran[-1] == "still running" and folder.name in running.app._services
     finally:
         running.close()
 
 
 def test_one_user_cannot_queue_more_runs_than_the_limit(tmp_path, monkeypatch):
     import shutil
+    import threading
 
     from dreambooth_helpers.app import AppLimits, TrainingApp
     from dreambooth_helpers.jobs import TooManyRuns
@@ -301,6 +319,26 @@ def test_one_user_cannot_queue_more_runs_than_the_limit(tmp_path, monkeypatch):
         app.start(None, **settings)
     app.cancel(None, first.job_id)
     assert app.start(None, **settings).status == "queued"
+    with pytest.raises(TooManyRuns):  # a resume counts as a start
+        app.resume(None, first.job_id)
+    # Many at once: counted and queued one at a time, so no more pass than the limit.
+    for job in app.jobs(None):
+        if job.status == "queued":
+            app.cancel(None, job.job_id)
+    outcomes = []
+
+    def start() -> None:
+        try:
+            outcomes.append(app.start(None, **settings).status)
+        except TooManyRuns:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == ["queued"] * 2 + ["refused"] * 6
 
 
 def test_a_runs_json_says_its_phase_and_its_class_images(tmp_path):
@@ -318,3 +356,61 @@ def test_a_runs_json_says_its_phase_and_its_class_images(tmp_path):
         "phase": "training", "step": 3, "seconds_left": 2.3}
     assert _json_of(Job("r1", tmp_path, "running", 0.0, 8), tmp_path)["phase"] == "starting"
     assert _json_of(Job("r1", tmp_path, "finished", 0.0, 8), tmp_path)["phase"] is None
+
+
+def test_bodies_are_bounded_before_they_are_read_and_other_sites_pages_are_refused(live_app, journey):
+    """Attack findings: Gradio's routes read a whole body before their sign-in check, a declared length stretched
+    the body deadline to days, a cross-site form could act with a browser's cached credentials, a NUL in a run id
+    was a 500, and a seed out of range was refused only when its turn came."""
+    import socket
+
+    url, _ = live_app
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    job_id = journey[1]["id"]
+
+    def raw(request: bytes) -> bytes:
+        with socket.create_connection((host, port), timeout=10) as connection:
+            connection.sendall(request)
+            return connection.recv(4096)
+
+    for path in (b"/gradio_api/reset", b"/gradio_api/queue/join", b"/api/jobs", b"/login"):
+        answer = raw(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 99999999999\r\n\r\n{" % path)  # and nothing more: answered at once
+        assert answer.startswith(b"HTTP/1.1 413"), (path, answer[:200])
+    unsized = raw(b"POST /gradio_api/reset HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
+    assert unsized.startswith(b"HTTP/1.1 411"), unsized[:200]
+    with httpx.Client(base_url=url, auth=A) as a:
+        form = a.post(f"/api/jobs/{job_id}/generate", content=b'{"prompt": "a photo of zwx robot"}',
+                      headers={"content-type": "text/plain"})  # what an HTML form with enctype=text/plain sends
+        assert form.status_code == 415
+        robot = (REPO / "sample_data" / "toy_robot" / "robot_1.png").read_bytes()
+        for headers in ({"origin": "https://evil.example"}, {"sec-fetch-site": "cross-site"}):
+            assert a.post("/api/photos", files=[("files", ("x.png", robot))], headers=headers).status_code == 403
+            assert a.post(f"/api/jobs/{job_id}/generate", json={"prompt": "x"}, headers=headers).status_code == 403
+        assert a.get("/api/photos").json()["count"] == 5  # untouched
+        same = a.get("/api/photos", headers={"origin": url, "sec-fetch-site": "same-origin"})
+        assert same.status_code == 200
+        for stranger in ("%00", f"{job_id}%00", "A" * 300, f"{'A' * 300}/samples/x.png"):
+            answer = a.get(f"/api/jobs/{stranger}")
+            assert answer.status_code == 404, (stranger, answer.text)
+        seed = a.post(f"/api/jobs/{job_id}/generate", json={"prompt": "a photo of zwx robot", "seed": 2**40})
+        assert seed.status_code == 422 and "seed" in seed.json()["detail"]
+
+
+def test_a_run_cancelled_while_its_process_starts_stops_before_training(tmp_path, monkeypatch):
+    """A Cancel that lands before the training process has installed its handler (an app started with SIGINT
+    ignored passes that on) is read from state.json instead of being lost."""
+    from dreambooth_helpers import jobs, training
+    from dreambooth_helpers.config import Concept, TrainConfig
+
+    folder = tmp_path / "job"
+    folder.mkdir()
+    config = TrainConfig(concepts=[Concept(str(REPO / "sample_data" / "toy_robot"), "a zwx toy")],
+                         output_dir=str(folder / "output"))
+    (folder / jobs.CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    (folder / jobs.STATE_FILE).write_text(json.dumps({"status": "running", "cancel_requested": time.time()}))
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("a cancelled run must not train"))
+    monkeypatch.setattr(jobs.signal, "signal", lambda *a: None)  # leave pytest's own handlers alone
+    assert jobs.run_job(folder) == 1
+    assert json.loads((folder / jobs.RESULT_FILE).read_text())["outcome"] == "cancelled"
+    assert "default_int_handler" in json.dumps(jobs.JobRunner._launch.__code__.co_consts)  # SIGINT back on
