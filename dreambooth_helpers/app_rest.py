@@ -140,16 +140,16 @@ def _photos_json(training: TrainingApp, user: str | None, kind: str, upload: Any
     key = (str(folder), kind, _photos_signature(folder))
     with PHOTO_WORK:
         if upload is not None:  # what this upload skipped is its own answer's
-            return _read_photos(training, folder, kind, upload)
+            return _photos_answer(training, folder, kind, upload)
         if key not in _PHOTO_ANSWERS:
-            _PHOTO_ANSWERS[key] = _read_photos(training, folder, kind, None)
+            _PHOTO_ANSWERS[key] = _photos_answer(training, folder, kind, None)
             while len(_PHOTO_ANSWERS) > KEPT_ANSWERS:
                 _PHOTO_ANSWERS.popitem(last=False)
         _PHOTO_ANSWERS.move_to_end(key)
         return _PHOTO_ANSWERS[key]
 
 
-def _read_photos(training: TrainingApp, folder: Path, kind: str, upload: Any) -> dict[str, Any]:
+def _photos_answer(training: TrainingApp, folder: Path, kind: str, upload: Any) -> dict[str, Any]:
     from .data import read_images
     from .doctor import diagnose
 

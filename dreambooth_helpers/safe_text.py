@@ -48,9 +48,9 @@ def plain_markdown(text: str) -> str:
     # escape of a ")" after it). Its characters (URL) are none that Markdown or HTML read.
     text, parts, done = str(text), [], 0
     for found in URL.finditer(text):
-        url = found.group(0).rstrip(".,;:?")
-        parts += [_escaped(text[done:found.start()]), f"<{url}>"]
-        done = found.start() + len(url)
+        url, (begin, _) = found.group(0).rstrip(".,;:?"), found.span()
+        parts += [_escaped(text[done:begin]), f"<{url}>"]
+        done = begin + len(url)
     return "".join([*parts, _escaped(text[done:])])
 
 
