@@ -260,7 +260,8 @@ class TrainingApp:
         name = run_name(settings.get("token", "sks"), settings.get("class_noun", ""))
         with self._queueing:  # counted and queued as one, or eight requests at once would all pass the count
             self._check_active_runs(user)
-            job = self.runner.submit(config, name=name, total_steps=config.steps_for(count), owner=user)
+            job = self.runner.submit(config, name=name, total_steps=config.steps_for(count), owner=user,
+                                     photos=self.photos_dir(user))  # kept with the run: a new upload is not it
         flow.save_form(job.folder, settings)  # a reload shows the form of the run that trains
         return job
 
@@ -314,26 +315,26 @@ class TrainingApp:
 
     # -- Try it
 
-    def _service(self, user: str | None, job_id: str):
+    def _service(self, job: Job):
+        """The run's DemoService, loaded if need be; called holding _services_lock, so no other request swaps it
+        out before its caller has queued on it."""
         from .demo_api import DemoService
 
-        job = self.job(user, job_id)
         if job.status != FINISHED:
             raise JobError(f"Run {job.job_id} is {job.status}: only a finished run can make images.")
-        with self._services_lock:
-            if job.job_id not in self._services:
-                busy = sum(sum(old.queue_counts().values()) for old in self._services.values())
-                if busy:  # one model in memory at a time: another run's requests finish first, none is dropped
-                    raise ModelBusy(f"Another run's model is making images ({busy} request(s)); this run's model "
-                                    "loads once they are done. Try again in a minute.")
-                for old in self._services.values():
-                    old.cleanup()
-                self._services.clear()
-                service = DemoService(str(job.output_dir), output_dir=job.folder / "tried",
-                                      generator_options=self.generator_options)
-                service.start_loading()
-                self._services[job.job_id] = service
-            return self._services[job.job_id]
+        if job.job_id not in self._services:
+            busy = sum(sum(old.queue_counts().values()) for old in self._services.values())
+            if busy:  # one model in memory at a time: another run's requests finish first, none is dropped
+                raise ModelBusy(f"Another run's model is making images ({busy} request(s)); this run's model "
+                                "loads once they are done. Try again in a minute.")
+            for old in self._services.values():
+                old.cleanup()
+            self._services.clear()
+            service = DemoService(str(job.output_dir), output_dir=job.folder / "tried",
+                                  generator_options=self.generator_options)
+            service.start_loading()
+            self._services[job.job_id] = service
+        return self._services[job.job_id]
 
     def generate(self, user: str | None, job_id: str, prompt: str, *, steps: int = 25, seed: int | None = None,
                  num_images: int = 1) -> list[Any]:
@@ -361,9 +362,11 @@ class TrainingApp:
             raise ConfigError(f"Steps must be from 1 to {self.limits.max_generation_steps}.")
         if len(negative_prompt or "") > self.limits.max_prompt_chars:
             raise ConfigError(f"The negative prompt is longer than {self.limits.max_prompt_chars} characters.")
-        service = self._service(user, job_id)
+        job = self.job(user, job_id)
         guidance = DEFAULT_GUIDANCE if guidance is None else guidance
-        return service, service.submit(prompt, negative_prompt or "", int(steps), guidance, seed, int(num_images))
+        with self._services_lock:  # found and queued on as one: a request for another run waits for this
+            service = self._service(job)
+            return service, service.submit(prompt, negative_prompt or "", int(steps), guidance, seed, int(num_images))
 
     def example_prompt(self, user: str | None, job_id: str) -> str:
         from .inference import example_prompts, resolve_model

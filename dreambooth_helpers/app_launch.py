@@ -84,6 +84,8 @@ def launch_app(workdir: str | Path = DEFAULT_WORKDIR, *, share: bool = False, au
                       generator_options=generator_options, models_dir=models_dir,
                       publish_with_host_token=publish_with_host_token)
     app.exports_dir.mkdir(parents=True, exist_ok=True)
+    # Interrupted runs are queued again before anything else can start (each once; a damaged one waits for a click).
+    resumed = app.runner.resume_interrupted() if auto_resume else []
     app.runner.start()
     if port == 0:
         port = free_port(host)
@@ -109,7 +111,6 @@ def launch_app(workdir: str | Path = DEFAULT_WORKDIR, *, share: bool = False, au
                           "--port 0 for any free one.") from None
     add_app_api(ui.server_app, app, pairs)
     running = RunningApp(local_url, share_url, app, ui, previous_cache_dir)
-    resumed = app.runner.resume_interrupted() if auto_resume else []
     warning = share_warning(share, host, pairs)
     if warning:  # printed even when quiet: it is about who can use this GPU
         print(warning, file=sys.stderr, flush=True)

@@ -20,6 +20,7 @@ naming the field. Generation joins the run's one queue (the page's too) and leav
 docs/app.md drives the whole journey with httpx.
 """
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from .app import TrainingApp
 from .app_access import public_text
 from .demo_rest import BodyRefused, _credentials_match, decode_body, done_unless_client_leaves, read_body
 from .errors import ConfigError, DreamBoothError, ImageDataError
+from .inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .jobs import RUNNING, STOPPED, Job, JobError, TooManyRuns, UnknownJob
 from .safe_text import log_exception, masked
 from .subject import DEFAULT_KIND, SUBJECT_KINDS
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 API_PREFIX = "/api"
 MAX_JSON_BYTES = 16 * 1024  # a request is a handful of short fields
 PHOTOS_FIELD = "files"
+KIND_MUST = f"kind must be one of {', '.join(SUBJECT_KINDS)}."
 # What each field of the JSON bodies takes, for the message when a value is wrong.
 JOB_FIELDS = {
     "identifier": "a string (one rare made-up word, e.g. \"sks\")", "class_noun": "a string (e.g. \"dog\")",
@@ -78,8 +81,8 @@ def _bodies():
         prompt: str = Field(description="Use the run's identifier and class noun, e.g. a photo of sks dog.")
         negative_prompt: str = ""
         seed: int | None = Field(None, description="The same seed and settings give the same image; null: random.")
-        steps: int = 25
-        guidance: float = Field(7.5, description="Classifier-free guidance scale.")
+        steps: int = DEFAULT_STEPS
+        guidance: float = Field(DEFAULT_GUIDANCE, description="Classifier-free guidance scale.")
 
     return JobRequest, GenerateRequest
 
@@ -128,17 +131,20 @@ KEPT_ANSWERS = 32
 
 
 def _photos_signature(folder: Path) -> tuple:
-    if not folder.is_dir():
-        return ()
-    return tuple(sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
-                        for entry in folder.iterdir() if entry.is_file()))
+    """The photos' names, sizes and times; a photo removed meanwhile (the page's upload replaces them) is left out."""
+    found = []
+    for entry in folder.iterdir() if folder.is_dir() else []:
+        with contextlib.suppress(OSError):
+            stat = entry.stat()
+            found.append((entry.name, stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(found))
 
 
 def _photos_json(training: TrainingApp, user: str | None, kind: str, upload: Any = None) -> dict[str, Any]:
     """PHOTOS: the user's kept photos, what an upload skipped (and why), and the dataset doctor's findings."""
     folder = training.photos_dir(user)
-    key = (str(folder), kind, _photos_signature(folder))
     with PHOTO_WORK:
+        key = (str(folder), kind, _photos_signature(folder))
         if upload is not None:  # what this upload skipped is its own answer's
             return _photos_answer(training, folder, kind, upload)
         if key not in _PHOTO_ANSWERS:
@@ -268,7 +274,7 @@ def add_app_api(server: Any, training: TrainingApp, pairs: list[tuple[str, str]]
         try:
             kind = form.get("kind") or DEFAULT_KIND
             if not isinstance(kind, str) or kind not in SUBJECT_KINDS:
-                raise HTTPException(422, f"kind must be one of {', '.join(SUBJECT_KINDS)}.")
+                raise HTTPException(422, KIND_MUST)
             try:
                 paths = await run_in_threadpool(store_upload, training, user, files)
             except UploadRefused as error:
@@ -285,20 +291,24 @@ def add_app_api(server: Any, training: TrainingApp, pairs: list[tuple[str, str]]
     async def list_photos(kind: str = DEFAULT_KIND, user: str | None = user_of) -> dict[str, Any]:
         """The kept photos and the doctor's findings (`kind`: object, person or style)."""
         if kind not in SUBJECT_KINDS:
-            raise HTTPException(422, f"kind must be one of {', '.join(SUBJECT_KINDS)}.")
+            raise HTTPException(422, KIND_MUST)
         return await call(_photos_json, training, user, kind)
 
     @router.delete("/photos/{name}")
-    async def delete_photo(name: str, user: str | None = user_of) -> dict[str, Any]:
+    async def delete_photo(name: str, kind: str = DEFAULT_KIND, user: str | None = user_of) -> dict[str, Any]:
         """Remove one kept photo (its name as GET /api/photos lists it)."""
         def remove() -> None:
             folder = training.photos_dir(user)
-            names = {path.name: path for path in folder.iterdir() if path.is_file()} if folder.is_dir() else {}
-            if name not in names:
-                raise HTTPException(404, f"No photo {name!r}; GET {API_PREFIX}/photos lists them.")
-            names[name].unlink()
+            with PHOTO_WORK:
+                names = {path.name: path for path in folder.iterdir() if path.is_file()} if folder.is_dir() else {}
+                try:
+                    names[name].unlink()
+                except (KeyError, FileNotFoundError):
+                    raise HTTPException(404, f"No photo {name!r}; GET {API_PREFIX}/photos lists them.") from None
+        if kind not in SUBJECT_KINDS:
+            raise HTTPException(422, KIND_MUST)
         await call(remove)
-        return await call(_photos_json, training, user, DEFAULT_KIND)
+        return await call(_photos_json, training, user, kind)
 
     # -- runs
 

@@ -10,8 +10,8 @@ uvicorn close the connection. Once the body is in, nothing is timed: a request m
 it needs. (Slow *headers* happen before any ASGI code runs; h11 bounds their size, 16 KB, not their time.)
 
 `BodyLimit` goes in front of both: Gradio's routes read a whole body into memory before they check a sign-in, so a
-body must declare its length, and one over the route's bound (MAX_BODY_BYTES, or the uploads' own) is answered 413
-before a byte of it is read. That bounds the deadline above too.
+body sent in chunks (of unknown length) is refused, and one declared over the route's bound (MAX_BODY_BYTES, or the
+uploads' own) is answered 413 before a byte of it is read. That bounds the deadline above too.
 """
 
 from __future__ import annotations
@@ -34,12 +34,15 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         refusal = None
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            length = dict(scope["headers"]).get(b"content-length")
-            bound = self.upload_bytes if self.is_upload(scope["path"]) else MAX_BODY_BYTES
-            if length is None:
+            headers = dict(scope["headers"])
+            length, upload = headers.get(b"content-length"), self.is_upload(scope["path"])
+            bound = self.upload_bytes if upload else MAX_BODY_BYTES
+            if length is None and b"transfer-encoding" in headers:  # (neither header: an empty body, as curl -X POST)
                 refusal = 411, "Send a Content-Length header; bodies of unknown size are not accepted."
-            elif not length.isdigit() or int(length) > bound:
-                refusal = 413, f"The request is over {bound // 1024} KB, more than this route takes."
+            elif length is not None and (not length.isdigit() or int(length) > bound):
+                refusal = 413, (f"The upload is larger than {bound / 2**20:.0f} MiB in all: choose fewer or smaller "
+                                "photos." if upload else f"The request is over {bound // 1024} KB, more than this "
+                                "route takes: it takes settings and prompts, not files.")
         if refusal is None:
             await self.app(scope, receive, send)
             return

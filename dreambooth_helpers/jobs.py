@@ -9,6 +9,7 @@ A JobRunner owns a work folder. Each run is a folder under WORKDIR/jobs/ that ho
     result.json     written by the training process when it stops: finished, failed (with the error) or cancelled
     log.txt         the training process's output
     output/         the run's model, samples, checkpoints and training_summary.json
+    photos/         the photos it trains on, when they were given to submit() as a folder that may change
 
 Training runs in a separate process (`train()` in a fresh Python), so a crash or an out-of-memory in training
 never takes the app down, and the process keeps training when the app stops. A new JobRunner over the same
@@ -23,6 +24,7 @@ Only one run trains at a time, across every runner of the folder: starting one h
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -46,8 +48,8 @@ from .errors import DreamBoothError
 
 JOBS_DIR = "jobs"
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # what submit() makes, and earlier versions made
-CONFIG_FILE, STATE_FILE, PROGRESS_FILE, RESULT_FILE, LOG_FILE, OUTPUT_DIR = (
-    "config.json", "state.json", "progress.json", "result.json", "log.txt", "output")
+CONFIG_FILE, STATE_FILE, PROGRESS_FILE, RESULT_FILE, LOG_FILE, OUTPUT_DIR, PHOTOS_DIR = (
+    "config.json", "state.json", "progress.json", "result.json", "log.txt", "output", "photos")
 QUEUED, RUNNING, FINISHED, FAILED, CANCELLED, INTERRUPTED = (
     "queued", "running", "finished", "failed", "cancelled", "interrupted")
 STOPPED = (FINISHED, FAILED, CANCELLED, INTERRUPTED)
@@ -233,8 +235,9 @@ class JobRunner:
         return self._read(job_id)
 
     def _read_all(self) -> list[Job]:
+        # (A folder copied in by hand under a name no run has, "backup copy", is no run: it must not stop the rest.)
         found = [self._read(folder.name) for folder in self.jobs_dir.iterdir()
-                 if folder.is_dir() and (folder / STATE_FILE).is_file()]
+                 if RUN_ID.fullmatch(folder.name) and folder.is_dir() and (folder / STATE_FILE).is_file()]
         return sorted(found, key=lambda job: (job.created, job.job_id))
 
     def _folder(self, job_id: str) -> Path:
@@ -283,8 +286,12 @@ class JobRunner:
     # -- requests
 
     def submit(self, config: TrainConfig, *, name: str = "run", total_steps: int | None = None,
-               owner: str | None = None) -> Job:
-        """Queue a run of `config`; its outputs go to the job's own folder (config.output_dir is replaced)."""
+               owner: str | None = None, photos: Path | None = None) -> Job:
+        """Queue a run of `config`; its outputs go to the job's own folder (config.output_dir is replaced).
+
+        `photos`: a folder the run's concepts read that may change before the run ends (the app's upload folder):
+        its photos are kept in the run's own folder (hard links, so no copy of their bytes where the disk allows)
+        and the run reads those, whatever is uploaded, deleted or resumed later."""
         safe_name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
         # 96 random bits: the id is all it takes to reach a run (earlier runs' shorter ids still load).
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{safe_name}-{secrets.token_urlsafe(12)}"
@@ -292,6 +299,8 @@ class JobRunner:
         config = config.replace(output_dir=str(folder / OUTPUT_DIR)).validate()
         try:
             folder.mkdir()
+            if photos is not None:
+                config = _keep_photos(config, Path(photos), folder / PHOTOS_DIR)
             write_json_atomically(folder / CONFIG_FILE, config.to_dict())
             write_json_atomically(folder / STATE_FILE, {"status": QUEUED, "created": time.time(),
                                                         "total_steps": total_steps, "owner": owner})
@@ -348,7 +357,7 @@ class JobRunner:
                 self._update(job.job_id, auto_resumed=time.time())
             try:
                 resumed.append(self.resume(job.job_id))
-            except JobError as error:  # its folder is damaged or the disk full: it waits for a click
+            except Exception as error:  # its config damaged, the disk full: it waits for a click, the app starts
                 logger.warning("Run %s was not resumed: %s", job.job_id, error)
         return resumed
 
@@ -477,6 +486,21 @@ def count_steps(config: TrainConfig) -> int:
     from .data import read_images
 
     return config.steps_for(sum(len(read_images(c.instance_dir).images) for c in config.concepts))
+
+
+def _keep_photos(config: TrainConfig, source: Path, kept: Path) -> TrainConfig:
+    """`config` reading `kept`, a still copy of the photos in `source`, wherever a concept read `source`."""
+    kept.mkdir()
+    for photo in sorted(source.iterdir()) if source.is_dir() else []:
+        if photo.is_file():
+            try:
+                os.link(photo, kept / photo.name)
+            except OSError:  # another file system, or one without hard links
+                shutil.copy2(photo, kept / photo.name)
+    source = source.resolve()
+    concepts = [dataclasses.replace(c, instance_dir=str(kept)) if Path(c.instance_dir).resolve() == source else c
+                for c in config.concepts]
+    return config.replace(concepts=concepts)
 
 
 def run_job(folder: str | Path) -> int:

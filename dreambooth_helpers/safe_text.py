@@ -2,7 +2,8 @@
 
 `masked(text)` hides Hugging Face tokens (and the host's HF_TOKEN, whatever its shape), bearer credentials and
 token-like URL parameters; `log_exception` logs an error with its whole chain (causes and contexts) masked so;
-`plain_markdown(text)` makes any text show as itself in a Markdown component: no HTML, no image, no link.
+`plain_markdown(text)` makes any text show as itself in a Markdown component: no HTML, no image, no link but a bare
+http(s) address linked to itself.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ SECRET_PATTERNS = (
      r"\1" + HIDDEN),
 )
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()!#|~{}])")
-URL = re.compile(r"https?://[\w.~:/?#@$&+,;=%-]+")  # no ( ) [ ] ! * ` | { } \\ : nothing Markdown reads
+URL = re.compile(r"https?://[\w.~:/?#@$&+,;=%-]+", re.IGNORECASE)  # no ( ) [ ] ! * ` | { } \\ : nothing Markdown reads
 
 
 def masked(text: str, *secrets: str | None) -> str:
@@ -43,7 +44,8 @@ def log_exception(logger: logging.Logger, message: str, error: BaseException, *s
 
 def plain_markdown(text: str) -> str:
     """`text` escaped for a Markdown component: its HTML and Markdown show as characters, and nothing in it
-    (an <img>, ![](url), a link) makes the visitor's browser load anything."""
+    (an <img>, ![](url), a [text](url) link) makes the visitor's browser load anything. A bare http(s) URL stays a
+    plain link to itself, its text the address it opens."""
     # A URL becomes an autolink, <URL>: the page links it, ending where it ends (a bare one would take in the
     # escape of a ")" after it). Its characters (URL) are none that Markdown or HTML read.
     text, parts, done = str(text), [], 0

@@ -35,18 +35,17 @@ def live_app(tmp_path_factory):
     work = tmp_path_factory.mktemp("rest")
     env = os.environ | {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                         "PYTHONPATH": str(REPO)}
+    log = open(work / "app.log", "w")  # a file, not a pipe: nobody reads a pipe once the app has started
     process = subprocess.Popen([sys.executable, "-m", "dreambooth_helpers", "app", "--auth", "a:pa", "--auth",
                                 "b:pb", "--port", "0", "--workdir", str(work / "app")], cwd=work, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url, said = None, []
-    deadline = time.monotonic() + 180
+                               stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url, deadline = None, time.monotonic() + 180
     while url is None and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        said.append(line)
-        assert line or process.poll() is None, "".join(said)
-        if line.startswith("App running at "):
-            url = line.split()[3].rstrip("/")
-    assert url, "the app did not start in 3 minutes:\n" + "".join(said)
+        said = (work / "app.log").read_text()
+        assert process.poll() is None, said
+        found = re.search(r"^App running at (\S+)", said, re.M)
+        url = found.group(1).rstrip("/") if found else time.sleep(0.2)
+    assert url, "the app did not start in 3 minutes:\n" + (work / "app.log").read_text()
     try:
         yield url, work
     finally:
@@ -56,7 +55,7 @@ def live_app(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        process.stdout.close()
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,7 @@ def journey(live_app):
 def test_the_documented_journey_uploads_trains_follows_and_generates(journey, live_app):
     said, job, work = journey
     assert said.startswith("5 photos kept;")
-    assert re.search(r"^running training step \d+/4 loss", said, re.M)  # followed while it trained
+    assert re.search(r"^running \w+ step \d+/4 loss", said, re.M)  # followed while it ran
     assert "finished None step 4/4" in said
     png = (work / "zwx-robot.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
@@ -369,9 +368,13 @@ def test_bodies_are_bounded_before_they_are_read_and_other_sites_pages_are_refus
     job_id = journey[1]["id"]
 
     def raw(request: bytes) -> bytes:
+        """The whole answer: the server closes these connections once it has answered."""
         with socket.create_connection((host, port), timeout=10) as connection:
             connection.sendall(request)
-            return connection.recv(4096)
+            answer = b""
+            while chunk := connection.recv(4096):
+                answer += chunk
+            return answer
 
     for path in (b"/gradio_api/reset", b"/gradio_api/queue/join", b"/api/jobs", b"/login"):
         answer = raw(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -379,6 +382,13 @@ def test_bodies_are_bounded_before_they_are_read_and_other_sites_pages_are_refus
         assert answer.startswith(b"HTTP/1.1 413"), (path, answer[:200])
     unsized = raw(b"POST /gradio_api/reset HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
     assert unsized.startswith(b"HTTP/1.1 411"), unsized[:200]
+    big_upload = raw(b"POST /api/photos HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 999999999\r\n\r\n--b")
+    assert big_upload.startswith(b"HTTP/1.1 413") and b"choose fewer or smaller photos" in big_upload
+    # No body and no Content-Length (curl -X POST): an empty body, as HTTP says, not refused.
+    empty = raw(b"POST /api/jobs/%s/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Basic YTpwYQ==\r\n"
+                b"Connection: close\r\n\r\n" % job_id.encode())
+    assert empty.startswith(b"HTTP/1.1 409"), empty[:300]  # (finished: nothing to cancel)
     with httpx.Client(base_url=url, auth=A) as a:
         form = a.post(f"/api/jobs/{job_id}/generate", content=b'{"prompt": "a photo of zwx robot"}',
                       headers={"content-type": "text/plain"})  # what an HTML form with enctype=text/plain sends
@@ -414,3 +424,38 @@ def test_a_run_cancelled_while_its_process_starts_stops_before_training(tmp_path
     assert jobs.run_job(folder) == 1
     assert json.loads((folder / jobs.RESULT_FILE).read_text())["outcome"] == "cancelled"
     assert "default_int_handler" in json.dumps(jobs.JobRunner._launch.__code__.co_consts)  # SIGINT back on
+
+
+def test_a_run_keeps_its_photos_and_a_stray_folder_or_a_damaged_run_stops_nothing(tmp_path, monkeypatch, caplog):
+    """Review findings: a queued run trained on whatever the folder held when it started; a folder copied into
+    jobs/ by hand made every run list fail; a damaged interrupted run stopped the app from starting."""
+    import shutil
+
+    from dreambooth_helpers.app import TrainingApp
+    from dreambooth_helpers.app_launch import launch_app
+    from dreambooth_helpers.jobs import JobRunner
+
+    app = TrainingApp(tmp_path / "app", model="toy")
+    monkeypatch.setattr(app.runner, "_launch", lambda job: None)
+    robots = sorted((REPO / "sample_data" / "toy_robot").glob("*.png"))
+    shutil.copytree(REPO / "sample_data" / "toy_robot", app.photos_dir(None))
+    job = app.start(None, token="zwx", class_noun="robot", kind="object", steps=4)
+    app.keep_photos(None, robots[:2])  # a new upload replaces the photos while the run waits
+    kept = Path(job.config().concepts[0].instance_dir)
+    assert kept == job.folder / "photos" and len(list(kept.iterdir())) == 5
+    assert len(list(app.photos_dir(None).iterdir())) == 2
+
+    (app.runner.jobs_dir / "backup copy").mkdir()
+    (app.runner.jobs_dir / "backup copy" / "state.json").write_text("{}")
+    assert [j.job_id for j in app.jobs(None)] == [job.job_id]
+
+    state = job.folder / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "status": "running", "pid": 2**22 + 12345}))
+    (job.folder / "config.json").write_text("{not json")
+    running = launch_app(tmp_path / "app", port=0, quiet=True)
+    try:
+        assert running.app.runner.job(job.job_id).status == "interrupted"  # it waits for a click
+        assert "was not resumed" in caplog.text
+    finally:
+        running.close()
+    assert JobRunner(tmp_path / "app").job(job.job_id).status == "interrupted"
