@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import app_flow as flow
 from .app import TrainingApp
 from .app_access import public_text
 from .demo_rest import BodyRefused, _credentials_match, decode_body, done_unless_client_leaves, read_body
@@ -161,7 +162,7 @@ def _photos_answer(training: TrainingApp, folder: Path, kind: str, upload: Any) 
 
     kept = read_images(folder) if folder.is_dir() else None
     doctor = diagnose(kept, kind=kind) if kept is not None and kept.images else None
-    text = "\n\n".join(part.format() for part in (upload, doctor) if part is not None)
+    text = flow.photo_report(kept, doctor, upload) if doctor else flow.no_photos_text(kind)  # the page's words
     return {
         "count": len(kept.images) if kept else 0,
         "photos": [{"name": r.name, "width": r.original_size[0], "height": r.original_size[1]}
@@ -172,7 +173,7 @@ def _photos_answer(training: TrainingApp, folder: Path, kind: str, upload: Any) 
         "findings": [{"severity": f.severity, "check": f.check, "file": f.file,
                       "message": public_text(f.message, training.workdir), "advice": f.advice}
                      for f in (doctor.findings if doctor else [])],
-        "report": public_text(text, training.workdir) if text else "No photos yet.",
+        "report": public_text(text, training.workdir),
     }
 
 
@@ -243,7 +244,7 @@ def add_app_api(server: Any, training: TrainingApp, pairs: list[tuple[str, str]]
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise HTTPException(415, "Send the body as JSON, with the header Content-Type: application/json.")
         try:
-            body = decode_body(await read_body(request, MAX_JSON_BYTES))
+            body = decode_body(await read_body(request, MAX_JSON_BYTES, "it takes a few settings, not files"))
         except BodyRefused as error:
             raise HTTPException(error.status, str(error)) from None
         try:

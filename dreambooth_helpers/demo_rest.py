@@ -97,14 +97,14 @@ class BodyRefused(ValueError):
         self.status = status
 
 
-async def read_body(request, max_bytes: int) -> bytes:
-    """The request's body, refused (413) as soon as it passes `max_bytes`, whatever its Content-Length said."""
+async def read_body(request, max_bytes: int, takes: str = "this demo takes a prompt, not files") -> bytes:
+    """The request's body, refused (413) as soon as it passes `max_bytes`, whatever its Content-Length said;
+    `takes`: what the route takes instead, for the message."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise BodyRefused(413, f"The request is over {max_bytes // 1024} KB; this demo takes a prompt, "
-                                   "not files.")
+            raise BodyRefused(413, f"The request is over {max_bytes // 1024} KB; {takes}.")
         chunks.append(chunk)
     return b"".join(chunks)
 

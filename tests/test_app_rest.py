@@ -106,6 +106,7 @@ def test_another_user_gets_404_for_a_run_and_anonymous_gets_401(journey, live_ap
             assert response.status_code == 404, response.text
             assert response.json()["detail"].startswith("No training run")  # the same answer for both
         assert b.get("/api/jobs").json() == [] and b.get("/api/photos").json()["count"] == 0
+        assert b.get("/api/photos").json()["report"].startswith("No photos yet: upload 3-20 photos")
         no_photos = b.post("/api/jobs", json={"identifier": "zwx", "class_noun": "robot", "kind": "object"})
         assert no_photos.status_code == 422 and "Upload photos" in no_photos.json()["detail"]
     routes = [("GET", "/api/jobs"), ("GET", f"/api/jobs/{job_id}"), ("POST", "/api/jobs"), ("GET", "/api/photos"),
@@ -190,6 +191,7 @@ def test_photo_uploads_are_bounded_and_each_users_own(live_app, journey):
         assert kept.status_code == 200, kept.text
         answer = kept.json()
         assert answer["count"] == 1 and answer["skipped"] == []
+        assert answer["report"].startswith("Warnings (") and "1 usable image(s) to train on:" in answer["report"]
         assert any(f["check"] == "count" for f in answer["findings"])  # one photo: the doctor says more are needed
         name = answer["photos"][0]["name"]
         for stranger in ("..", "..%2Fusers%2Fa%2Fphotos%2F00_robot_1.png", "missing.png"):
