@@ -110,22 +110,29 @@ def _png(prediction: dict) -> Image.Image:
     return image
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on 127.0.0.1 with a sqlite backend (tracking and registry) and its own artifact folder,
-    started and not waited for: it boots while the tests before the first one that needs it run."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+@contextlib.contextmanager
+def _serving(command, log: Path, env: dict[str, str]):
+    """A server started from `command(port)` on a free port of 127.0.0.1 (its `url` set), stopped afterwards."""
     port = _free_port()
-    server = _Server([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                      f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-                      "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                      "--uvicorn-opts", "--timeout-graceful-shutdown 2"],  # idle client connections end the wait
-                     root / "server.log", root, _env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # no GenAI jobs
+    server = _Server(command(port), log, log.parent, env)
     server.url = f"http://127.0.0.1:{port}"
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with a sqlite backend (tracking and registry) and its own artifact folder,
+    started and not waited for: it boots while the tests before the first one that needs it run."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with _serving(lambda port: [
+            sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--uvicorn-opts", "--timeout-graceful-shutdown 2"],  # idle connections end the wait
+            root / "server.log", _env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")) as server:  # no GenAI jobs
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -161,15 +168,11 @@ def registered(tracking_server, tmp_path_factory):
 def model_server_starting(tracking_server, registered, tmp_path_factory):
     """`mlflow models serve -m models:/sks-toy@champion --env-manager local`, offline; not waited for."""
     root = tmp_path_factory.mktemp("model-server")
-    port = _free_port()
-    server = _Server([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
-                      "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                     root / "serve.log", root, _env(MLFLOW_TRACKING_URI=tracking_server))
-    server.url = f"http://127.0.0.1:{port}"
-    try:
+    with _serving(lambda port: [
+            sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+            root / "serve.log", _env(MLFLOW_TRACKING_URI=tracking_server)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
