@@ -18,8 +18,9 @@ logger = logging.getLogger(__name__)
 # Galleries show each image whole (scaled down to fit, never cropped) in a box of this height; a grid gives a lone
 # image (Try it's usual one) the page's whole width, so its images are kept within that height too (PAGE_CSS, which
 # app_launch passes to Gradio's launch()).
-WHOLE_IMAGES = {"object_fit": "contain", "height": 540}
-PAGE_CSS = "#images img { max-height: 500px; }"
+GALLERY_HEIGHT = 540  # px
+WHOLE_IMAGES = {"object_fit": "contain", "height": GALLERY_HEIGHT}
+PAGE_CSS = f"#images img {{ max-height: {GALLERY_HEIGHT - 40}px; }}"  # room for the gallery's label and buttons
 
 
 def user_of(request: Any) -> str | None:
